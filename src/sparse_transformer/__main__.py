@@ -1,0 +1,7 @@
+"""``python -m sparse_transformer`` (also how torchrun starts the trainer)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

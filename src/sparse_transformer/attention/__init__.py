@@ -1,0 +1,110 @@
+"""``sparse_attention``: argument checks and backend choice, in one place.
+
+Backends take ``(q, k, v, pattern, scale)`` with checked ``[B, H, N, D]`` inputs and return
+``[B, H, N, D]`` in the input dtype. Each backend says when it can run; ``"auto"`` takes the
+first available in order of preference. GPU kernels register here too, imported lazily so
+the CPU path never needs Triton.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from ..patterns import Pattern
+from .portable import portable_attention
+from .reference import reference_attention
+
+AttentionFn = Callable[[Tensor, Tensor, Tensor, Pattern, float], Tensor]
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A way to compute sparse attention; ``supports`` says whether it can take these inputs."""
+
+    name: str
+    load: Callable[[], AttentionFn]  # imported on first use
+    supports: Callable[[Tensor, Pattern], bool]
+    note: str
+
+
+def _always(q: Tensor, pattern: Pattern) -> bool:
+    return True
+
+
+BACKENDS: dict[str, Backend] = {
+    "reference": Backend("reference", lambda: reference_attention, _always,
+                         "dense mask in float64; the oracle, O(N^2)"),
+    "torch": Backend("torch", lambda: portable_attention, _always,
+                     "portable PyTorch, O(N x keys per query) memory, CPU and GPU"),
+}
+
+# Preference order for backend="auto"; the first that supports the inputs wins.
+AUTO_ORDER = ("torch",)
+
+
+def available_backends(q: Tensor, pattern: Pattern) -> list[str]:
+    """Names of the backends that can run these inputs, best first."""
+    return [name for name in AUTO_ORDER if BACKENDS[name].supports(q, pattern)]
+
+
+def choose_backend(q: Tensor, pattern: Pattern) -> str:
+    """The backend ``backend="auto"`` uses for these inputs."""
+    return available_backends(q, pattern)[0]
+
+
+def _check(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, scale: Optional[float], backend: str) -> None:
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor of shape [B, H, N, D], got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"{name} must be 4-D [B, H, N, D], got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    if not (q.shape == k.shape == v.shape):
+        raise ValueError(f"q, k and v must have the same shape [B, H, N, D], got "
+                         f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype) or not (q.device == k.device == v.device):
+        raise ValueError(f"q, k and v must share dtype and device, got {q.dtype}/{q.device}, "
+                         f"{k.dtype}/{k.device}, {v.dtype}/{v.device}")
+    if q.shape[-1] == 0:
+        raise ValueError("head dimension D must be >= 1, got 0")
+    if not isinstance(pattern, Pattern):
+        raise ValueError(f"pattern must be a sparse_transformer Pattern (see st.patterns), got {type(pattern).__name__}")
+    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a finite number > 0 or None (1/sqrt(D)), got {scale!r}")
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, got {backend!r}")
+
+
+def sparse_attention(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, scale: Optional[float] = None,
+                     backend: str = "auto") -> Tensor:
+    """Causal attention restricted to ``pattern``: ``softmax(q k^T * scale + mask) v`` per head.
+
+    Args:
+        q, k, v: ``[B, H, N, D]`` tensors of one float dtype and device. Head ``h`` uses
+            ``pattern.mask(N, head=h)``.
+        pattern: from :mod:`sparse_transformer.patterns` (dense, strided, fixed, custom).
+        scale: score scale, default ``1/sqrt(D)`` (PAPER.md, "The model").
+        backend: ``"auto"`` (fastest available), or one of :data:`BACKENDS`.
+
+    Returns ``[B, H, N, D]`` in the input dtype. A query with no admissible key gets zeros
+    (and passes zero gradient).
+    """
+    _check(q, k, v, pattern, scale, backend)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    name = choose_backend(q, pattern) if backend == "auto" else backend
+    chosen = BACKENDS[name]
+    if not chosen.supports(q, pattern):
+        raise ValueError(f"backend {name!r} cannot run {pattern} on {q.dtype} {q.device.type} inputs; "
+                         f"available here: {available_backends(q, pattern) + ['reference']}")
+    if q.shape[2] == 0:
+        return q.clone()
+    return chosen.load()(q, k, v, pattern, scale)
+
+
+__all__ = ["sparse_attention", "BACKENDS", "available_backends", "choose_backend"]

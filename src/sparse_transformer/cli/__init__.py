@@ -1,0 +1,34 @@
+"""``sparse-transformer`` command line: thin subcommands over the library.
+
+Each subcommand lives in its own module with ``add_parser(subparsers)`` that registers it and
+sets ``func``; this file only collects them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+from . import patterns as patterns_cmd
+
+COMMANDS = (patterns_cmd,)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sparse-transformer",
+        description="Sparse Transformer: factorized attention, training and sampling on byte sequences.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in COMMANDS:
+        command.add_parser(sub)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except ValueError as err:  # bad input: one clear line, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 2

@@ -1,0 +1,43 @@
+"""``sparse-transformer patterns``: draw a pattern and print what it costs."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..layout import cost
+from ..patterns import by_name
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("patterns", help="draw an attention pattern and print keys per query and density",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--pattern", choices=("dense", "strided", "fixed"), default="strided")
+    p.add_argument("--stride", type=int, default=4, help="l: block / row length")
+    p.add_argument("--summary", type=int, default=1, help="c: summary positions per block (fixed)")
+    p.add_argument("--distinct", type=int, default=1, help="heads with different summary sub-blocks (fixed)")
+    p.add_argument("--part", default=None, help="row | column (strided), local | summary (fixed); default: merged")
+    p.add_argument("--n", type=int, default=32, help="sequence length")
+    p.add_argument("--heads", type=int, default=None,
+                   help="heads to draw (default: the distinct ones, at most 4)")
+    p.add_argument("--query", type=int, default=None, help="query shown in the 2-D view")
+    p.add_argument("--out", default=None, help="PNG to write (default: only print the cost)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    pattern = by_name(args.pattern, args.stride, args.summary, args.distinct, args.part)
+    if args.n < 1:
+        raise ValueError(f"--n must be >= 1, got {args.n}")
+    distinct = args.distinct if pattern.heads_differ() else 1
+    heads = range(args.heads if args.heads is not None else min(distinct, 4))
+    print(f"pattern {pattern.name}, n = {args.n:,}")
+    for head in heads if pattern.heads_differ() else [0]:
+        c = cost(pattern, args.n, head)
+        print(f"  head {head}: keys per query mean {c.mean_keys_per_query:,.1f}, max {c.max_keys_per_query:,}; "
+              f"density {c.density:.4%} of n^2, {c.causal_density:.4%} of dense causal")
+    if args.out:
+        from ..visualize import draw  # matplotlib only when drawing
+        path = draw(pattern, args.n, args.out, heads=list(heads), query=args.query,
+                    width=getattr(pattern, "stride", None))
+        print(f"wrote {path}")
+    return 0

@@ -1,0 +1,39 @@
+"""The command line: patterns subcommand and error handling."""
+
+import subprocess
+import sys
+
+import matplotlib.image
+import pytest
+
+from sparse_transformer.cli import main
+
+
+def test_patterns_draws_png_and_prints_cost(tmp_path, capsys):
+    out = tmp_path / "strided.png"
+    assert main(["patterns", "--pattern", "strided", "--stride", "4", "--n", "32", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    # n = 32, stride 4: sum over i of min(i+1, 4) + i // 4 = 122 + 112 = 234 pairs.
+    assert "keys per query mean 7.3, max 11" in text and f"{234 / 1024:.4%}" in text
+    image = matplotlib.image.imread(out)
+    assert image.shape[0] > 100 and image.shape[1] > 100
+
+
+def test_patterns_per_head_and_long_length(tmp_path, capsys):
+    out = tmp_path / "fixed.png"
+    assert main(["patterns", "--pattern", "fixed", "--stride", "8", "--summary", "2", "--distinct", "2",
+                 "--n", "600", "--out", str(out)]) == 0
+    assert capsys.readouterr().out.count("head ") == 2 and out.exists()
+    assert main(["patterns", "--pattern", "strided", "--stride", "128", "--n", "65536"]) == 0
+    assert "max 639" in capsys.readouterr().out
+
+
+def test_bad_argument_is_one_clear_line(capsys):
+    assert main(["patterns", "--pattern", "fixed", "--stride", "4", "--summary", "5"]) == 2
+    assert "summary must be in [1, 4], got 5" in capsys.readouterr().err
+
+
+def test_console_entry_point_runs():
+    result = subprocess.run([sys.executable, "-m", "sparse_transformer", "patterns", "--n", "16"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0 and "strided_l4" in result.stdout
