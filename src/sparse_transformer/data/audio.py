@@ -1,0 +1,96 @@
+"""Raw audio as bytes: WAV/FLAC files, mono, resampled to 12 kHz, 8-bit mu-law (paper, section 7.4).
+
+Files are read with soundfile, mixed to mono, resampled with ``scipy.signal.resample_poly`` (a
+polyphase filter with anti-aliasing), mu-law encoded and concatenated in sorted path order. The split
+is by file (whole recordings go to train, validation or test), so no piece of music is in two splits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from .dataset import ByteDataset, split_files
+from .download import cache_dir
+from .stdlib import files_fingerprint
+from .store import SplitWriter, prepared
+
+SAMPLE_RATE = 12_000
+MU = 255
+AUDIO_SUFFIXES = (".wav", ".flac")
+
+
+def mu_law_encode(x: np.ndarray, mu: int = MU) -> np.ndarray:
+    """Samples in [-1, 1] -> uint8 codes 0..mu (ITU-T G.711 companding; same formula as
+    ``torchaudio.functional.mu_law_encoding``): ``floor((F(x) + 1) / 2 * mu + 0.5)`` with
+    ``F(x) = sign(x) ln(1 + mu |x|) / ln(1 + mu)``. Values outside [-1, 1] are clipped."""
+    x = np.clip(np.asarray(x, dtype=np.float64), -1.0, 1.0)
+    f = np.sign(x) * np.log1p(mu * np.abs(x)) / np.log1p(mu)
+    return np.floor((f + 1) / 2 * mu + 0.5).astype(np.uint8)
+
+
+def mu_law_decode(q: np.ndarray, mu: int = MU) -> np.ndarray:
+    """uint8 codes -> samples in [-1, 1] (float64), the inverse of :func:`mu_law_encode` up to quantization."""
+    y = 2 * np.asarray(q, dtype=np.float64) / mu - 1
+    return np.sign(y) * np.expm1(np.abs(y) * np.log1p(mu)) / mu
+
+
+def read_mono(file: Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """One audio file as mono float64 samples at ``sample_rate`` Hz (channels averaged)."""
+    import soundfile
+    from scipy.signal import resample_poly
+
+    try:
+        samples, rate = soundfile.read(str(file), dtype="float64", always_2d=True)  # (frames, channels)
+    except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError) as err:
+        raise ValueError(f"{file}: cannot decode as WAV/FLAC audio ({err})") from err
+    if len(samples) == 0:
+        raise ValueError(f"{file}: audio file holds no samples")
+    mono = samples.mean(axis=1)
+    if rate != sample_rate:
+        g = math.gcd(int(rate), sample_rate)
+        mono = resample_poly(mono, sample_rate // g, int(rate) // g)
+    return mono
+
+
+def audio_files(path: Path) -> list[Path]:
+    """A WAV/FLAC file, or all of them under a folder in sorted path order."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    files = sorted((p for p in path.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES),
+                   key=lambda p: p.relative_to(path).as_posix()) if path.is_dir() else []
+    if not files:
+        raise ValueError(f"{path}: expected a WAV/FLAC file or a folder containing some, found none")
+    return files
+
+
+def load_audio(path: Path, cache: Optional[Path] = None, sample_rate: int = SAMPLE_RATE) -> ByteDataset:
+    """WAV/FLAC files under ``path`` as an 8-bit mu-law stream at ``sample_rate``, split by file.
+
+    Each split is the concatenation of its files' encoded samples; context-length windows are cut
+    from it by the batching code. Converted once into the cache and memory-mapped afterwards.
+    """
+    path = Path(path).expanduser().resolve()
+    groups = split_files(audio_files(path))
+    files = [f for g in groups.values() for f in g]
+    fingerprint = f"audio-{sample_rate}-{files_fingerprint(files)}"
+    tag = hashlib.sha256(str(path).encode()).hexdigest()[:10]
+
+    def build(folder: Path) -> None:
+        writer = SplitWriter(folder)
+        try:
+            for split, group in groups.items():
+                for f in group:
+                    writer.write(split, mu_law_encode(read_mono(f, sample_rate)))
+        except BaseException:
+            writer.abort()
+            raise
+        writer.finish("audio", "audio", fingerprint, sample_rate=sample_rate, source=str(path),
+                      files={s: [str(f) for f in g] for s, g in groups.items()})
+
+    return prepared(Path(cache or cache_dir()) / f"audio{sample_rate}-{tag}", fingerprint, build)

@@ -1,0 +1,129 @@
+"""Prepared datasets on disk: flat uint8 ``{train,validation,test}.bin`` plus ``manifest.json``.
+
+A dataset is converted once (download, decode, split) into a cache folder and memory-mapped on every
+later load. The manifest records each split's length and sha256 and a ``fingerprint`` of the source,
+so a truncated, corrupted or stale cache is detected instead of silently trained on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from .dataset import ByteDataset
+
+SPLITS = ("train", "validation", "test")
+MANIFEST = "manifest.json"
+FULL_CHECK_LIMIT = 1 << 30  # sha256 of splits up to 1 GiB is re-checked on load; larger ones by length only
+
+
+class SplitWriter:
+    """Streams bytes into the three split files of a new cache folder, hashing as it goes.
+
+    Writes into ``<folder>.tmp`` and only renames it to ``folder`` in :meth:`finish`, so an interrupted
+    conversion never leaves a folder that looks prepared.
+    """
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.tmp = self.folder.with_name(self.folder.name + ".tmp")
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir(parents=True)
+        self.files = {s: open(self.tmp / f"{s}.bin", "wb") for s in SPLITS}
+        self.hashes = {s: hashlib.sha256() for s in SPLITS}
+        self.lengths = dict.fromkeys(SPLITS, 0)
+
+    def write(self, split: str, data: np.ndarray) -> None:
+        data = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1)
+        self.files[split].write(data.tobytes())
+        self.hashes[split].update(data)
+        self.lengths[split] += data.size
+
+    def finish(self, name: str, kind: str, fingerprint: str, image_shape=None, **extra) -> Path:
+        for f in self.files.values():
+            f.close()
+        manifest = {"name": name, "kind": kind, "image_shape": list(image_shape) if image_shape else None,
+                    "fingerprint": fingerprint,
+                    "splits": {s: {"bytes": self.lengths[s], "sha256": self.hashes[s].hexdigest()} for s in SPLITS},
+                    **extra}
+        (self.tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        shutil.rmtree(self.folder, ignore_errors=True)
+        os.replace(self.tmp, self.folder)
+        return self.folder
+
+    def abort(self) -> None:
+        for f in self.files.values():
+            f.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def write_splits(folder: Path, dataset: ByteDataset, fingerprint: str, **extra) -> Path:
+    """Write an in-memory :class:`ByteDataset` as a prepared cache folder."""
+    writer = SplitWriter(folder)
+    for s in SPLITS:
+        writer.write(s, dataset.split(s))
+    return writer.finish(dataset.name, dataset.kind, fingerprint, dataset.image_shape, **extra)
+
+
+def read_manifest(folder: Path) -> dict:
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise ValueError(f"{folder}: no {MANIFEST}; the dataset has not been prepared there")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err}); delete the folder and prepare again") from err
+
+
+def load_splits(folder: Path, fingerprint: Optional[str] = None, full_check: Optional[bool] = None) -> ByteDataset:
+    """Memory-map a prepared folder, checking every split's length (and sha256, see ``full_check``).
+
+    ``fingerprint``: when given, must equal the manifest's (else the cache is stale). ``full_check``:
+    re-hash the splits; default: only those up to ``FULL_CHECK_LIMIT`` bytes. Raises ``ValueError``
+    naming the file on any mismatch.
+    """
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    if fingerprint is not None and manifest.get("fingerprint") != fingerprint:
+        raise ValueError(f"{folder}: prepared from a different source (fingerprint {manifest.get('fingerprint')}, "
+                         f"expected {fingerprint}); the cache is stale")
+    arrays = {}
+    for s in SPLITS:
+        path, expected = folder / f"{s}.bin", manifest["splits"][s]
+        actual = path.stat().st_size if path.is_file() else None
+        if actual != expected["bytes"]:
+            raise ValueError(f"{path}: expected {expected['bytes']:,} bytes, found "
+                             f"{'no file' if actual is None else f'{actual:,}'} (truncated or missing)")
+        # np.memmap refuses empty files, and a split may legitimately be empty (never for training).
+        arrays[s] = np.memmap(path, dtype=np.uint8, mode="r") if actual else np.zeros(0, np.uint8)
+        if full_check or (full_check is None and actual <= FULL_CHECK_LIMIT):
+            digest = hashlib.sha256(arrays[s]).hexdigest()
+            if digest != expected["sha256"]:
+                raise ValueError(f"{path}: sha256 {digest} does not match the manifest's {expected['sha256']} "
+                                 f"(corrupted)")
+    shape = tuple(manifest["image_shape"]) if manifest.get("image_shape") else None
+    return ByteDataset(manifest["name"], manifest["kind"], arrays["train"], arrays["validation"], arrays["test"],
+                       shape)
+
+
+def prepared(folder: Path, fingerprint: str, build: Callable[[Path], object]) -> ByteDataset:
+    """Load ``folder`` if it holds a valid cache for ``fingerprint``; otherwise run ``build(folder)``
+    (which must write it, e.g. with :class:`SplitWriter`) and load the result.
+
+    A cache that fails its checks is derived data: it is rebuilt from the source, with a warning.
+    """
+    folder = Path(folder)
+    if (folder / MANIFEST).is_file():
+        try:
+            return load_splits(folder, fingerprint)
+        except (ValueError, KeyError) as err:
+            warnings.warn(f"rebuilding the cache: {err}", stacklevel=2)
+    build(folder)
+    return load_splits(folder, fingerprint)
