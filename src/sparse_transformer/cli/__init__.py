@@ -10,9 +10,10 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
+from . import data as data_cmd
 from . import patterns as patterns_cmd
 
-COMMANDS = (patterns_cmd,)
+COMMANDS = (patterns_cmd, data_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:
