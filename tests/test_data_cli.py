@@ -11,11 +11,12 @@ def test_data_prepare_and_info(tmp_path, capsys, monkeypatch):
     corpus.write_bytes(gzip.compress(bytes(range(256)) * 40))  # 10,240 bytes
     assert main(["data", "prepare", "bytes", "--from", str(corpus)]) == 0
     out = capsys.readouterr().out
-    assert f"ready in {tmp_path / 'cache'}" in out
+    assert f"ready, memory-mapped from {tmp_path / 'cache'}" in out
     rows = {line.split()[0]: line.split()[1] for line in out.splitlines()[2:]}
     assert rows == {"train": "9,216", "validation": "512", "test": "512"}  # 90 / 5 / 5 of 10,240
     assert main(["data", "info", "bytes", "--from", str(corpus)]) == 0
-    assert "  validation" in capsys.readouterr().out
+    info = capsys.readouterr().out
+    assert info.splitlines()[0] == "corpus (text)" and info.splitlines()[1:] == out.splitlines()[2:]
 
 
 def test_data_cli_errors(tmp_path, capsys, monkeypatch):

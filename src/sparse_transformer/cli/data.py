@@ -29,9 +29,10 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     dataset = load(args.name, args.source, cache=args.cache, tile=tuple(args.tile), sample_rate=args.sample_rate)
-    where = getattr(dataset.train, "filename", None)
+    where = getattr(dataset.train, "filename", None)  # a memory-mapped cache file, or the source itself
     if args.action == "prepare":
-        print(f"{dataset.name}: ready{f' in {Path(where).parent}' if where else ''}")
+        shown = Path(where).parent if where and Path(where).name == "train.bin" else where
+        print(f"{dataset.name}: ready{f', memory-mapped from {shown}' if shown else ''}")
     print(f"{dataset.name} ({dataset.kind}" + (f", images {'x'.join(map(str, dataset.image_shape))}"
                                               if dataset.image_shape else "") + ")")
     for split in ("train", "validation", "test"):
