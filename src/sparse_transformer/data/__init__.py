@@ -1,10 +1,10 @@
 """Byte datasets: each split is a flat uint8 array; see :class:`ByteDataset` and :func:`load`."""
 
 from .dataset import ByteDataset, check_context, split_stream
-from .download import cache_dir, download
-from .positions import position_axes, positions
+from .download import cache_dir
+from .axes import position_axes, positions
 from .registry import NAMES, load
 from .stdlib import load_stdlib
 
 __all__ = ["ByteDataset", "split_stream", "load_stdlib", "check_context", "load", "NAMES", "cache_dir",
-           "download", "position_axes", "positions"]
+           "position_axes", "positions"]

@@ -107,8 +107,9 @@ def _fetch(url, part: Path, offset: int, size, timeout, progress, chunk, tqdm) -
     """One HTTP request appending to ``part`` from ``offset`` (a 200 reply restarts from 0)."""
     request = urllib.request.Request(url, headers={"Range": f"bytes={offset}-"} if offset else {})
     with urllib.request.urlopen(request, timeout=timeout) as response:
-        if offset and response.status != 206:
-            offset = 0  # the server ignored Range: start over rather than append a second copy
+        content_range = response.headers.get("Content-Range") or ""
+        if offset and (response.status != 206 or not content_range.startswith(f"bytes {offset}-")):
+            offset = 0  # the server ignored Range (or sent another one): start over rather than append
         length = response.headers.get("Content-Length")
         total = size if size is not None else (offset + int(length) if length is not None else None)
         with open(part, "ab" if offset else "wb") as out, \
