@@ -1,4 +1,4 @@
-"""Positions for the factorized position embeddings (paper, section 6: "n_emb" tables).
+"""Positions for the factorized position embeddings (the paper's n_emb learned tables).
 
 Images get one table per data axis, (row, column, channel) = (H, W, C); text and audio get one table
 per attention axis, the row and column of the [n/l, l] view of the sequence for stride l. The model
