@@ -182,13 +182,7 @@ class SparseTransformer(nn.Module):
 
     def save_pretrained(self, path: str | Path) -> Path:
         """Write ``model.safetensors`` and ``config.json`` into folder ``path``."""
-        from safetensors.torch import save_file
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(tensors, str(path / WEIGHTS_FILE))
-        (path / CONFIG_FILE).write_text(json.dumps(to_dict(self.config), indent=2))
-        return path
+        return save_weights(path, self.state_dict(), self.config)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: torch.device | str = "cpu") -> "SparseTransformer":
@@ -207,3 +201,14 @@ def byte_loss(logits: Tensor, tokens: Tensor, reduction: str = "mean") -> Tensor
     """Cross-entropy in nats (fp32) of ``logits [B, N, V]`` against ``tokens [B, N]``;
     bits per byte is this over ln 2."""
     return F.cross_entropy(logits.float().flatten(0, 1), tokens.long().flatten(), reduction=reduction)
+
+
+def save_weights(path: str | Path, state_dict: dict, config: ModelConfig) -> Path:
+    """Write a model state dict as ``model.safetensors`` plus its ``config.json`` into folder ``path``."""
+    from safetensors.torch import save_file
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    save_file(tensors, str(path / WEIGHTS_FILE))
+    (path / CONFIG_FILE).write_text(json.dumps(to_dict(config), indent=2))
+    return path
