@@ -114,7 +114,7 @@ def tiny() -> TrainConfig:
         model=ModelConfig(n_layer=4, n_head=4, d_model=128, context=256, pattern="fixed", stride=16, summary=4),
         data=DataConfig(dataset="stdlib", batch_size=16, eval_bytes=32768, eval_batch_size=16),
         optim=OptimConfig(lr=2e-3),
-        schedule=ScheduleConfig(warmup_steps=20, max_time=90, steps=2000),
+        schedule=ScheduleConfig(warmup_steps=20, max_time=90),
         log_every=5, sample_bytes=200)
 
 
