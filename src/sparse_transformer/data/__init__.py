@@ -8,3 +8,7 @@ from .stdlib import load_stdlib
 
 __all__ = ["ByteDataset", "split_stream", "load_stdlib", "check_context", "load", "NAMES", "cache_dir",
            "position_axes", "positions"]
+
+from .batches import EvalWindow, Prefetcher, TrainBatches, eval_batches, eval_windows  # noqa: E402
+
+__all__ += ["TrainBatches", "EvalWindow", "eval_windows", "eval_batches", "Prefetcher"]

@@ -1,0 +1,135 @@
+"""One training step of each paper preset at its paper context length: does it fit, how fast.
+
+For each preset: build the model on the GPU (recompute as the preset says, bf16 autocast, AdamW),
+run warm-up steps, then time ``--steps`` full steps (forward, backward, clip, optimizer) on real
+bytes (windows of the embedded standard-library text; content does not change cost) with
+``--batch-size`` sequences (default 1 per GPU). Each preset runs in its own subprocess with a time
+limit, so an out-of-memory or a slow backend is recorded and the next preset still runs.
+
+    python benchmarks/presets.py                      # all paper presets, JSON to results/presets-<gpu>.json
+    python benchmarks/presets.py --presets enwik8 cifar10 --steps 3
+    python benchmarks/presets.py --presets tiny --device cpu   # a smoke test without a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PAPER = ["cifar10", "enwik8", "imagenet64", "audio-65k", "audio-262k", "audio-1m"]
+
+
+def one(name: str, device: str, batch_size: int, steps: int, backend: str, recompute: str) -> dict:
+    """Measure preset ``name`` in this process; returns a JSON-ready record."""
+    import numpy as np
+    import torch
+
+    from sparse_transformer import presets
+    from sparse_transformer.data import load_stdlib
+    from sparse_transformer.data.batches import TrainBatches
+    from sparse_transformer.model import SparseTransformer, byte_loss
+    from sparse_transformer.parallel import World, autocast, parallelize, resolve_precision
+    from sparse_transformer.train.loop import build_optimizer, replace
+
+    config = presets.get(name)
+    if recompute != "preset":
+        config = replace(config, recompute=recompute == "on")
+    config = replace(config, model={"backend": backend})
+    dev = torch.device(device)
+    precision = resolve_precision("auto", dev)
+    context = config.model.context
+    text = load_stdlib().train
+    data = np.tile(text, -(-(context + 1) // len(text))) if len(text) <= context else text
+    batches = TrainBatches(data, context, batch_size, seed=0)
+    torch.manual_seed(0)
+    model = SparseTransformer(config.model).to(dev)
+    wrapped = parallelize(model, config, World(device=dev))
+    optimizer = build_optimizer(model, config)
+    record = {"preset": name, "context": context, "batch_size": batch_size, "parameters": model.num_parameters(),
+              "precision": precision, "recompute": config.recompute, "backend": backend,
+              "pattern": f"{config.model.pattern} l={config.model.stride}"}
+
+    def step(i: int) -> float:
+        x = torch.from_numpy(batches.batch(i)).to(dev).long()
+        with autocast(precision, dev):
+            loss = byte_loss(wrapped(x), x)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    record["first_loss_bits"] = step(0) / np.log(2)  # includes warm-up (autotuning, allocation)
+    sync()
+    record["first_step_s"] = time.perf_counter() - start
+    times = []
+    for i in range(1, steps + 1):
+        start = time.perf_counter()
+        step(i)
+        sync()
+        times.append(time.perf_counter() - start)
+    record["s_per_iter"] = float(np.median(times))
+    record["tokens_per_s"] = batch_size * context / record["s_per_iter"]
+    if dev.type == "cuda":
+        record["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+        record["gpu"] = torch.cuda.get_device_name(0)
+    return record
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--presets", nargs="+", default=PAPER)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--steps", type=int, default=2, help="timed steps after the first")
+    p.add_argument("--backend", default="auto", help="sparse_attention backend")
+    p.add_argument("--recompute", default="preset", choices=("preset", "on", "off"))
+    p.add_argument("--timeout", type=float, default=150, help="seconds per preset")
+    p.add_argument("--out", default=None, help="JSON file (default: benchmarks/results/presets-<gpu>.json)")
+    p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: measure one preset, print JSON
+    args = p.parse_args()
+    if args.one:
+        print("RESULT " + json.dumps(one(args.one, args.device, args.batch_size, args.steps, args.backend,
+                                         args.recompute)))
+        return
+    results = []
+    for name in args.presets:
+        cmd = [sys.executable, __file__, "--one", name, "--device", args.device, "--batch-size", str(args.batch_size),
+               "--steps", str(args.steps), "--backend", args.backend, "--recompute", args.recompute]
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+            lines = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
+            if lines:
+                record = json.loads(lines[-1][7:])
+            else:
+                err = done.stderr.strip().splitlines()
+                oom = "out of memory" in done.stderr.lower()
+                record = {"preset": name, "error": "out of memory" if oom else (err[-1] if err else "no output")}
+        except subprocess.TimeoutExpired:
+            record = {"preset": name, "error": f"timed out after {args.timeout:.0f} s"}
+        results.append(record)
+        if "error" in record:
+            print(f"{name:12s} FAILED: {record['error']}", flush=True)
+        else:
+            mem = f"{record['peak_memory_gib']:.1f} GiB" if "peak_memory_gib" in record else "n/a"
+            print(f"{name:12s} context {record['context']:>9,}  {record['parameters'] / 1e6:6.1f}M params  "
+                  f"{record['s_per_iter']:.3f} s/iter  peak {mem}  (first step {record['first_step_s']:.1f} s)",
+                  flush=True)
+    gpu = next((r["gpu"] for r in results if "gpu" in r), args.device)
+    out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"presets-{re.sub(r'[^a-z0-9]+', '-', gpu.lower()).strip('-')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,244 @@
+"""Typed configs: the model, the data, the optimizer, the schedule and a whole training run.
+
+Presets (:mod:`sparse_transformer.presets`) return a full :class:`TrainConfig`; the CLI only
+overrides fields (``--set model.dropout=0.1``), with the types declared here. Configs round-trip
+through JSON (``to_dict`` / ``from_dict``), which is how checkpoints record what they hold.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+PATTERNS = ("dense", "strided", "fixed")
+INTEGRATIONS = ("merged", "interleaved", "split")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PARALLEL = ("ddp", "fsdp")
+
+
+@dataclass
+class ModelConfig:
+    """The network (PAPER.md, "The model" and "Factorized attention")."""
+
+    n_layer: int = 4                # residual blocks
+    n_head: int = 4                 # attention heads per block
+    d_model: int = 128              # residual width d
+    context: int = 256              # longest sequence the model takes (bytes)
+    vocab_size: int = 256           # bytes
+    pattern: str = "fixed"          # "dense" | "strided" | "fixed"
+    stride: int = 16                # l: row length (strided) or block length (fixed)
+    summary: int = 4                # c: summary slots per block (fixed only)
+    distinct: int = 1               # fixed: heads cycle through this many different summary sub-blocks
+    integration: str = "merged"     # "merged" (one softmax over A1 u A2), "interleaved" (layers), "split" (heads)
+    interleave_ratio: int = 1       # interleaved: this many A1 layers, then one A2 layer (1 = alternate)
+    half_ff: bool = False           # feed-forward inner width 2d instead of 4d ("half-size")
+    half_qk: bool = False           # query/key width d/2 instead of d ("half-size")
+    dropout: float = 0.0            # at the end of each residual branch only
+    position_axes: Optional[tuple[int, ...]] = None  # factorized position tables; None: (ceil(N/l), l)
+    backend: str = "auto"           # sparse_attention backend ("auto", "torch", "reference", ...)
+
+    def __post_init__(self):
+        for name in ("n_layer", "n_head", "d_model", "context", "vocab_size", "stride", "summary",
+                     "distinct", "interleave_ratio"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"model.{name} must be an int >= 1, got {value!r}")
+        if self.pattern not in PATTERNS:
+            raise ValueError(f"model.pattern must be one of {PATTERNS}, got {self.pattern!r}")
+        if self.integration not in INTEGRATIONS:
+            raise ValueError(f"model.integration must be one of {INTEGRATIONS}, got {self.integration!r}")
+        if self.integration == "split" and self.pattern != "dense" and self.n_head < 2:
+            raise ValueError(f"model.integration='split' needs n_head >= 2 (half A1, half A2), got {self.n_head}")
+        qk = self.d_model // 2 if self.half_qk else self.d_model
+        if self.d_model % self.n_head or qk % self.n_head:
+            raise ValueError(f"model.d_model ({self.d_model}) and the query/key width ({qk}) must be "
+                             f"divisible by n_head ({self.n_head})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if self.position_axes is not None:
+            self.position_axes = tuple(int(a) for a in self.position_axes)
+            if not self.position_axes or min(self.position_axes) < 1 or math.prod(self.position_axes) < self.context:
+                raise ValueError(f"model.position_axes must be positive sizes whose product covers context "
+                                 f"{self.context}, got {self.position_axes}")
+
+    @property
+    def axes(self) -> tuple[int, ...]:
+        """Sizes of the factorized position tables (images: H, W, C; streams: rows, columns)."""
+        if self.position_axes is not None:
+            return self.position_axes
+        width = min(self.stride, self.context)
+        return (-(-self.context // width), width)
+
+
+@dataclass
+class DataConfig:
+    """What to train on and how batches are cut."""
+
+    dataset: str = "stdlib"         # "stdlib" (embedded default) or any name of sparse_transformer.data.NAMES
+    path: Optional[str] = None      # the dataset's local copy; with dataset "stdlib": any byte file or folder
+    tile: tuple[int, int] = (32, 32)  # (H, W) of picture tiles for dataset "images"
+    batch_size: int = 16            # global batch in sequences (all ranks, all accumulation steps)
+    eval_stride: Optional[int] = None  # new bytes scored per eval window (None: context // 2)
+    eval_bytes: Optional[int] = None   # score at most this many bytes per eval split (None: all)
+    eval_batch_size: int = 8        # windows per eval forward pass
+
+    def __post_init__(self):
+        self.tile = tuple(int(t) for t in self.tile)
+        if self.batch_size < 1 or self.eval_batch_size < 1:
+            raise ValueError(f"data.batch_size and data.eval_batch_size must be >= 1, got "
+                             f"{self.batch_size}, {self.eval_batch_size}")
+        for name in ("eval_stride", "eval_bytes"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"data.{name} must be >= 1 or None, got {value}")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with decoupled weight decay (PAPER.md, "Efficiency in the paper")."""
+
+    lr: float = 3.5e-4              # peak learning rate
+    betas: tuple[float, float] = (0.9, 0.95)  # not stated in the paper; GPT-2-style choice
+    eps: float = 1e-8
+    weight_decay: float = 0.01      # on weight matrices only (not biases, norms, embeddings)
+    grad_clip: float = 1.0          # global gradient-norm clip (0 disables)
+
+    def __post_init__(self):
+        self.betas = tuple(float(b) for b in self.betas)
+        if self.lr <= 0 or self.weight_decay < 0 or self.grad_clip < 0 or len(self.betas) != 2:
+            raise ValueError(f"optim: need lr > 0, weight_decay >= 0, grad_clip >= 0 and two betas, got {self}")
+
+
+@dataclass
+class ScheduleConfig:
+    """Linear warm-up then cosine decay; the run stops at the first limit reached."""
+
+    warmup_steps: int = 5000        # linear warm-up (shortened to a tenth of the run when the run is shorter)
+    steps: Optional[int] = None     # stop after this many optimizer steps
+    epochs: Optional[float] = None  # stop after this many passes over the training split
+    max_time: Optional[float] = None  # stop after this many seconds of training (wall clock)
+    min_lr_ratio: float = 0.0       # cosine floor as a fraction of the peak
+
+    def __post_init__(self):
+        if self.steps is None and self.epochs is None and self.max_time is None:
+            raise ValueError("schedule needs a limit: steps, epochs or max_time")
+        for name in ("steps", "epochs", "max_time"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"schedule.{name} must be > 0 or None, got {value}")
+        if self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"schedule: need warmup_steps >= 0 and min_lr_ratio in [0, 1], got {self}")
+
+
+@dataclass
+class TrainConfig:
+    """A whole training run: model, data, optimizer, schedule and how to execute it."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(steps=1000))
+    seed: int = 0                   # model init and batch order
+    grad_accum: int = 1             # micro-batches per optimizer step (per rank)
+    precision: str = "auto"         # "auto" (bf16 autocast on GPU, fp32 on CPU), "fp32", "bf16", "fp16" (loss scaling)
+    recompute: bool = False         # activation checkpointing per block (paper: recompute in backward)
+    compile: bool = False           # torch.compile each block
+    parallel: str = "ddp"           # multi-process strategy: "ddp" or "fsdp" (FSDP2 fully_shard)
+    grad_compress: str = "auto"     # DDP all-reduce: "bf16", "none", "auto" (bf16 with NCCL, none with gloo)
+    log_every: int = 10             # steps between metric lines
+    eval_every: int = 0             # steps between validation passes (0: only at the end)
+    checkpoint_every: int = 0       # steps between checkpoints (0: only at the end)
+    keep_checkpoints: int = 3       # last k checkpoints kept
+    max_nonfinite: int = 5          # stop after this many non-finite losses in a row
+    sample_bytes: int = 200         # bytes sampled after training (0: none)
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.parallel not in PARALLEL:
+            raise ValueError(f"parallel must be one of {PARALLEL}, got {self.parallel!r}")
+        if self.grad_compress not in ("auto", "bf16", "none"):
+            raise ValueError(f"grad_compress must be 'auto', 'bf16' or 'none', got {self.grad_compress!r}")
+        if self.grad_accum < 1 or self.keep_checkpoints < 1 or self.max_nonfinite < 1 or self.log_every < 1:
+            raise ValueError("grad_accum, keep_checkpoints, max_nonfinite and log_every must be >= 1")
+
+
+def to_dict(config) -> dict:
+    """A JSON-ready dict of a config dataclass (tuples become lists)."""
+    return dataclasses.asdict(config)
+
+
+def from_dict(cls, data: dict):
+    """Build config dataclass ``cls`` from a dict made by :func:`to_dict` (nested configs included)."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{cls.__name__} needs a dict, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - known
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields {sorted(unknown)}; known: {sorted(known)}")
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            value = from_dict(hint, value)
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _parse_value(text: str, hint) -> Any:
+    """Turn a command-line string into a value of the declared field type."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union or str(origin) == "types.UnionType":
+        if text.lower() in ("none", "null"):
+            return None
+        hint = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is bool:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"expected a boolean (true/false), got {text!r}")
+    if origin is tuple:
+        kind = args[0]
+        return tuple(kind(part) for part in text.replace("x", ",").split(",") if part)
+    if hint in (int, float, str):
+        try:
+            return hint(text)
+        except ValueError:
+            raise ValueError(f"expected {hint.__name__}, got {text!r}") from None
+    raise ValueError(f"cannot parse {text!r} as {hint}")
+
+
+def override(config: TrainConfig, assignment: str) -> TrainConfig:
+    """Apply one ``section.field=value`` (or ``field=value`` for run-level fields) override.
+
+    Values are parsed with the field's declared type; the result is validated again.
+    """
+    if "=" not in assignment:
+        raise ValueError(f"override must look like 'model.dropout=0.1', got {assignment!r}")
+    key, text = assignment.split("=", 1)
+    path = key.strip().split(".")
+    targets = [config]
+    for name in path[:-1]:
+        child = getattr(targets[-1], name, None)
+        if not dataclasses.is_dataclass(child):
+            raise ValueError(f"unknown config section {name!r} in {key!r}; sections: model, data, optim, schedule")
+        targets.append(child)
+    leaf = path[-1]
+    owner = targets[-1]
+    hints = typing.get_type_hints(type(owner))
+    if leaf not in hints or dataclasses.is_dataclass(hints[leaf]):
+        raise ValueError(f"unknown field {leaf!r} in {type(owner).__name__}; fields: "
+                         f"{[f.name for f in dataclasses.fields(owner)]}")
+    value = _parse_value(text.strip(), hints[leaf])
+    new = dataclasses.replace(owner, **{leaf: value})  # re-runs validation
+    for parent, name in zip(reversed(targets[:-1]), reversed(path[:-1])):
+        new = dataclasses.replace(parent, **{name: new})
+    return new

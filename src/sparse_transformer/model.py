@@ -1,0 +1,214 @@
+"""The Sparse Transformer: a decoder-only byte model (PAPER.md, "The model").
+
+Single-device code: no DDP, autocast or checkpointing here; :mod:`sparse_transformer.parallel`
+wraps the model for recompute, compile and distribution from outside.
+
+The model predicts *every* byte of its input window: inputs are shifted right by one with a
+learned start embedding at position 0, so ``logits[:, t]`` predicts ``tokens[:, t]`` from
+``tokens[:, :t]``. That is what lets an image's bits per dim cover all of its bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .attention import sparse_attention
+from .config import ModelConfig, from_dict, to_dict
+from .patterns import Pattern, by_name, parts
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+
+def layer_patterns(config: ModelConfig, custom: Optional[Pattern] = None) -> list[tuple[Pattern, ...]]:
+    """Per layer, the patterns its heads use: one pattern for all heads, or two for split heads.
+
+    merged: the union A1 u A2 under one softmax; interleaved: ``interleave_ratio`` layers of A1
+    then one of A2; split: the first half of the heads use A1, the rest A2. ``custom`` (a Pattern
+    object) replaces the built-in pattern in every layer, merged.
+    """
+    if custom is not None:
+        return [(custom,)] * config.n_layer
+    pattern = by_name(config.pattern, config.stride, config.summary, config.distinct)
+    pieces = parts(pattern)
+    if config.integration == "merged" or len(pieces) == 1:
+        return [(pattern,)] * config.n_layer
+    if config.integration == "interleaved":
+        period = config.interleave_ratio + 1
+        return [(pieces[1] if i % period == config.interleave_ratio else pieces[0],) for i in range(config.n_layer)]
+    return [pieces] * config.n_layer  # split heads
+
+
+class Attention(nn.Module):
+    """Multi-head attention over a sparse pattern; half-size q/k are zero-padded to the value
+    width (``sparse_attention`` takes equal widths; zeros leave q.k unchanged) and scaled by
+    their true width."""
+
+    def __init__(self, config: ModelConfig, patterns: Sequence[Pattern]):
+        super().__init__()
+        d, h = config.d_model, config.n_head
+        self.n_head, self.patterns, self.backend = h, tuple(patterns), config.backend
+        self.qk_width = d // 2 if config.half_qk else d
+        self.query = nn.Linear(d, self.qk_width)
+        self.key = nn.Linear(d, self.qk_width)
+        self.value = nn.Linear(d, d)
+        self.proj = nn.Linear(d, d)
+
+    def forward(self, x: Tensor) -> Tensor:  # x: (B, N, d)
+        b, n, d = x.shape
+        h = self.n_head
+
+        def heads(t: Tensor) -> Tensor:  # (B, N, w) -> (B, H, N, w / H)
+            return t.view(b, n, h, -1).transpose(1, 2)
+
+        q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        if q.shape[-1] != v.shape[-1]:
+            pad = v.shape[-1] - q.shape[-1]
+            q, k = F.pad(q, (0, pad)), F.pad(k, (0, pad))
+        if len(self.patterns) == 1:
+            out = sparse_attention(q, k, v, self.patterns[0], scale, self.backend)
+        else:  # split heads: each group of heads uses its own part
+            groups = torch.tensor_split(torch.arange(h), len(self.patterns))
+            out = torch.cat([sparse_attention(q[:, g[0]:g[-1] + 1], k[:, g[0]:g[-1] + 1], v[:, g[0]:g[-1] + 1],
+                                              p, scale, self.backend)
+                             for g, p in zip(groups, self.patterns)], dim=1)
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class FeedForward(nn.Module):
+    """``W2 gelu(W1 x + b1) + b2`` with inner width 4d (2d when half-size)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        inner = (2 if config.half_ff else 4) * config.d_model
+        self.fc = nn.Linear(config.d_model, inner)
+        self.proj = nn.Linear(inner, config.d_model)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(F.gelu(self.fc(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: ``a = drop(attn(norm(H)))``, ``b = drop(ff(norm(H + a)))``, ``H + a + b``."""
+
+    def __init__(self, config: ModelConfig, patterns: Sequence[Pattern]):
+        super().__init__()
+        self.norm_attn = nn.LayerNorm(config.d_model)
+        self.attn = Attention(config, patterns)
+        self.norm_ff = nn.LayerNorm(config.d_model)
+        self.ff = FeedForward(config)
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        a = self.drop(self.attn(self.norm_attn(x)))
+        b = self.drop(self.ff(self.norm_ff(x + a)))
+        return x + a + b
+
+
+class SparseTransformer(nn.Module):
+    """Decoder-only Sparse Transformer over bytes.
+
+    ``forward(tokens)``: tokens ``[B, N]`` integer bytes (N <= context) -> logits ``[B, N, 256]``
+    where ``logits[:, t]`` predicts ``tokens[:, t]`` from the bytes before it.
+    Pass ``pattern`` (a :class:`~sparse_transformer.patterns.Pattern`) to use a custom pattern in
+    every layer; it is not saved by :meth:`save_pretrained`.
+    """
+
+    def __init__(self, config: ModelConfig, pattern: Optional[Pattern] = None):
+        super().__init__()
+        self.config = config
+        d = config.d_model
+        self.token = nn.Embedding(config.vocab_size, d)
+        self.start = nn.Parameter(torch.empty(d))  # input at position 0 (nothing before it)
+        self.positions = nn.ModuleList(nn.Embedding(size, d) for size in config.axes)
+        self.blocks = nn.ModuleList(Block(config, p) for p in layer_patterns(config, pattern))
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, config.vocab_size, bias=False)
+        # (context, n_axes): the index into each position table, mixed-radix over the axes.
+        idx, t = [], torch.arange(config.context)
+        for i in range(len(config.axes)):
+            inner = math.prod(config.axes[i + 1:])
+            idx.append((t // inner) % config.axes[i])
+        self.register_buffer("position_index", torch.stack(idx, 1), persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The paper's initialization; the logit projection starts at zero (8 bits per byte at step 0)."""
+        d = self.config.d_model
+        nn.init.normal_(self.token.weight, std=math.sqrt(0.125 / d))
+        nn.init.normal_(self.start, std=math.sqrt(0.125 / d))
+        for table in self.positions:
+            nn.init.normal_(table.weight, std=math.sqrt(0.125 / (d * len(self.positions))))
+        for module in self.blocks.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=math.sqrt(0.125 / module.in_features))
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        nn.init.ones_(self.norm.weight)
+        nn.init.zeros_(self.norm.bias)
+        nn.init.zeros_(self.head.weight)
+
+    def embed(self, tokens: Tensor) -> Tensor:
+        """Shifted token embeddings plus factorized positions: ``[B, N] -> [B, N, d]``."""
+        b, n = tokens.shape
+        if n > self.config.context or n < 1:
+            raise ValueError(f"sequence length must be in [1, context={self.config.context}], got {n}")
+        x = self.token(tokens[:, :-1].long())
+        x = torch.cat([self.start.to(x.dtype).expand(b, 1, -1), x], dim=1)  # shift right by one
+        index = self.position_index[:n]
+        for axis, table in enumerate(self.positions):
+            x = x + table(index[:, axis])
+        return x
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        x = self.embed(tokens)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x))
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write ``model.safetensors`` and ``config.json`` into folder ``path``."""
+        return save_weights(path, self.state_dict(), self.config)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: torch.device | str = "cpu") -> "SparseTransformer":
+        """Load a model written by :meth:`save_pretrained` (or a trainer checkpoint folder)."""
+        from safetensors.torch import load_file
+        path = Path(path)
+        if not (path / WEIGHTS_FILE).is_file() or not (path / CONFIG_FILE).is_file():
+            raise ValueError(f"{path} must hold {WEIGHTS_FILE} and {CONFIG_FILE} (written by save_pretrained)")
+        config = from_dict(ModelConfig, json.loads((path / CONFIG_FILE).read_text()))
+        model = cls(config).to(device)
+        model.load_state_dict(load_file(str(path / WEIGHTS_FILE), device=str(device)))
+        return model
+
+
+def byte_loss(logits: Tensor, tokens: Tensor, reduction: str = "mean") -> Tensor:
+    """Cross-entropy in nats (fp32) of ``logits [B, N, V]`` against ``tokens [B, N]``;
+    bits per byte is this over ln 2."""
+    return F.cross_entropy(logits.float().flatten(0, 1), tokens.long().flatten(), reduction=reduction)
+
+
+def save_weights(path: str | Path, state_dict: dict, config: ModelConfig) -> Path:
+    """Write a model state dict as ``model.safetensors`` plus its ``config.json`` into folder ``path``."""
+    from safetensors.torch import save_file
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    save_file(tensors, str(path / WEIGHTS_FILE))
+    (path / CONFIG_FILE).write_text(json.dumps(to_dict(config), indent=2))
+    return path

@@ -1,0 +1,147 @@
+"""Everything the single-device model does not know: processes, recompute, compile, DDP/FSDP, precision.
+
+One documented order (torchtitan's), applied by :func:`parallelize`:
+
+1. **activation checkpointing** per block (PAPER.md: recompute attention and feed-forward in the
+   backward pass), by wrapping each block's ``forward``, so parameter names do not change;
+2. **torch.compile** per block (``Module.compile`` compiles in place, names unchanged);
+3. **distribution**: DDP around the whole model, with bf16 compression of the gradient all-reduce
+   (the paper sent half-precision gradients), or FSDP2 ``fully_shard`` on each block, then the root.
+
+Precision policy: fp32 master weights always; on GPU bf16 autocast by default, or fp16 autocast
+with dynamic loss scaling (``GradScaler``) as in the paper; fp32 on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import TrainConfig
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the training processes (one process when not under torchrun)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_world(device: Optional[str] = None) -> World:
+    """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK), start the process group
+    (NCCL on GPU, gloo on CPU) and pick the device."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if device is None:
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world_size)
+    return World(rank, world_size, local_rank, dev)
+
+
+def close_world(world: World) -> None:
+    if world.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` means bf16 on GPU and fp32 on CPU; half precision needs a GPU."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("precision fp16 (with loss scaling) needs a CUDA device; use fp32 or bf16 on CPU")
+    return precision
+
+
+def autocast(precision: str, device: torch.device):
+    """The forward-pass context for a resolved precision ("fp32", "bf16", "fp16")."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def make_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler:
+    """Dynamic loss scaling for fp16; a disabled scaler (a no-op) otherwise."""
+    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+
+def apply_recompute(model: nn.Module) -> None:
+    """Recompute each block's activations in the backward pass instead of storing them."""
+    for block in model.blocks:
+        forward = block.forward
+        block.forward = lambda *args, _f=forward, **kw: checkpoint(_f, *args, use_reentrant=False, **kw)
+
+
+def parallelize(model: nn.Module, config: TrainConfig, world: World) -> nn.Module:
+    """Apply recompute, compile and distribution (in that order) and return the module to train.
+
+    ``model`` keeps its parameters (FSDP2 shards them in place); save and evaluate through it.
+    """
+    if config.recompute:
+        apply_recompute(model)
+    if config.compile:
+        for block in model.blocks:
+            block.compile()
+    if not world.distributed:
+        return model
+    if config.parallel == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+        for block in model.blocks:
+            fully_shard(block)
+        fully_shard(model)
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+    ids = [world.device.index] if world.device.type == "cuda" else None
+    ddp = DistributedDataParallel(model, device_ids=ids)
+    compress = config.grad_compress
+    if compress == "auto":
+        compress = "bf16" if dist.get_backend() == "nccl" else "none"
+    if compress == "bf16":
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+        ddp.register_comm_hook(None, default_hooks.bf16_compress_hook)
+    return ddp
+
+
+def no_sync(wrapped: nn.Module, last_micro_step: bool):
+    """Skip DDP's gradient all-reduce on all but the last micro-batch of an accumulated step."""
+    if last_micro_step or not hasattr(wrapped, "no_sync"):
+        return contextlib.nullcontext()
+    return wrapped.no_sync()
+
+
+def all_reduce_mean(value: torch.Tensor, world: World) -> torch.Tensor:
+    """Average a tensor over ranks (identity for one process)."""
+    if world.distributed:
+        value = value.clone()
+        dist.all_reduce(value)
+        value /= world.world_size
+    return value
+
+
+def all_reduce_sum(value: torch.Tensor, world: World) -> torch.Tensor:
+    if world.distributed:
+        value = value.clone()
+        dist.all_reduce(value)
+    return value

@@ -1,0 +1,71 @@
+"""Evaluation in bits per byte (bits per dim for images) the paper's way, and a demo sampler.
+
+Every byte of the split is predicted exactly once, with as much context as the model takes
+(see :func:`~sparse_transformer.data.batches.eval_windows`). Under several processes each rank
+scores its share of the windows and the sums are added up.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..data.batches import eval_batches, eval_windows
+from ..model import byte_loss
+from ..parallel import World, all_reduce_sum, autocast
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: np.ndarray, context: int, world: World = World(), *,
+             stride: Optional[int] = None, example_length: Optional[int] = None,
+             max_bytes: Optional[int] = None, batch_size: int = 8, precision: str = "fp32") -> tuple[float, int]:
+    """Bits per byte of ``model`` on the uint8 split ``data``; returns ``(bits_per_byte, bytes_scored)``.
+
+    ``max_bytes`` bounds the evaluation to the first windows covering that many bytes.
+    """
+    windows = eval_windows(len(data), context, stride, example_length, max_bytes)
+    mine = windows[world.rank::world.world_size]
+    # The same number of forward passes on every rank (FSDP gathers weights collectively).
+    passes = math.ceil(math.ceil(len(windows) / world.world_size) / batch_size)
+    total = torch.zeros(2, dtype=torch.float64, device=world.device)
+    was_training = model.training
+    model.eval()
+    for i in range(passes):
+        group, weight = mine[i * batch_size:(i + 1) * batch_size], 1.0
+        if not group:  # this rank ran out of windows: run one for the collectives, count nothing
+            group, weight = windows[:1], 0.0
+        tokens, first = next(eval_batches(data, group, context, len(group)))
+        x = torch.from_numpy(np.ascontiguousarray(tokens)).to(world.device).long()
+        with autocast(precision, world.device):
+            logits = model(x)
+        nll = byte_loss(logits, x, reduction="none").view(x.shape)  # (b, n) nats
+        scored = torch.arange(x.shape[1], device=x.device)[None, :] >= torch.from_numpy(first).to(x.device)[:, None]
+        total += torch.stack([(nll * scored).sum().double(), scored.sum().double()]) * weight
+    model.train(was_training)
+    total = all_reduce_sum(total, world)
+    return (total[0] / total[1]).item() / math.log(2), int(total[1].item())
+
+
+@torch.no_grad()
+def sample_bytes(model: nn.Module, length: int, prompt: bytes = b"", temperature: float = 1.0,
+                 seed: int = 0, device: torch.device | str = "cpu") -> bytes:
+    """Sample ``length`` bytes after ``prompt`` with the full forward pass per byte (no cache; a
+    demo sampler: O(context) work per byte). Deterministic for a given ``seed``."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    context = model.config.context
+    generator = torch.Generator(device=device).manual_seed(seed)
+    out = list(prompt)
+    was_training = model.training
+    model.eval()
+    for _ in range(length):
+        # The logits at the last position depend only on the bytes before it: append a placeholder.
+        window = (out + [0])[-context:]
+        logits = model(torch.tensor([window], device=device))[0, -1].float() / temperature
+        out.append(int(torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)))
+    model.train(was_training)
+    return bytes(out[len(prompt):])

@@ -1,0 +1,291 @@
+"""The training loop (PAPER.md, "Efficiency in the paper"): AdamW with decoupled weight decay,
+linear warm-up then cosine decay, gradient clipping, gradient accumulation, mixed precision,
+limits by steps, epochs or wall-clock time, checkpoints, exact resume, several processes.
+
+Exactness: batch ``s`` depends only on ``(seed, s)``, the learning rate only on the step (and,
+for time-limited runs, the training time), and checkpoints hold weights, optimizer, scaler and
+RNG states, so on CPU a stopped-and-resumed run computes the same losses as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from ..config import TrainConfig, from_dict, to_dict
+from ..data import ByteDataset
+from ..data.batches import Prefetcher, TrainBatches
+from ..model import SparseTransformer, byte_loss
+from ..parallel import (World, all_reduce_mean, autocast, close_world, init_world, make_scaler, no_sync,
+                        parallelize, resolve_precision)
+from . import checkpoint as ckpt
+from .evaluate import evaluate, sample_bytes
+from .metrics import LN2, Metrics, plot_metrics
+from .source import load_dataset
+
+
+@dataclass
+class RunResult:
+    """What a finished (or stopped) run reports."""
+
+    step: int                                   # optimizer steps done in total
+    losses: list[float] = field(default_factory=list)  # training loss per step of this process (nats)
+    stopped: str = ""                           # "steps", "epochs", "time", "interrupted", "non-finite"
+    checkpoint: Optional[Path] = None           # the latest good checkpoint
+    validation_bits_per_byte: Optional[float] = None
+    test_bits_per_byte: Optional[float] = None
+    test_bytes: int = 0                         # bytes scored for the test figure
+    sample: Optional[bytes] = None
+
+
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; weight decay on weight matrices only (not biases, norms or embedding tables)."""
+    decay, rest = [], []
+    for name, p in model.named_parameters():
+        is_table = name.startswith(("token.", "positions.", "start"))
+        (decay if p.dim() >= 2 and not is_table else rest).append(p)
+    o = config.optim
+    return torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay}, {"params": rest, "weight_decay": 0.0}],
+                             lr=o.lr, betas=o.betas, eps=o.eps)
+
+
+class Schedule:
+    """Learning rate and stopping rule from the step count and the training time."""
+
+    def __init__(self, config: TrainConfig, steps_per_epoch: int):
+        s = config.schedule
+        limits = [x for x in (s.steps, s.epochs and math.ceil(s.epochs * steps_per_epoch)) if x]
+        self.max_steps = min(limits) if limits else None
+        self.max_time, self.peak, self.floor = s.max_time, config.optim.lr, s.min_lr_ratio
+        # Short runs warm up for a tenth of the run at most.
+        self.warmup = min(s.warmup_steps, self.max_steps // 10) if self.max_steps else s.warmup_steps
+        self.stop_reason = "epochs" if s.epochs and self.max_steps != s.steps else "steps"
+
+    def progress(self, step: int, elapsed: float) -> float:
+        done = [step / self.max_steps] if self.max_steps else []
+        if self.max_time:
+            done.append(elapsed / self.max_time)
+        return min(1.0, max(done))
+
+    def lr(self, step: int, elapsed: float) -> float:
+        if step < self.warmup:
+            return self.peak * (step + 1) / self.warmup
+        cosine = 0.5 * (1 + math.cos(math.pi * self.progress(step, elapsed)))
+        return self.peak * (self.floor + (1 - self.floor) * cosine)
+
+    def stop(self, step: int, elapsed: float) -> Optional[str]:
+        if self.max_steps and step >= self.max_steps:
+            return self.stop_reason
+        if self.max_time and elapsed >= self.max_time:
+            return "time"
+        return None
+
+
+def _states(model: nn.Module, optimizer, fsdp: bool) -> tuple[dict, dict]:
+    """Full (unsharded) model and optimizer state dicts; collective under FSDP."""
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
+    return model.state_dict(), optimizer.state_dict()
+
+
+def _load_optimizer(model: nn.Module, optimizer, state: dict, fsdp: bool) -> None:
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(state)
+
+
+def _load_model(model: nn.Module, state: dict, fsdp: bool) -> None:
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+    else:
+        model.load_state_dict(state)
+
+
+def train(config: TrainConfig, run_dir: str | Path, dataset: Optional[ByteDataset] = None, resume: bool = False,
+          *, device: Optional[str] = None, progress: bool = True, final_eval: bool = True,
+          on_step: Optional[Callable[[int, float], None]] = None) -> RunResult:
+    """Train ``config`` writing checkpoints and metrics into ``run_dir``; see the module docstring.
+
+    ``on_step(step, loss)`` runs after every step (raising ``KeyboardInterrupt`` there stops the
+    run like Ctrl-C: a checkpoint is written and the run can be resumed). Under torchrun every
+    process calls this; rank 0 reports.
+    """
+    run_dir = Path(run_dir)
+    world = init_world(device)
+    try:
+        return _train(config, run_dir, dataset, resume, world, progress, final_eval, on_step)
+    finally:
+        close_world(world)
+
+
+def _train(config, run_dir, dataset, resume, world: World, progress, final_eval, on_step) -> RunResult:
+    precision = resolve_precision(config.precision, world.device)
+    dataset = dataset if dataset is not None else load_dataset(config.data)
+    context = config.model.context
+    local_batch = config.data.batch_size // world.world_size
+    if config.data.batch_size % world.world_size or local_batch % config.grad_accum:
+        raise ValueError(f"data.batch_size ({config.data.batch_size}) must split evenly over {world.world_size} "
+                         f"process(es) x grad_accum {config.grad_accum}")
+    batches = TrainBatches(dataset.train, context, config.data.batch_size, config.seed, world.rank,
+                           world.world_size, dataset.example_length)
+    schedule = Schedule(config, batches.steps_per_epoch)
+    fsdp = world.distributed and config.parallel == "fsdp"
+
+    torch.manual_seed(config.seed)  # the same initial weights on every rank
+    model = SparseTransformer(config.model).to(world.device)
+    step, elapsed, state, rng = 0, 0.0, None, None
+    found = ckpt.latest_checkpoint(run_dir) if resume else None
+    if found is not None:
+        saved = json.loads((found / "train.json").read_text())
+        if from_dict(TrainConfig, saved).model != config.model:
+            raise ValueError(f"cannot resume from {found}: its model config differs from this run's")
+        model_state, state, rng = ckpt.load_state(found, world.rank)
+        step, elapsed = int(state["step"]), float(state["elapsed"])
+        batches.load_state_dict(state["batches"])
+        if not fsdp:
+            _load_model(model, model_state, False)
+    torch.manual_seed(config.seed + 1 + world.rank)  # dropout masks differ between ranks
+    if found is not None:
+        ckpt.restore_rng(rng)
+    wrapped = parallelize(model, config, world)
+    if found is not None and fsdp:
+        _load_model(model, model_state, True)
+    optimizer = build_optimizer(model, config)
+    scaler = make_scaler(precision, world.device)
+    if found is not None:
+        _load_optimizer(model, optimizer, state["optimizer"], fsdp)
+        scaler.load_state_dict(state["scaler"]) if state["scaler"] else None
+
+    metrics = Metrics(run_dir, schedule.max_steps, schedule.max_time, step, elapsed, world.main, progress)
+    if world.main:
+        (run_dir / "train.json").write_text(json.dumps(to_dict(config), indent=2))
+        metrics.write(f"{config.model.n_layer} layers, {model.num_parameters():,} parameters, "
+                      f"{world.world_size} process(es) on {world.device.type}, {precision}; "
+                      + (f"resuming from {found.name}" if found else "starting fresh"))
+    result = RunResult(step=step, checkpoint=found)
+
+    def save() -> Path:
+        model_state, optim_state = _states(model, optimizer, fsdp)
+        train_state = {"step": step, "elapsed": elapsed, "optimizer": optim_state, "scaler": scaler.state_dict(),
+                       "batches": dict(batches.state_dict(), step=step)}
+        return ckpt.save_checkpoint(run_dir, step, model_state if world.main else None, config,
+                                    train_state if world.main else None, world.rank, world.world_size,
+                                    config.keep_checkpoints)
+
+    def validate() -> float:
+        bpb, count = evaluate(model, dataset.validation, context, world, stride=config.data.eval_stride,
+                              example_length=dataset.example_length, max_bytes=config.data.eval_bytes,
+                              batch_size=config.data.eval_batch_size, precision=precision)
+        metrics.log({"split": "validation", "step": step, "time": round(elapsed, 3), "bits_per_byte": bpb,
+                     "bytes": count})
+        metrics.write(f"step {step}: validation {bpb:.4f} bits per byte ({count:,} bytes)")
+        return bpb
+
+    prefetch = Prefetcher(iter(batches), depth=4)
+    nonfinite, updating, tokens_seen = 0, False, 0
+    wall0 = last = time.perf_counter()
+    wrapped.train()
+    try:
+        while (reason := schedule.stop(step, elapsed)) is None:
+            lr = schedule.lr(step, elapsed)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            data_step, batch = next(prefetch)
+            assert data_step == step, (data_step, step)
+            x = batch.to(world.device, non_blocking=True).long()
+            total = torch.zeros((), device=world.device)
+            for i, micro in enumerate(x.chunk(config.grad_accum)):
+                last_micro = i == config.grad_accum - 1
+                if fsdp:
+                    wrapped.set_requires_gradient_sync(last_micro)
+                with no_sync(wrapped, last_micro), autocast(precision, world.device):
+                    logits = wrapped(micro)
+                loss = byte_loss(logits, micro)
+                scaler.scale(loss / config.grad_accum).backward()
+                total += loss.detach() / config.grad_accum
+            loss_value = all_reduce_mean(total, world).item()
+            if math.isfinite(loss_value):
+                nonfinite = 0
+                updating = True
+                if config.optim.grad_clip > 0:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                updating = False
+            else:
+                nonfinite += 1
+                metrics.write(f"warning: non-finite loss at step {step}; step skipped "
+                              f"({nonfinite} in a row, stopping at {config.max_nonfinite})")
+                warnings.warn(f"non-finite loss at step {step}; step skipped")
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            now = time.perf_counter()
+            elapsed += now - last
+            last = now
+            tokens_seen += x.numel() * world.world_size
+            result.losses.append(loss_value)
+            metrics.step(step, elapsed, loss_value, lr, tokens_seen / max(now - wall0, 1e-9),
+                         log=step % config.log_every == 0)
+            if nonfinite >= config.max_nonfinite:
+                reason = "non-finite"
+                break
+            if on_step is not None:
+                on_step(step, loss_value)
+            if config.checkpoint_every and step % config.checkpoint_every == 0 and nonfinite == 0:
+                result.checkpoint = save()
+            if config.eval_every and step % config.eval_every == 0:
+                result.validation_bits_per_byte = validate()
+            last = time.perf_counter()  # checkpoints and evaluation do not count as training time
+    except KeyboardInterrupt:
+        reason = "interrupted"
+    finally:
+        prefetch.close()
+    result.step, result.stopped = step, reason
+    if reason == "non-finite":
+        metrics.write(f"stopped: {config.max_nonfinite} non-finite losses in a row; "
+                      f"the last good checkpoint is {result.checkpoint}")
+    elif updating:
+        metrics.write("interrupted during an optimizer update: no checkpoint written for this step")
+    elif nonfinite == 0 and (result.checkpoint is None or result.checkpoint.name != f"{ckpt.PREFIX}{step:08d}"):
+        result.checkpoint = save()
+    metrics.close()
+    if reason == "interrupted":
+        if world.main:
+            print(f"interrupted at step {step}; continue with --resume (checkpoint {result.checkpoint})")
+        return result
+    if final_eval and reason != "non-finite":
+        if config.eval_every:
+            result.validation_bits_per_byte = validate()
+        bpb, count = evaluate(model, dataset.test, context, world, stride=config.data.eval_stride,
+                              example_length=dataset.example_length, max_bytes=config.data.eval_bytes,
+                              batch_size=config.data.eval_batch_size, precision=precision)
+        result.test_bits_per_byte, result.test_bytes = bpb, count
+        metrics.log({"split": "test", "step": step, "time": round(elapsed, 3), "bits_per_byte": bpb, "bytes": count})
+        if config.sample_bytes and dataset.kind == "text":
+            result.sample = sample_bytes(model, config.sample_bytes, seed=config.seed, device=world.device)
+    if world.main:
+        plot_metrics(run_dir / "metrics.jsonl", run_dir / "metrics.png")
+    return result
+
+
+def replace(config: TrainConfig, **sections) -> TrainConfig:
+    """``dataclasses.replace`` for nested sections: ``replace(c, schedule={"steps": 4})``."""
+    changes = {k: dataclasses.replace(getattr(config, k), **v) if isinstance(v, dict) else v
+               for k, v in sections.items()}
+    return dataclasses.replace(config, **changes)

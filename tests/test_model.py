@@ -1,0 +1,137 @@
+"""The model: step-0 loss, causality, every pattern and integration mode, save/load."""
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from sparse_transformer import patterns
+from sparse_transformer.config import ModelConfig
+from sparse_transformer.model import SparseTransformer, byte_loss, layer_patterns
+from tolerances import assert_close
+
+TINY = ModelConfig(n_layer=2, n_head=2, d_model=32, context=64, pattern="fixed", stride=8, summary=2)
+
+
+def randomize_head(model):  # the zero logit projection hides everything else at init
+    torch.nn.init.normal_(model.head.weight, std=0.5)
+    return model
+
+
+def test_step0_loss_is_8_bits_per_byte():
+    torch.manual_seed(0)
+    model = SparseTransformer(TINY)
+    tokens = torch.randint(0, 256, (3, 64))
+    bits = byte_loss(model(tokens), tokens).item() / math.log(2)
+    assert abs(bits - 8.0) < 1e-5  # uniform over 256 bytes; fp32 rounding of ln 256 only
+    assert model.head.weight.abs().sum() == 0
+
+
+def test_init_statistics_follow_the_paper():
+    torch.manual_seed(0)
+    config = dataclasses.replace(TINY, d_model=256, n_head=4)
+    model = SparseTransformer(config)
+    d = 256
+    assert abs(model.token.weight.std().item() - math.sqrt(0.125 / d)) < 0.002
+    assert abs(model.positions[0].weight.std().item() - math.sqrt(0.125 / (2 * d))) < 0.005
+    fc2 = model.blocks[0].ff.proj
+    assert abs(fc2.weight.std().item() - math.sqrt(0.125 / fc2.in_features)) < 0.001
+    assert fc2.bias.abs().sum() == 0
+
+
+@pytest.mark.parametrize("pattern", ["dense", "strided", "fixed"])
+def test_causal_every_byte_predicted_from_earlier_bytes(pattern):
+    torch.manual_seed(0)
+    model = randomize_head(SparseTransformer(dataclasses.replace(TINY, pattern=pattern))).eval()
+    a = torch.randint(0, 256, (1, 40))
+    b = a.clone()
+    b[0, 25:] = (b[0, 25:] + 1) % 256
+    la, lb = model(a), model(b)
+    assert torch.equal(la[0, :26], lb[0, :26])  # logits[t] depends only on tokens[:t]
+    assert not torch.allclose(la[0, 26:], lb[0, 26:])
+
+
+def test_backends_agree_inside_the_model():
+    torch.manual_seed(0)
+    model = randomize_head(SparseTransformer(dataclasses.replace(TINY, half_qk=True))).double()
+    tokens = torch.randint(0, 256, (2, 50))
+    fast = model(tokens)
+    for block in model.blocks:
+        block.attn.backend = "reference"
+    assert_close(fast, model(tokens))
+
+
+def test_layer_patterns_per_integration_mode():
+    base = dataclasses.replace(TINY, n_layer=6, pattern="strided")
+    merged = layer_patterns(base)
+    assert all(p == (patterns.strided(8),) for p in merged)
+    inter = layer_patterns(dataclasses.replace(base, integration="interleaved", interleave_ratio=2))
+    assert [p[0].part for p in inter] == ["row", "row", "column"] * 2
+    split = layer_patterns(dataclasses.replace(base, integration="split"))
+    assert all([x.part for x in p] == ["row", "column"] for p in split)
+    assert layer_patterns(dataclasses.replace(base, pattern="dense", integration="split"))[0] == (patterns.dense(),)
+
+
+def _trains(model, steps=8):
+    torch.manual_seed(1)
+    tokens = torch.randint(0, 16, (4, 64)) * 7  # a small alphabet: learnable from the unigram alone
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(steps):
+        loss = byte_loss(model(tokens), tokens)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(math.isfinite(x) for x in losses)
+    assert losses[-1] < losses[0] - 0.5, losses
+    return losses
+
+
+@pytest.mark.parametrize("pattern", ["dense", "strided", "fixed"])
+@pytest.mark.parametrize("integration", ["merged", "interleaved", "split"])
+def test_every_pattern_and_integration_trains(pattern, integration):
+    torch.manual_seed(0)
+    config = dataclasses.replace(TINY, pattern=pattern, integration=integration, distinct=2, half_ff=True)
+    _trains(SparseTransformer(config))
+
+
+def test_custom_pattern_trains():
+    window = patterns.custom(lambda b, h, q, k: q - k < 5, "window5", per_head=False)
+    torch.manual_seed(0)
+    model = SparseTransformer(TINY, pattern=window)
+    assert all(block.attn.patterns == (window,) for block in model.blocks)
+    _trains(model)
+
+
+def test_image_positions_are_row_column_channel():
+    config = dataclasses.replace(TINY, context=48, position_axes=(4, 4, 3), pattern="strided", stride=12)
+    model = SparseTransformer(config)
+    assert [t.num_embeddings for t in model.positions] == [4, 4, 3]
+    idx = model.position_index
+    assert idx[0].tolist() == [0, 0, 0] and idx[14].tolist() == [1, 0, 2] and idx[47].tolist() == [3, 3, 2]
+    text = SparseTransformer(dataclasses.replace(TINY, context=60))  # stride 8: 8 rows x 8 columns
+    assert [t.num_embeddings for t in text.positions] == [8, 8]
+    assert text.position_index[19].tolist() == [2, 3]
+
+
+def test_bad_lengths_raise():
+    model = SparseTransformer(TINY)
+    with pytest.raises(ValueError, match="context=64"):
+        model(torch.zeros(1, 65, dtype=torch.long))
+    with pytest.raises(ValueError, match="position_axes"):
+        dataclasses.replace(TINY, position_axes=(4, 4))
+
+
+def test_save_and_load_pretrained_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = randomize_head(SparseTransformer(dataclasses.replace(TINY, half_qk=True, dropout=0.1))).eval()
+    model.save_pretrained(tmp_path / "m")
+    assert (tmp_path / "m" / "model.safetensors").is_file() and (tmp_path / "m" / "config.json").is_file()
+    loaded = SparseTransformer.from_pretrained(tmp_path / "m").eval()
+    assert loaded.config == model.config
+    tokens = torch.randint(0, 256, (2, 30))
+    assert torch.equal(model(tokens), loaded(tokens))
+    with pytest.raises(ValueError, match="model.safetensors"):
+        SparseTransformer.from_pretrained(tmp_path)

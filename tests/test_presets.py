@@ -1,0 +1,71 @@
+"""Presets: the paper's parameter counts, built on the meta device (no memory for 152M weights)."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from sparse_transformer import presets
+from sparse_transformer.config import ModelConfig, TrainConfig, from_dict, override, to_dict
+from sparse_transformer.model import SparseTransformer
+
+
+def meta_parameters(config: ModelConfig) -> int:
+    with torch.device("meta"):
+        return SparseTransformer(config).num_parameters()
+
+
+@pytest.mark.parametrize("name", sorted(presets.PAPER_PARAMETERS))
+def test_paper_parameter_counts_within_3_percent(name):
+    count = meta_parameters(presets.get(name).model)
+    paper = presets.PAPER_PARAMETERS[name]
+    assert abs(count - paper) / paper < 0.03, f"{name}: {count:,} vs paper {paper:,.0f}"
+
+
+def test_meta_count_matches_a_real_build():
+    config = presets.get("tiny").model
+    assert meta_parameters(config) == SparseTransformer(config).num_parameters()
+
+
+def test_paper_hyperparameters():
+    c = presets.get("cifar10")
+    assert (c.model.n_layer, c.model.n_head, c.model.d_model, c.model.context) == (128, 2, 256, 3072)
+    assert c.model.half_ff and c.model.half_qk and c.model.dropout == 0.25 and c.optim.lr == 0.00035
+    assert c.schedule.epochs == 120 and c.model.pattern == "strided"
+    e = presets.get("enwik8")
+    assert (e.model.n_layer, e.model.n_head, e.model.d_model, e.model.context) == (30, 8, 512, 12288)
+    assert (e.model.pattern, e.model.stride, e.model.summary, e.model.integration) == ("fixed", 128, 32, "merged")
+    assert e.model.dropout == 0.40 and e.schedule.epochs == 80
+    i = presets.get("imagenet64")
+    assert (i.model.n_layer, i.model.n_head, i.model.d_model, i.model.stride, i.model.context) == (48, 16, 512, 128, 12288)
+    assert [presets.get(a).model.context for a in ("audio-65k", "audio-262k", "audio-1m")] == [65536, 262144, 1048576]
+    for name in presets.PAPER_PARAMETERS:
+        p = presets.get(name)
+        assert p.schedule.warmup_steps == 5000 and p.optim.weight_decay == 0.01 and p.optim.grad_clip == 1.0
+
+
+def test_every_preset_builds_and_unknown_name_fails():
+    assert {"tiny", "enwik8-small", "cifar10-small"} <= set(presets.names())
+    for name in presets.names():
+        assert isinstance(presets.get(name), TrainConfig)
+    with pytest.raises(ValueError, match="unknown preset 'nope'"):
+        presets.get("nope")
+
+
+def test_config_json_round_trip_and_overrides():
+    config = presets.get("cifar10")
+    assert from_dict(TrainConfig, to_dict(config)) == config
+    changed = override(config, "model.dropout=0.1")
+    assert changed.model.dropout == 0.1 and config.model.dropout == 0.25
+    assert override(config, "schedule.steps=7").schedule.steps == 7
+    assert override(config, "model.position_axes=32,32,3").model.position_axes == (32, 32, 3)
+    assert override(config, "recompute=false").recompute is False
+    assert override(config, "data.eval_bytes=none").data.eval_bytes is None
+    with pytest.raises(ValueError, match="expected int"):
+        override(config, "model.n_layer=many")
+    with pytest.raises(ValueError, match="unknown field"):
+        override(config, "model.layers=3")
+    with pytest.raises(ValueError, match="model.pattern"):
+        override(config, "model.pattern=diagonal")
+    with pytest.raises(ValueError, match="divisible"):
+        dataclasses.replace(config.model, n_head=3)
