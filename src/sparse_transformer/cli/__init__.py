@@ -10,9 +10,11 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
+from . import eval as eval_cmd
 from . import patterns as patterns_cmd
+from . import train as train_cmd
 
-COMMANDS = (patterns_cmd,)
+COMMANDS = (patterns_cmd, train_cmd, eval_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:

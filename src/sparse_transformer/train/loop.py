@@ -247,7 +247,7 @@ def _train(config, run_dir, dataset, resume, world: World, progress, final_eval,
                 break
             if on_step is not None:
                 on_step(step, loss_value)
-            if config.checkpoint_every and step % config.checkpoint_every == 0:
+            if config.checkpoint_every and step % config.checkpoint_every == 0 and nonfinite == 0:
                 result.checkpoint = save()
             if config.eval_every and step % config.eval_every == 0:
                 result.validation_bits_per_byte = validate()
@@ -262,7 +262,7 @@ def _train(config, run_dir, dataset, resume, world: World, progress, final_eval,
                       f"the last good checkpoint is {result.checkpoint}")
     elif updating:
         metrics.write("interrupted during an optimizer update: no checkpoint written for this step")
-    elif result.checkpoint is None or result.checkpoint.name != f"{ckpt.PREFIX}{step:08d}":
+    elif nonfinite == 0 and (result.checkpoint is None or result.checkpoint.name != f"{ckpt.PREFIX}{step:08d}"):
         result.checkpoint = save()
     metrics.close()
     if reason == "interrupted":

@@ -1,0 +1,66 @@
+"""``sparse-transformer eval``: bits per byte of a saved model on a split, every byte predicted once."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("eval", help="bits per byte of a checkpoint on the validation or test split",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", required=True,
+                   help="a checkpoint or save_pretrained folder, or a run folder (its latest good checkpoint)")
+    p.add_argument("--split", default="test", choices=("validation", "test"))
+    p.add_argument("--data", default=None, help="a plain byte file (default: the data the run trained on)")
+    p.add_argument("--dataset", default=None, help="dataset name (default: the run's; 'stdlib' if unknown)")
+    p.add_argument("--eval-bytes", type=int, default=None, help="score at most this many bytes (default: the run's)")
+    p.add_argument("--stride", type=int, default=None, help="new bytes scored per window (default: the run's)")
+    p.add_argument("--batch-size", type=int, default=None, help="windows per forward pass")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=run)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A folder with model weights: the path itself, or a run folder's latest good checkpoint."""
+    from ..model import WEIGHTS_FILE
+    from ..train.checkpoint import latest_checkpoint
+    path = Path(path)
+    if (path / WEIGHTS_FILE).is_file():
+        return path
+    found = latest_checkpoint(path)
+    if found is None:
+        raise ValueError(f"{path} holds no {WEIGHTS_FILE} and no intact checkpoint under {path}/checkpoints")
+    return found
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..config import DataConfig, TrainConfig, from_dict
+    from ..model import SparseTransformer
+    from ..parallel import World, resolve_precision
+    from ..train import evaluate, load_dataset
+    folder = resolve_checkpoint(args.checkpoint)
+    data = DataConfig()
+    for candidate in (folder / "train.json", folder.parent.parent / "train.json"):
+        if candidate.is_file():
+            data = from_dict(TrainConfig, json.loads(candidate.read_text())).data
+            break
+    if args.dataset is not None or args.data is not None:
+        data = DataConfig(dataset=args.dataset or "stdlib", path=args.data, eval_stride=data.eval_stride,
+                          eval_bytes=data.eval_bytes, eval_batch_size=data.eval_batch_size)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = SparseTransformer.from_pretrained(folder, device=device)
+    dataset = load_dataset(data)
+    eval_bytes = args.eval_bytes if args.eval_bytes is not None else data.eval_bytes
+    bpb, count = evaluate(model, dataset.split(args.split), model.config.context, World(device=device),
+                          stride=args.stride or data.eval_stride, example_length=dataset.example_length,
+                          max_bytes=eval_bytes, batch_size=args.batch_size or data.eval_batch_size,
+                          precision=resolve_precision(args.precision, device))
+    unit = "bits per dim" if dataset.kind == "image" else "bits per byte"
+    whole = "all" if count == len(dataset.split(args.split)) else "a bounded slice:"
+    print(f"{folder}: {args.split} {bpb:.4f} {unit} on {dataset.name} ({whole} {count:,} bytes scored)")
+    return 0

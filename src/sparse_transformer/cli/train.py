@@ -1,0 +1,72 @@
+"""``sparse-transformer train``: train a preset, with field overrides; under torchrun, on every process."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from .. import presets
+from ..config import override
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("train", help="train a preset (then print test bits per byte and a sample)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="Train a Sparse Transformer. Under `torchrun --nproc-per-node N -m "
+                                   "sparse_transformer train ...` each process takes a slice of the global batch.")
+    p.add_argument("--preset", default="tiny", choices=presets.names())
+    p.add_argument("--data", default=None, help="a plain byte file (split 90/5/5) or a dataset folder")
+    p.add_argument("--out", default=None, help="run folder for checkpoints and metrics (default: runs/<preset>)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest good checkpoint in --out")
+    p.add_argument("--steps", type=int, default=None, help="stop after this many optimizer steps")
+    p.add_argument("--epochs", type=float, default=None, help="stop after this many passes over the training split")
+    p.add_argument("--time", type=float, default=None, help="stop after this many seconds of training")
+    p.add_argument("--batch-size", type=int, default=None, help="global batch in sequences")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate")
+    p.add_argument("--precision", default=None, choices=("auto", "fp32", "bf16", "fp16"))
+    p.add_argument("--parallel", default=None, choices=("ddp", "fsdp"), help="multi-process strategy")
+    p.add_argument("--compile", action="store_true", help="torch.compile each block")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: this process's GPU, else CPU)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override any config field, e.g. --set model.dropout=0.1 --set grad_accum=4")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (metrics still go to metrics.jsonl)")
+    p.set_defaults(func=run)
+
+
+def build_config(args: argparse.Namespace):
+    """The preset with the command line's overrides applied (each one type-checked)."""
+    config = presets.get(args.preset)
+    sets = list(args.set)
+    if args.data is not None:
+        sets.append(f"data.path={args.data}")
+    if args.steps is not None or args.epochs is not None or args.time is not None:
+        # Explicit limits replace the preset's limits.
+        sets += [f"schedule.steps={args.steps}", f"schedule.epochs={args.epochs}", f"schedule.max_time={args.time}"]
+    for flag, field in (("batch_size", "data.batch_size"), ("lr", "optim.lr"), ("precision", "precision"),
+                        ("parallel", "parallel")):
+        if getattr(args, flag) is not None:
+            sets.append(f"{field}={getattr(args, flag)}")
+    if args.compile:
+        sets.append("compile=true")
+    for assignment in sets:
+        config = override(config, assignment)
+    return config
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..train import train  # torch-heavy imports only when training
+    config = build_config(args)
+    result = train(config, args.out or f"runs/{args.preset}", resume=args.resume, device=args.device,
+                   progress=not args.no_progress)
+    code = {"non-finite": 1, "interrupted": 130}.get(result.stopped, 0)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
+        return code
+    print(f"stopped after {result.step} steps ({result.stopped}); checkpoint: {result.checkpoint}")
+    if result.validation_bits_per_byte is not None:
+        print(f"validation: {result.validation_bits_per_byte:.4f} bits per byte")
+    if result.test_bits_per_byte is not None:
+        bounded = "" if config.data.eval_bytes is None else f" (a bounded slice: the first {result.test_bytes:,} bytes)"
+        print(f"test: {result.test_bits_per_byte:.4f} bits per byte on the test split{bounded}")
+    if result.sample is not None:
+        print("sample:\n" + result.sample.decode("utf-8", errors="replace"))
+    return code

@@ -1,0 +1,127 @@
+"""The trainer: learning on real data, exact resume, checkpoints, non-finite losses, the CLI."""
+
+import dataclasses
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from sparse_transformer.cli import main
+from sparse_transformer.config import DataConfig, ModelConfig, ScheduleConfig, TrainConfig
+from sparse_transformer.data import load_stdlib, split_stream
+from sparse_transformer.model import SparseTransformer
+from sparse_transformer.train import checkpoint as ckpt
+from sparse_transformer.train import loop, train
+from sparse_transformer.train.metrics import read_metrics
+
+
+@pytest.fixture(scope="module")
+def text():
+    """Two megabytes of the embedded standard-library text: real data, small enough to be quick."""
+    return split_stream(np.ascontiguousarray(load_stdlib().train[:2_000_000]), "stdlib-2MB", "text")
+
+
+def small(**changes) -> TrainConfig:
+    config = TrainConfig(
+        model=ModelConfig(n_layer=2, n_head=2, d_model=32, context=64, pattern="fixed", stride=8, summary=2),
+        data=DataConfig(batch_size=8, eval_bytes=2048, eval_batch_size=8),
+        optim=dataclasses.replace(TrainConfig().optim, lr=3e-3),
+        schedule=ScheduleConfig(steps=6, warmup_steps=2), log_every=1, sample_bytes=0)
+    return loop.replace(config, **changes)
+
+
+def test_loss_falls_on_real_data(text, tmp_path):
+    result = train(small(schedule={"steps": 40}, sample_bytes=20), tmp_path, text, progress=False)
+    assert result.stopped == "steps" and result.step == 40
+    assert abs(result.losses[0] / math.log(2) - 8.0) < 1e-4  # step 0: uniform bytes
+    assert np.mean(result.losses[-5:]) / math.log(2) < 6.0, result.losses
+    assert result.test_bits_per_byte < 6.0 and result.test_bytes == 2048
+    assert len(result.sample) == 20
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records if r["split"] == "train"] == list(range(1, 41))
+    assert any(r["split"] == "test" for r in records)
+    assert (tmp_path / "metrics.png").stat().st_size > 1000
+
+
+def _interrupt_at(stop):
+    def hook(step, loss):
+        if step == stop:
+            raise KeyboardInterrupt
+    return hook
+
+
+def test_stopped_and_resumed_run_gives_the_same_losses(text, tmp_path):
+    config = small(model={"dropout": 0.1}, grad_accum=2)  # dropout: the RNG state must resume too
+    full = train(config, tmp_path / "full", text, progress=False, final_eval=False)
+    first = train(config, tmp_path / "split", text, progress=False, on_step=_interrupt_at(3))
+    assert first.stopped == "interrupted" and first.step == 3 and first.checkpoint.name == "step-00000003"
+    second = train(config, tmp_path / "split", text, resume=True, progress=False, final_eval=False)
+    assert second.step == 6
+    assert first.losses + second.losses == full.losses  # exact on CPU
+    a = SparseTransformer.from_pretrained(full.checkpoint)
+    b = SparseTransformer.from_pretrained(second.checkpoint)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_checkpoints_keep_last_k_and_load_without_pickle(text, tmp_path):
+    result = train(small(checkpoint_every=1, keep_checkpoints=2), tmp_path, text, progress=False, final_eval=False)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-00000005", "step-00000006"]
+    model_state, state, rng = ckpt.load_state(result.checkpoint)
+    assert state["step"] == 6 and state["batches"]["step"] == 6 and "cpu" in rng
+    assert json.loads((result.checkpoint / "train.json").read_text())["model"]["d_model"] == 32
+    loaded = SparseTransformer.from_pretrained(result.checkpoint)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model_state.items())
+
+
+def test_damaged_or_partial_checkpoints_are_skipped(text, tmp_path):
+    train(small(checkpoint_every=2, schedule={"steps": 4}), tmp_path, text, progress=False, final_eval=False)
+    latest = ckpt.latest_checkpoint(tmp_path)
+    assert latest.name == "step-00000004"
+    (tmp_path / "checkpoints" / ".step-00000006.tmp").mkdir()  # a write that crashed half-way
+    weights = latest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated
+    with pytest.warns(UserWarning, match="model.safetensors does not match"):
+        assert ckpt.latest_checkpoint(tmp_path).name == "step-00000002"
+    with pytest.raises(ValueError, match="damaged"):
+        ckpt.load_state(latest)
+    with pytest.warns(UserWarning, match="skipping damaged"):
+        resumed = train(small(schedule={"steps": 5}), tmp_path, text, resume=True, progress=False, final_eval=False)
+    assert len(resumed.losses) == 3  # continued from step 2
+    assert not (tmp_path / "checkpoints" / ".step-00000006.tmp").exists()  # cleaned on the next write
+
+
+def test_non_finite_losses_skip_steps_then_stop(text, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = loop.byte_loss
+
+    def poisoned(logits, tokens, reduction="mean"):
+        calls["n"] += 1
+        loss = real(logits, tokens, reduction)
+        return loss * float("nan") if calls["n"] > 3 else loss
+
+    monkeypatch.setattr(loop, "byte_loss", poisoned)
+    before = None
+    with pytest.warns(UserWarning, match="non-finite"):
+        result = train(small(checkpoint_every=1, max_nonfinite=2), tmp_path, text, progress=False)
+    assert result.stopped == "non-finite" and result.step == 5
+    assert all(math.isfinite(x) for x in result.losses[:3]) and all(math.isnan(x) for x in result.losses[3:])
+    assert result.checkpoint.name == "step-00000003" and ckpt.latest_checkpoint(tmp_path).name == "step-00000003"
+    assert result.test_bits_per_byte is before
+
+
+def test_cli_train_and_eval(tmp_path, capsys):
+    data = tmp_path / "text.bin"
+    data.write_bytes(bytes(load_stdlib().train[:300_000]))
+    out = tmp_path / "run"
+    code = main(["train", "--preset", "tiny", "--data", str(data), "--steps", "3", "--out", str(out), "--no-progress",
+                 "--set", "model.n_layer=1", "--set", "data.eval_bytes=1024", "--set", "sample_bytes=10"])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "stopped after 3 steps" in text and "bounded slice: the first 1,024 bytes" in text and "sample:" in text
+    assert main(["eval", "--checkpoint", str(out), "--split", "validation", "--eval-bytes", "512"]) == 0
+    assert "validation" in capsys.readouterr().out
+    assert main(["train", "--preset", "tiny", "--set", "model.pattern=spiral"]) == 2
+    assert "model.pattern" in capsys.readouterr().err
