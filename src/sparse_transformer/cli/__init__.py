@@ -12,9 +12,10 @@ from typing import Optional, Sequence
 
 from . import eval as eval_cmd
 from . import patterns as patterns_cmd
+from . import sample as sample_cmd
 from . import train as train_cmd
 
-COMMANDS = (patterns_cmd, train_cmd, eval_cmd)
+COMMANDS = (patterns_cmd, train_cmd, eval_cmd, sample_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:
