@@ -28,6 +28,7 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 
 from .patterns import Dense, Fixed, Pattern, Strided
@@ -103,6 +104,8 @@ class KeyPlan(nn.Module):
                 heads.append(slots)
             if masked:
                 self.custom.append((pattern, int(group[0]), int(group[-1]) + 1))
+        # A query may have no admissible key only under a summary part or a custom mask.
+        self.may_be_empty = bool(self.custom) or any(isinstance(p, Fixed) and p.part == "summary" for p in patterns)
         k = max(len(s.offset) for s in heads)
 
         def stack(name, fill):
@@ -137,26 +140,37 @@ class Decoder(nn.Module):
     keys and values; :meth:`forward` decodes one position with static shapes.
 
     Cache per layer: keys ``[B, H, context, qk width / H]`` and values ``[B, H, context, d / H]``
-    in the dtype the model's key and value projections produce.
+    in the model's dtype. Layers with the same head patterns share one :class:`KeyPlan`, evaluated
+    once per step; each layer's query, key and value projections run as one matrix product.
     """
 
-    def __init__(self, model: nn.Module, batch: int, dtype: Optional[torch.dtype] = None):
+    def __init__(self, model: nn.Module, batch: int):
         super().__init__()
         config = model.config
         self.model = model
         self.batch, self.context, self.n_head = batch, config.context, config.n_head
-        device = model.head.weight.device
-        dtype = dtype or model.head.weight.dtype
-        self.plans = nn.ModuleList(KeyPlan(block.attn.patterns, block.attn.n_head, config.context)
-                                   for block in model.blocks)
+        device, dtype = model.head.weight.device, model.head.weight.dtype
+        plans: dict[tuple, int] = {}
+        self.plan_of_layer: list[int] = []
+        for block in model.blocks:
+            key = tuple(block.attn.patterns)
+            if key not in plans:
+                plans[key] = len(plans)
+            self.plan_of_layer.append(plans[key])
+        self.plans = nn.ModuleList(KeyPlan(patterns, config.n_head, config.context) for patterns in plans).to(device)
+        self.register_buffer("heads", torch.arange(config.n_head, device=device)[:, None], persistent=False)
+        self.widths: list[tuple[int, int, int]] = []
         for i, block in enumerate(model.blocks):
-            dk = block.attn.qk_width // self.n_head
-            dv = config.d_model // self.n_head
-            self.register_buffer(f"k{i}", torch.zeros(batch, self.n_head, config.context, dk, dtype=dtype,
-                                                      device=device), persistent=False)
-            self.register_buffer(f"v{i}", torch.zeros(batch, self.n_head, config.context, dv, dtype=dtype,
-                                                      device=device), persistent=False)
-        self.plans.to(device)
+            attn = block.attn
+            self.widths.append((attn.qk_width, attn.qk_width, config.d_model))
+            # Detached copies: a decoder is built per generate() call, after training has changed the weights.
+            self.register_buffer(f"qkv_w{i}", torch.cat([attn.query.weight, attn.key.weight, attn.value.weight]).detach(),
+                                 persistent=False)
+            self.register_buffer(f"qkv_b{i}", torch.cat([attn.query.bias, attn.key.bias, attn.value.bias]).detach(),
+                                 persistent=False)
+            for name, width in (("k", attn.qk_width), ("v", config.d_model)):
+                self.register_buffer(f"{name}{i}", torch.zeros(batch, self.n_head, config.context, width // self.n_head,
+                                                               dtype=dtype, device=device), persistent=False)
 
     def cache_bytes(self) -> int:
         """Memory held by the key/value cache."""
@@ -201,25 +215,30 @@ class Decoder(nn.Module):
         pos = m.position_index.index_select(0, t1)  # (1, axes): no host sync, graph-safe
         for axis, table in enumerate(m.positions):
             x = x + table(pos[:, axis])
-        heads = torch.arange(h, device=token.device)[:, None]
-        for i, (block, plan) in enumerate(zip(m.blocks, self.plans)):
-            attn = block.attn
-            y = block.norm_attn(x)
-            q = attn.query(y).view(b, h, -1)
-            k_cache, v_cache = getattr(self, f"k{i}"), getattr(self, f"v{i}")
-            k_cache.index_copy_(2, t1, attn.key(y).view(b, h, 1, -1).to(k_cache.dtype))
-            v_cache.index_copy_(2, t1, attn.value(y).view(b, h, 1, -1).to(v_cache.dtype))
+        keys_of_plan = []
+        for plan in self.plans:  # once per step, shared by the layers using the plan
             index, valid = plan(t)  # (H, K)
-            keys = k_cache[:, heads, index].float()  # (B, H, K, dk)
-            values = v_cache[:, heads, index].float()  # (B, H, K, dv)
-            scale = 1.0 / math.sqrt(q.shape[-1])
-            scores = torch.einsum("bhd,bhkd->bhk", q.float() * scale, keys)
-            scores = scores.masked_fill(~valid, float("-inf"))
-            top = scores.amax(-1, keepdim=True)
-            top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-            weights = torch.exp(scores - top)
-            total = weights.sum(-1, keepdim=True)
-            out = torch.einsum("bhk,bhkd->bhd", weights, values) / torch.where(total > 0, total, torch.ones_like(total))
-            a = attn.proj(out.to(x.dtype).reshape(b, -1))
+            bias = torch.zeros(valid.shape, dtype=torch.float32, device=valid.device).masked_fill(~valid, float("-inf"))
+            keys_of_plan.append((index, bias, plan.may_be_empty))
+        for i, block in enumerate(m.blocks):
+            index, bias, may_be_empty = keys_of_plan[self.plan_of_layer[i]]
+            y = block.norm_attn(x)
+            q, k, v = F.linear(y, getattr(self, f"qkv_w{i}"), getattr(self, f"qkv_b{i}")).split(self.widths[i], -1)
+            k_cache, v_cache = getattr(self, f"k{i}"), getattr(self, f"v{i}")
+            k_cache.index_copy_(2, t1, k.view(b, h, 1, -1).to(k_cache.dtype))
+            v_cache.index_copy_(2, t1, v.view(b, h, 1, -1).to(v_cache.dtype))
+            q = q.view(b, h, 1, -1).float() * (1.0 / math.sqrt(q.shape[-1] // h))
+            keys = k_cache[:, self.heads, index].float()  # (B, H, K, dk): fp32 scores, as in the paper
+            scores = (q @ keys.transpose(-1, -2)).squeeze(2) + bias  # (B, H, K)
+            if may_be_empty:  # a query with no admissible key gets zeros, as in sparse_attention
+                top = scores.amax(-1, keepdim=True)
+                weights = torch.exp(scores - torch.where(torch.isfinite(top), top, torch.zeros_like(top)))
+                total = weights.sum(-1, keepdim=True)
+                weights = weights / torch.where(total > 0, total, torch.ones_like(total))
+            else:
+                weights = torch.softmax(scores, -1)
+            values = v_cache[:, self.heads, index].float()  # (B, H, K, dv)
+            out = (weights.unsqueeze(2) @ values).reshape(b, -1)  # (B, d)
+            a = block.attn.proj(out.to(x.dtype))
             x = x + a + block.ff(block.norm_ff(x + a))  # dropout is the identity when sampling
         return m.head(m.norm(x))
