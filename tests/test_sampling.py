@@ -178,3 +178,17 @@ def test_cache_size_is_what_was_allocated():
     decoder = Decoder(model, 5)
     # keys: qk width 16, values: d 32; 3 layers, fp32
     assert decoder.cache_bytes() == 3 * 5 * CONTEXT * (16 + 32) * 4
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compile", [True, "cudagraph"])
+@pytest.mark.parametrize("pattern,integration", [("strided", "merged"), ("fixed", "split")])
+def test_compiled_step_on_gpu_equals_eager(compile, pattern, integration):
+    model = tiny_model(pattern, integration, seed=6).cuda()
+    prime = torch.randint(0, 256, (3, 4), generator=torch.Generator().manual_seed(6)).cuda()
+    eager = generate(model, prime, CONTEXT - 4, temperature=0)
+    assert torch.equal(generate(model, prime, CONTEXT - 4, temperature=0, compile=compile), eager)
+    assert torch.equal(eager.cpu(), naive_greedy(model.cpu(), prime.cpu(), CONTEXT - 4))
+    g = lambda: torch.Generator(device="cuda").manual_seed(0)  # noqa: E731
+    model.cuda()
+    assert torch.equal(generate(model, prime, 20, generator=g(), compile=compile), generate(model, prime, 20, generator=g()))
