@@ -11,6 +11,7 @@ eagerly whatever ``compile`` says.
 from __future__ import annotations
 
 import math
+import time
 from typing import Callable, Optional, Union
 
 import torch
@@ -120,10 +121,27 @@ def make_step(decoder: Decoder, compile: Union[bool, str], token: Tensor, t: Ten
     return step
 
 
+class _Clock:
+    """Wall-clock laps for ``generate(timings=...)``; does nothing (and never syncs) without a dict."""
+
+    def __init__(self, timings: Optional[dict], device: torch.device):
+        self.timings, self.device = timings, device
+        self.last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        if self.timings is None:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.timings[name] = now - self.last
+        self.last = now
+
+
 @torch.no_grad()
 def generate(model: nn.Module, prime: Tensor, steps: int, temperature: float = 1.0, top_k: Optional[int] = None,
              top_p: Optional[float] = None, generator: Optional[torch.Generator] = None, *,
-             compile: Union[bool, str] = False, progress: bool = False) -> Tensor:
+             compile: Union[bool, str] = False, progress: bool = False, timings: Optional[dict] = None) -> Tensor:
     """Continue ``prime`` by ``steps`` bytes with a sparse key/value cache.
 
     Args:
@@ -136,6 +154,9 @@ def generate(model: nn.Module, prime: Tensor, steps: int, temperature: float = 1
         compile: False (eager), True / ``"reduce-overhead"`` (torch.compile + CUDA graphs) or
             ``"cudagraph"`` (capture the eager step); GPU only, the CPU path is always eager.
         progress: show a tqdm bar in bytes per second.
+        timings: if a dict, filled with ``prefill_s``, ``setup_s`` (CUDA graph capture), ``first_step_s``
+            (includes compilation), ``steps_s`` (the other steps) and ``cache_bytes``; the device is
+            synchronized at those points only when it is given.
 
     Returns LongTensor ``[B, P + steps]`` (the prime followed by the samples) on ``prime``'s device.
     Work per byte and layer is O(keys per query) for dense, strided and fixed patterns in every
@@ -148,6 +169,7 @@ def generate(model: nn.Module, prime: Tensor, steps: int, temperature: float = 1
     device = model.head.weight.device
     was_training = model.training
     model.eval()
+    clock = _Clock(timings, device)
     try:
         out = torch.empty(b, p + steps, dtype=torch.long, device=device)
         out[:, :p] = prime.to(device)
@@ -156,8 +178,10 @@ def generate(model: nn.Module, prime: Tensor, steps: int, temperature: float = 1
         logits = decoder.prefill(torch.cat([out[:, :p], out.new_zeros(b, 1)], dim=1))[:, -1]
         token = sample_next(logits, temperature, top_k, top_p, generator)
         out[:, p] = token
+        clock.lap("prefill_s")
         positions = torch.arange(p + steps, device=device)
         step = make_step(decoder, compile, token, positions[p + 1]) if steps > 1 else decoder
+        clock.lap("setup_s")
         from tqdm.auto import tqdm
         with tqdm(total=b * steps, unit="B", unit_scale=True, disable=not progress, desc="sampling") as bar:
             bar.update(b)
@@ -165,6 +189,11 @@ def generate(model: nn.Module, prime: Tensor, steps: int, temperature: float = 1
                 token = sample_next(step(token, positions[t]), temperature, top_k, top_p, generator)
                 out[:, t] = token
                 bar.update(b)
+                if t == p + 1:
+                    clock.lap("first_step_s")
+        clock.lap("steps_s")
+        if timings is not None:
+            timings["cache_bytes"] = decoder.cache_bytes()
     finally:
         model.train(was_training)
     return out.to(prime.device)
