@@ -53,12 +53,11 @@ def test_key_plan_is_the_pattern_row(pattern):
     heads = 4
     plan = KeyPlan([pattern], heads, CONTEXT)
     for t in range(CONTEXT):
-        index, valid = plan(torch.tensor(t))
-        for h in range(heads):
-            chosen = index[h][valid[h]]
-            assert len(set(chosen.tolist())) == len(chosen), "a key is read twice"
-            expected = pattern.mask(CONTEXT, head=h)[t].nonzero().flatten()
-            assert sorted(chosen.tolist()) == expected.tolist(), (t, h)
+        for h, chosen in enumerate(plan.keys(t)):
+            assert len(set(chosen)) == len(chosen), "a key is read twice"
+            assert chosen == pattern.mask(CONTEXT, head=h)[t].nonzero().flatten().tolist(), (t, h)
+    # Only dense and custom patterns read the whole cache.
+    assert plan.whole_cache == (pattern.kind in ("dense", "custom"))
 
 
 @pytest.mark.parametrize("pattern", [strided(32), strided(32, "row"), strided(32, "column"), fixed(32, 4, 4),
@@ -68,17 +67,17 @@ def test_key_plan_reads_o_keys_per_query(pattern):
     n = 1024
     plan = KeyPlan([pattern], 4, n)
     most = max(int(keys_per_query(pattern, n, head=h).max()) for h in range(4))
-    assert most <= plan.keys <= most + 32
-    assert plan.keys < n // 4
+    assert most <= plan.moving + plan.fixed <= most + 32
+    assert plan.moving + plan.fixed < n // 4
 
 
 def test_split_heads_use_their_group_and_local_head_number():
     """Split heads: heads 0-1 use the local part, 2-3 the summary part numbered from 0 within the group."""
     local, summary = fixed(6, 2, 2, "local"), fixed(6, 2, 2, "summary")
     plan = KeyPlan([local, summary], 4, CONTEXT)
-    index, valid = plan(torch.tensor(30))
+    keys = plan.keys(30)
     for h, (pattern, head) in enumerate([(local, 0), (local, 1), (summary, 0), (summary, 1)]):
-        assert sorted(index[h][valid[h]].tolist()) == pattern.mask(CONTEXT, head=head)[30].nonzero().flatten().tolist()
+        assert keys[h] == pattern.mask(CONTEXT, head=head)[30].nonzero().flatten().tolist()
 
 
 @pytest.mark.parametrize("pattern,integration", MODES)
@@ -174,10 +173,11 @@ def test_bad_arguments(kwargs, message):
 
 
 def test_cache_size_is_what_was_allocated():
-    model = tiny_model(half_qk=True)
-    decoder = Decoder(model, 5)
-    # keys: qk width 16, values: d 32; 3 layers, fp32
-    assert decoder.cache_bytes() == 3 * 5 * CONTEXT * (16 + 32) * 4
+    # keys: qk width 16 (4 per head), values: d 32 (8 per head); 3 layers, 5 sequences, fp32
+    assert Decoder(tiny_model("strided", half_qk=True), 5).cache_bytes() == 3 * 5 * CONTEXT * (16 + 32) * 4
+    # fixed l=6 c=2: 6 whole blocks before position 37, so 12 summary slots per head + 1 scratch, fp32 copies
+    compact = 3 * 5 * 4 * (12 + 1) * (4 + 8) * 4
+    assert Decoder(tiny_model("fixed", half_qk=True), 5).cache_bytes() == 3 * 5 * CONTEXT * (16 + 32) * 4 + compact
 
 
 @pytest.mark.gpu

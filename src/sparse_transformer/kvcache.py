@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -36,60 +36,55 @@ from .patterns import Dense, Fixed, Pattern, Strided
 
 @dataclass
 class _Slots:
-    """Key slots of one head (1-D long tensors of one length ``K``)."""
+    """Key slots of one head: *moving* slots (1-D long tensors of one length) whose position
+    follows the query, ``coef_t * t + coef_block * block_start + offset``, and *fixed* slots at
+    absolute ``positions``, valid once written (merged summary slots: only before the query's block)."""
 
     coef_t: Tensor
     coef_block: Tensor
     offset: Tensor
-    exclude_own_block: Tensor  # bool: valid only before the query's own block
     block: int
+    positions: Tensor
+    exclude_own_block: bool
 
 
 def _slots(pattern: Pattern, head: int, context: int) -> tuple[_Slots, bool]:
     """Slots for ``head`` (its index within the heads that use ``pattern``); True if the mask
     function must be evaluated each step (custom patterns)."""
-    def make(coef_t, coef_block, offset, exclude=None, block=1):
-        offset = torch.as_tensor(offset, dtype=torch.long)
-        full = lambda v: torch.full_like(offset, v)  # noqa: E731
-        ex = torch.zeros_like(offset, dtype=torch.bool) if exclude is None else exclude
-        return _Slots(full(coef_t), full(coef_block), offset, ex, block)
+    none = torch.zeros(0, dtype=torch.long)
+
+    def moving(coef_t: int, coef_block: int, offset: Tensor, block: int = 1, positions=none, exclude=False):
+        return _Slots(torch.full_like(offset, coef_t), torch.full_like(offset, coef_block), offset, block,
+                      positions, exclude)
 
     if isinstance(pattern, Strided):
         l = pattern.stride
         row = -torch.arange(min(l, context))
         column = -l * torch.arange(-(-context // l))
-        if pattern.part == "row":
-            return make(1, 0, row), False
-        if pattern.part == "column":
-            return make(1, 0, column), False
-        return make(1, 0, torch.cat([row, column[1:]])), False  # column offsets >= l never repeat a row key
+        offsets = {"row": row, "column": column, None: torch.cat([row, column[1:]])}[pattern.part]
+        return moving(1, 0, offsets), False  # merged: column offsets >= l never repeat a row key
     if isinstance(pattern, Fixed):
         l = pattern.stride
         lo, hi = pattern.summary_range(head)
-        local = make(0, 1, torch.arange(l), block=l)
-        starts = torch.arange(0, context, l)
-        summary = (starts[:, None] + torch.arange(lo, hi)[None, :]).flatten()
+        summary = (torch.arange(0, context, l)[:, None] + torch.arange(lo, hi)[None, :]).flatten()
         summary = summary[summary < context]
         if pattern.part == "local":
-            return local, False
+            return moving(0, 1, torch.arange(l), l), False
         if pattern.part == "summary":
-            return make(0, 0, summary), False
-        n_local, n_summary = len(local.offset), len(summary)
-        ex = torch.cat([torch.zeros(n_local, dtype=torch.bool), torch.ones(n_summary, dtype=torch.bool)])
-        return _Slots(torch.cat([local.coef_t, torch.zeros(n_summary, dtype=torch.long)]),
-                      torch.cat([local.coef_block, torch.zeros(n_summary, dtype=torch.long)]),
-                      torch.cat([local.offset, summary]), ex, l), False
-    if isinstance(pattern, Dense):
-        return make(0, 0, torch.arange(context)), False
-    return make(0, 0, torch.arange(context)), True
+            return moving(0, 0, none, positions=summary), False
+        # merged: the own block comes from the local slots, earlier blocks' summaries from fixed slots
+        return moving(0, 1, torch.arange(l), l, positions=summary, exclude=True), False
+    return moving(0, 0, none, positions=torch.arange(context)), not isinstance(pattern, Dense)
 
 
 class KeyPlan(nn.Module):
-    """Which cached keys each head of one layer reads for the query at position ``t``.
+    """Which keys each head of one layer reads for the query at position ``t``.
 
     ``patterns`` are the layer's head groups (as in ``Attention``: heads split evenly, in order).
-    ``forward(t)`` returns ``(index, valid)``, both ``[H, K]``: key positions to gather (clamped
-    into range) and whether each is admissible.
+    Moving slots are gathered from the cache each step (``forward(t)`` gives their positions);
+    fixed slots (fixed summaries) live in a compact per-layer buffer, written when their
+    position is decoded (``slot_of[position, head]``), so the step reads them without a gather.
+    When the fixed slots are every position (dense, custom) the cache itself is that buffer.
     """
 
     def __init__(self, patterns: Sequence[Pattern], n_head: int, context: int):
@@ -106,32 +101,52 @@ class KeyPlan(nn.Module):
                 self.custom.append((pattern, int(group[0]), int(group[-1]) + 1))
         # A query may have no admissible key only under a summary part or a custom mask.
         self.may_be_empty = bool(self.custom) or any(isinstance(p, Fixed) and p.part == "summary" for p in patterns)
-        k = max(len(s.offset) for s in heads)
-
-        def stack(name, fill):
-            rows = [torch.cat([getattr(s, name), torch.full((k - len(s.offset),), fill, dtype=getattr(s, name).dtype)])
-                    for s in heads]
-            return torch.stack(rows)
-
-        self.register_buffer("coef_t", stack("coef_t", 0), persistent=False)
-        self.register_buffer("coef_block", stack("coef_block", 0), persistent=False)
-        self.register_buffer("offset", stack("offset", -1), persistent=False)  # padding: index -1, never valid
-        self.register_buffer("exclude", stack("exclude_own_block", False), persistent=False)
-        self.register_buffer("block", torch.tensor([[s.block] for s in heads]), persistent=False)
-        self.register_buffer("real", torch.stack([torch.arange(k) < len(s.offset) for s in heads]), persistent=False)
         self.context = context
-        self.keys = k
+        self.moving = max(len(s.offset) for s in heads)
+        self.fixed = max(len(s.positions) for s in heads)
 
-    def forward(self, t: Tensor) -> tuple[Tensor, Tensor]:  # t: 0-dim long tensor
+        def pad(rows: list[Tensor], width: int, fill) -> Tensor:
+            return torch.stack([torch.cat([r, torch.full((width - len(r),), fill, dtype=r.dtype)]) for r in rows])
+
+        self.register_buffer("coef_t", pad([s.coef_t for s in heads], self.moving, 0), persistent=False)
+        self.register_buffer("coef_block", pad([s.coef_block for s in heads], self.moving, 0), persistent=False)
+        self.register_buffer("offset", pad([s.offset for s in heads], self.moving, 0), persistent=False)
+        self.register_buffer("moving_real", pad([torch.ones_like(s.offset, dtype=torch.bool) for s in heads],
+                                                self.moving, False), persistent=False)
+        self.register_buffer("block", torch.tensor([[s.block] for s in heads]), persistent=False)
+        # Fixed slots; padding sits at position `context`, never valid.
+        self.register_buffer("positions", pad([s.positions for s in heads], self.fixed, context), persistent=False)
+        self.register_buffer("exclude", torch.tensor([[s.exclude_own_block] for s in heads]), persistent=False)
+        self.whole_cache = self.fixed == context and bool((self.positions == torch.arange(context)).all())
+        slot_of = torch.full((context, n_head), self.fixed, dtype=torch.long)  # `fixed`: a scratch slot
+        for h, s in enumerate(heads):
+            slot_of[s.positions, h] = torch.arange(len(s.positions))
+        self.register_buffer("slot_of", slot_of, persistent=False)
+
+    def forward(self, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """For query position ``t`` (0-dim long tensor): moving slots' cache positions ``[H, Km]``
+        (clamped into range), and the score biases (0 or -inf) of the moving ``[H, Km]`` and the
+        fixed ``[H, Kf]`` slots."""
         start = t // self.block * self.block  # (H, 1)
-        index = self.coef_t * t + self.coef_block * start + self.offset  # (H, K)
-        valid = self.real & (index >= 0) & (index <= t) & (~self.exclude | (index < start))
+        index = self.coef_t * t + self.coef_block * start + self.offset
+        moving = self.moving_real & (index >= 0) & (index <= t)
+        fixed = (self.positions <= t) & (~self.exclude | (self.positions < start))
         for pattern, first, last in self.custom:  # O(context) per step: evaluate the mask function
             h = torch.arange(last - first, device=t.device)[:, None]
             zero = torch.zeros((), dtype=torch.long, device=t.device)
-            allowed = pattern.mask_mod(zero, h, t, index[first:last]).expand(last - first, self.keys)
-            valid = torch.cat([valid[:first], valid[first:last] & allowed, valid[last:]])
-        return index.clamp(0, self.context - 1), valid
+            allowed = pattern.mask_mod(zero, h, t, self.positions[first:last]).expand(last - first, self.fixed)
+            fixed = torch.cat([fixed[:first], fixed[first:last] & allowed, fixed[last:]])
+
+        def bias(valid: Tensor) -> Tensor:
+            return torch.zeros(valid.shape, device=valid.device).masked_fill(~valid, float("-inf"))
+
+        return index.clamp(0, self.context - 1), bias(moving), bias(fixed)
+
+    def keys(self, t: int) -> list[list[int]]:
+        """Per head, the sorted key positions the query at ``t`` reads (for tests and pictures)."""
+        index, moving, fixed = self(torch.tensor(t, device=self.offset.device))
+        return [sorted(index[h][moving[h] == 0].tolist() + self.positions[h][fixed[h] == 0].tolist())
+                for h in range(len(index))]
 
 
 class Decoder(nn.Module):
@@ -140,8 +155,9 @@ class Decoder(nn.Module):
     keys and values; :meth:`forward` decodes one position with static shapes.
 
     Cache per layer: keys ``[B, H, context, qk width / H]`` and values ``[B, H, context, d / H]``
-    in the model's dtype. Layers with the same head patterns share one :class:`KeyPlan`, evaluated
-    once per step; each layer's query, key and value projections run as one matrix product.
+    in the model's dtype, plus, for fixed summaries, compact fp32 copies of the summary keys and
+    values (``[B, H, summary slots + 1, width]``). Layers with the same head patterns share one
+    :class:`KeyPlan`, evaluated once per step; each layer's q/k/v projections are one matmul.
     """
 
     def __init__(self, model: nn.Module, batch: int):
@@ -153,15 +169,13 @@ class Decoder(nn.Module):
         plans: dict[tuple, int] = {}
         self.plan_of_layer: list[int] = []
         for block in model.blocks:
-            key = tuple(block.attn.patterns)
-            if key not in plans:
-                plans[key] = len(plans)
-            self.plan_of_layer.append(plans[key])
+            self.plan_of_layer.append(plans.setdefault(tuple(block.attn.patterns), len(plans)))
         self.plans = nn.ModuleList(KeyPlan(patterns, config.n_head, config.context) for patterns in plans).to(device)
         self.register_buffer("heads", torch.arange(config.n_head, device=device)[:, None], persistent=False)
         self.widths: list[tuple[int, int, int]] = []
+        self.cache_names: list[str] = []
         for i, block in enumerate(model.blocks):
-            attn = block.attn
+            attn, plan = block.attn, self.plans[self.plan_of_layer[i]]
             self.widths.append((attn.qk_width, attn.qk_width, config.d_model))
             # Detached copies: a decoder is built per generate() call, after training has changed the weights.
             self.register_buffer(f"qkv_w{i}", torch.cat([attn.query.weight, attn.key.weight, attn.value.weight]).detach(),
@@ -169,13 +183,19 @@ class Decoder(nn.Module):
             self.register_buffer(f"qkv_b{i}", torch.cat([attn.query.bias, attn.key.bias, attn.value.bias]).detach(),
                                  persistent=False)
             for name, width in (("k", attn.qk_width), ("v", config.d_model)):
-                self.register_buffer(f"{name}{i}", torch.zeros(batch, self.n_head, config.context, width // self.n_head,
-                                                               dtype=dtype, device=device), persistent=False)
+                shape = (batch, self.n_head, config.context, width // self.n_head)
+                self._cache(f"{name}{i}", torch.zeros(shape, dtype=dtype, device=device))
+                if plan.fixed and not plan.whole_cache:
+                    shape = (batch, self.n_head, plan.fixed + 1, width // self.n_head)
+                    self._cache(f"f{name}{i}", torch.zeros(shape, dtype=torch.float32, device=device))
+
+    def _cache(self, name: str, tensor: Tensor) -> None:
+        self.register_buffer(name, tensor, persistent=False)
+        self.cache_names.append(name)
 
     def cache_bytes(self) -> int:
-        """Memory held by the key/value cache."""
-        return sum(b.numel() * b.element_size() for name, b in self.named_buffers()
-                   if name[0] in "kv" and name[1:].isdigit())
+        """Memory held by the key/value cache (compact summary copies included)."""
+        return sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in self.cache_names)
 
     @torch.no_grad()
     def prefill(self, tokens: Tensor) -> Tensor:
@@ -204,6 +224,9 @@ class Decoder(nn.Module):
         for name, out in captured.items():  # (B, N, w) -> (B, H, N, w / H)
             cache = getattr(self, name)
             cache[:, :, :n] = out.view(b, n, self.n_head, -1).transpose(1, 2).to(cache.dtype)
+            if hasattr(self, "f" + name):  # compact summary copy; unwritten positions stay invalid until decoded
+                plan = self.plans[self.plan_of_layer[int(name[1:])]]
+                getattr(self, "f" + name)[:, :, :plan.fixed] = cache[:, self.heads, plan.positions.clamp(max=n - 1)]
         return logits
 
     def forward(self, token: Tensor, t: Tensor) -> Tensor:
@@ -215,30 +238,42 @@ class Decoder(nn.Module):
         pos = m.position_index.index_select(0, t1)  # (1, axes): no host sync, graph-safe
         for axis, table in enumerate(m.positions):
             x = x + table(pos[:, axis])
-        keys_of_plan = []
-        for plan in self.plans:  # once per step, shared by the layers using the plan
-            index, valid = plan(t)  # (H, K)
-            bias = torch.zeros(valid.shape, dtype=torch.float32, device=valid.device).masked_fill(~valid, float("-inf"))
-            keys_of_plan.append((index, bias, plan.may_be_empty))
+        per_plan = [(plan, *plan(t), plan.slot_of.index_select(0, t1).view(1, h, 1, 1)) for plan in self.plans]
         for i, block in enumerate(m.blocks):
-            index, bias, may_be_empty = keys_of_plan[self.plan_of_layer[i]]
+            plan, index, moving_bias, fixed_bias, slot = per_plan[self.plan_of_layer[i]]
             y = block.norm_attn(x)
             q, k, v = F.linear(y, getattr(self, f"qkv_w{i}"), getattr(self, f"qkv_b{i}")).split(self.widths[i], -1)
+            q = q.view(b, h, 1, -1).float() * (1.0 / math.sqrt(q.shape[-1] // h))  # fp32 scores, as in the paper
+            k, v = k.view(b, h, 1, -1), v.view(b, h, 1, -1)
             k_cache, v_cache = getattr(self, f"k{i}"), getattr(self, f"v{i}")
-            k_cache.index_copy_(2, t1, k.view(b, h, 1, -1).to(k_cache.dtype))
-            v_cache.index_copy_(2, t1, v.view(b, h, 1, -1).to(v_cache.dtype))
-            q = q.view(b, h, 1, -1).float() * (1.0 / math.sqrt(q.shape[-1] // h))
-            keys = k_cache[:, self.heads, index].float()  # (B, H, K, dk): fp32 scores, as in the paper
-            scores = (q @ keys.transpose(-1, -2)).squeeze(2) + bias  # (B, H, K)
-            if may_be_empty:  # a query with no admissible key gets zeros, as in sparse_attention
+            k_cache.index_copy_(2, t1, k.to(k_cache.dtype))
+            v_cache.index_copy_(2, t1, v.to(v_cache.dtype))
+            scores, values = [], []
+            if plan.moving:  # gathered from the cache: O(keys per query)
+                scores.append(q @ k_cache[:, self.heads, index].float().transpose(-1, -2) + moving_bias[:, None])
+                values.append(v_cache[:, self.heads, index])
+            if plan.fixed:
+                if plan.whole_cache:  # dense or custom: every position, read in place
+                    fk, fv = k_cache, v_cache
+                else:  # compact summary copy: a non-summary position writes the scratch slot
+                    fk, fv = getattr(self, f"fk{i}"), getattr(self, f"fv{i}")
+                    fk.scatter_(2, slot.expand(b, h, 1, fk.shape[-1]), k.float())
+                    fv.scatter_(2, slot.expand(b, h, 1, fv.shape[-1]), v.float())
+                    fk, fv = fk[:, :, :plan.fixed], fv[:, :, :plan.fixed]
+                scores.append(q @ fk.float().transpose(-1, -2) + fixed_bias[:, None])
+                values.append(fv)
+            scores = torch.cat(scores, -1) if len(scores) > 1 else scores[0]  # (B, H, 1, K)
+            if plan.may_be_empty:  # a query with no admissible key gets zeros, as in sparse_attention
                 top = scores.amax(-1, keepdim=True)
                 weights = torch.exp(scores - torch.where(torch.isfinite(top), top, torch.zeros_like(top)))
                 total = weights.sum(-1, keepdim=True)
                 weights = weights / torch.where(total > 0, total, torch.ones_like(total))
             else:
                 weights = torch.softmax(scores, -1)
-            values = v_cache[:, self.heads, index].float()  # (B, H, K, dv)
-            out = (weights.unsqueeze(2) @ values).reshape(b, -1)  # (B, d)
-            a = block.attn.proj(out.to(x.dtype))
+            out = 0
+            for part, vals in zip(weights.split([vals.shape[-2] for vals in values], -1) if len(values) > 1 else [weights],
+                                  values):
+                out = out + part @ vals.float()
+            a = block.attn.proj(out.reshape(b, -1).to(x.dtype))  # (B, d)
             x = x + a + block.ff(block.norm_ff(x + a))  # dropout is the identity when sampling
         return m.head(m.norm(x))
