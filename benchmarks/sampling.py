@@ -161,6 +161,12 @@ def main() -> None:
         del model
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    previous = out / f"sampling-{slug}.json"
+    if previous.is_file():  # keep other presets' rows from an earlier run on this device and dtype
+        old = json.loads(previous.read_text())
+        if old.get("dtype") == results["dtype"]:
+            ran = {w["preset"] for w in results["workloads"]}
+            results["workloads"] = [w for w in old["workloads"] if w["preset"] not in ran] + results["workloads"]
     (out / f"sampling-{slug}.json").write_text(json.dumps(results, indent=2))
     (out / f"sampling-{slug}.md").write_text(markdown(results))
     print(f"wrote {out / f'sampling-{slug}.json'} and .md")

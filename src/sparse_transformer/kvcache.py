@@ -270,10 +270,10 @@ class Decoder(nn.Module):
                 weights = weights / torch.where(total > 0, total, torch.ones_like(total))
             else:
                 weights = torch.softmax(scores, -1)
-            out = 0
-            for part, vals in zip(weights.split([vals.shape[-2] for vals in values], -1) if len(values) > 1 else [weights],
-                                  values):
-                out = out + part @ vals.float()
+            parts = weights.split([vals.shape[-2] for vals in values], -1) if len(values) > 1 else [weights]
+            out = parts[0] @ values[0].float()  # (B, H, 1, dv)
+            if len(values) > 1:
+                out = out + parts[1] @ values[1].float()
             a = block.attn.proj(out.reshape(b, -1).to(x.dtype))  # (B, d)
             x = x + a + block.ff(block.norm_ff(x + a))  # dropout is the identity when sampling
         return m.head(m.norm(x))
