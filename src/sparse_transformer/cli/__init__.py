@@ -13,9 +13,10 @@ from typing import Optional, Sequence
 from . import data as data_cmd
 from . import eval as eval_cmd
 from . import patterns as patterns_cmd
+from . import sample as sample_cmd
 from . import train as train_cmd
 
-COMMANDS = (train_cmd, eval_cmd, data_cmd, patterns_cmd)
+COMMANDS = (train_cmd, eval_cmd, sample_cmd, data_cmd, patterns_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:

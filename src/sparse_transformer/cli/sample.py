@@ -1,0 +1,130 @@
+"""``sparse-transformer sample``: text, image grids or audio from a trained model, with a KV cache."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("sample", help="generate text, images or audio from a checkpoint (sparse KV cache)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="Sample from a trained model. What comes out follows the model's training "
+                                   "data: text (stdout and samples.txt), images (samples.png, and completions.png "
+                                   "with --complete-images) or audio (sample-<i>.wav, mu-law decoded).")
+    p.add_argument("--checkpoint", required=True,
+                   help="a checkpoint or save_pretrained folder, or a run folder (its latest good checkpoint)")
+    p.add_argument("--n", type=int, default=16, help="unconditional samples (with the prime, if any); 0: none")
+    p.add_argument("--steps", type=int, default=None, help="new bytes per sample (default: fill the context)")
+    prime = p.add_mutually_exclusive_group()
+    prime.add_argument("--prime-file", default=None, help="start every sample with this file's bytes")
+    prime.add_argument("--prime-text", default=None, help="start every sample with this text (UTF-8)")
+    p.add_argument("--complete-images", type=int, default=0, metavar="K",
+                   help="also complete the bottom half of K test images from their top half")
+    p.add_argument("--data", default=None,
+                   help="images to complete: a raw file of concatenated H*W*C images (default: the test split "
+                        "of the dataset the model trained on)")
+    p.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--out", default="samples", help="output folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--compile", action="store_true", help="GPU: compile the decode step (torch.compile + CUDA graphs)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+
+
+def _train_config(folder: Path):
+    from ..config import TrainConfig, from_dict
+    for candidate in (folder / "train.json", folder.parent.parent / "train.json"):
+        if candidate.is_file():
+            return from_dict(TrainConfig, json.loads(candidate.read_text()))
+    return None
+
+
+def _test_images(args, train_config, shape, k: int):
+    """The first ``k`` test images ``[k, H*W*C]`` uint8."""
+    import numpy as np
+    length = math.prod(shape)
+    if args.data is not None:
+        raw = np.fromfile(args.data, dtype=np.uint8)
+        if len(raw) < k * length:
+            raise ValueError(f"--data {args.data} holds {len(raw) // length} whole {'x'.join(map(str, shape))} "
+                             f"images, need {k} for --complete-images")
+        return raw[:k * length].reshape(k, length)
+    if train_config is None:
+        raise ValueError("--complete-images needs test images: pass --data (a raw file of images); the checkpoint "
+                         "has no train.json naming its dataset")
+    from ..train import load_dataset
+    test = load_dataset(train_config.data).test
+    if len(test) < k * length:
+        raise ValueError(f"the test split holds {len(test) // length} images, fewer than --complete-images {k}")
+    return np.asarray(test[:k * length]).reshape(k, length)
+
+
+def run(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from .. import sample_io
+    from ..model import SparseTransformer
+    from ..sampling import generate
+    from .eval import resolve_checkpoint
+
+    for name in ("n", "complete_images"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    folder = resolve_checkpoint(args.checkpoint)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = SparseTransformer.from_pretrained(folder, device=device).eval()
+    config = model.config
+    train_config = _train_config(folder)
+    dataset = train_config.data.dataset if train_config is not None else "stdlib"
+    kind, shape = sample_io.data_kind(dataset, config.axes, config.context)
+    prime = b""
+    if args.prime_file is not None:
+        prime = Path(args.prime_file).read_bytes()
+    elif args.prime_text is not None:
+        prime = args.prime_text.encode("utf-8")
+    steps = args.steps if args.steps is not None else config.context - len(prime)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=generator,
+                   compile=args.compile, progress=not args.no_progress)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    if args.n:
+        tokens = torch.tensor(list(prime), dtype=torch.long).expand(args.n, -1)
+        samples = generate(model, tokens, steps, **options).numpy().astype(np.uint8)
+        if kind == "text":
+            texts = [row.tobytes() for row in samples]
+            for i, text in enumerate(texts):  # the file keeps the raw bytes; the terminal gets UTF-8
+                print(f"==== sample {i} ====\n" + text.decode("utf-8", errors="replace"))
+            print(f"wrote {sample_io.write_text(texts, out / 'samples.txt')}", file=sys.stderr)
+        elif kind == "image":
+            if samples.shape[1] != config.context:
+                raise ValueError(f"an image needs {config.context} bytes: prime + --steps must fill the context, "
+                                 f"got {samples.shape[1]}")
+            images = samples.reshape(-1, *shape)
+            grid = sample_io.image_grid(images, math.ceil(math.sqrt(len(images))), scale=sample_io.image_scale(shape[0]))
+            print(f"wrote {sample_io.write_png(grid, out / 'samples.png')}", file=sys.stderr)
+        else:
+            for i, row in enumerate(samples):
+                print(f"wrote {sample_io.write_wav(row, out / f'sample-{i}.wav')}", file=sys.stderr)
+
+    if args.complete_images:
+        if kind != "image":
+            raise ValueError(f"--complete-images needs an image model; this one generates {kind}")
+        originals = _test_images(args, train_config, shape, args.complete_images)
+        half = (shape[0] // 2) * shape[1] * shape[2]  # the top half of the rows
+        top = torch.from_numpy(originals[:, :half].astype(np.int64))
+        completed = generate(model, top, config.context - half, **options).numpy().astype(np.uint8)
+        pairs = np.stack([originals, completed], 1).reshape(-1, *shape)  # original, completion, ...
+        grid = sample_io.image_grid(pairs, 2, scale=sample_io.image_scale(shape[0]))
+        print(f"wrote {sample_io.write_png(grid, out / 'completions.png')} (left: original, right: completion "
+              f"of the bottom half)", file=sys.stderr)
+    return 0

@@ -1,0 +1,194 @@
+"""Sampling with the sparse key/value cache: exact against the full forward pass, O(keys) index sets."""
+
+import itertools
+
+import pytest
+import torch
+
+from sparse_transformer.config import ModelConfig
+from sparse_transformer.kvcache import Decoder, KeyPlan
+from sparse_transformer.layout import keys_per_query
+from sparse_transformer.model import SparseTransformer
+from sparse_transformer.patterns import custom, dense, fixed, strided
+from sparse_transformer.sampling import filter_logits, generate, sample_next
+from tolerances import assert_close
+
+CONTEXT = 37  # not a multiple of the stride: partial last row / block
+
+
+def tiny_model(pattern="fixed", integration="merged", seed=0, custom_pattern=None, **kw) -> SparseTransformer:
+    """Random weights everywhere (the paper's zero logit projection would make every logit equal)."""
+    torch.manual_seed(seed)
+    options = dict(n_layer=3, n_head=4, d_model=32, context=CONTEXT, pattern=pattern, stride=6, summary=2,
+                   distinct=2, integration=integration)
+    options.update(kw)
+    model = SparseTransformer(ModelConfig(**options), pattern=custom_pattern)
+    torch.nn.init.normal_(model.head.weight, std=0.5)
+    return model.eval()
+
+
+def naive_greedy(model, prime, steps):
+    """Greedy decoding re-running the full forward pass for every new byte."""
+    out = prime
+    for _ in range(steps):
+        logits = model(torch.cat([out, out.new_zeros(out.shape[0], 1)], 1))[:, -1]
+        out = torch.cat([out, logits.argmax(-1, keepdim=True)], 1)
+    return out
+
+
+MODES = list(itertools.product(["dense", "strided", "fixed"], ["merged", "interleaved", "split"]))
+
+
+def sliding_window(b, h, q, k):
+    return (q - k < 5) | (k % 7 == 0)
+
+
+CUSTOM = custom(sliding_window, per_head=False)
+
+
+@pytest.mark.parametrize("pattern", [dense(), strided(6), strided(6, "row"), strided(6, "column"), fixed(6, 2, 2),
+                                     fixed(6, 2, 2, "local"), fixed(6, 2, 2, "summary"), fixed(6, 3), CUSTOM],
+                         ids=str)
+def test_key_plan_is_the_pattern_row(pattern):
+    heads = 4
+    plan = KeyPlan([pattern], heads, CONTEXT)
+    for t in range(CONTEXT):
+        for h, chosen in enumerate(plan.keys(t)):
+            assert len(set(chosen)) == len(chosen), "a key is read twice"
+            assert chosen == pattern.mask(CONTEXT, head=h)[t].nonzero().flatten().tolist(), (t, h)
+    # Only dense and custom patterns read the whole cache.
+    assert plan.whole_cache == (pattern.kind in ("dense", "custom"))
+
+
+@pytest.mark.parametrize("pattern", [strided(32), strided(32, "row"), strided(32, "column"), fixed(32, 4, 4),
+                                     fixed(32, 4, 4, "local"), fixed(32, 4, 4, "summary")], ids=str)
+def test_key_plan_reads_o_keys_per_query(pattern):
+    """The static slot count is the pattern's largest keys-per-query (up to one block), not the context."""
+    n = 1024
+    plan = KeyPlan([pattern], 4, n)
+    most = max(int(keys_per_query(pattern, n, head=h).max()) for h in range(4))
+    assert most <= plan.moving + plan.fixed <= most + 32
+    assert plan.moving + plan.fixed < n // 4
+
+
+def test_split_heads_use_their_group_and_local_head_number():
+    """Split heads: heads 0-1 use the local part, 2-3 the summary part numbered from 0 within the group."""
+    local, summary = fixed(6, 2, 2, "local"), fixed(6, 2, 2, "summary")
+    plan = KeyPlan([local, summary], 4, CONTEXT)
+    keys = plan.keys(30)
+    for h, (pattern, head) in enumerate([(local, 0), (local, 1), (summary, 0), (summary, 1)]):
+        assert keys[h] == pattern.mask(CONTEXT, head=head)[30].nonzero().flatten().tolist()
+
+
+@pytest.mark.parametrize("pattern,integration", MODES)
+@pytest.mark.parametrize("prime", [0, 7])
+def test_cached_logits_equal_full_forward(pattern, integration, prime):
+    model = tiny_model(pattern, integration, half_qk=(prime == 7), interleave_ratio=2 if prime else 1)
+    tokens = torch.randint(0, 256, (2, CONTEXT), generator=torch.Generator().manual_seed(1))
+    full = model(tokens)
+    decoder = Decoder(model, 2)
+    pre = decoder.prefill(tokens[:, :prime + 1])
+    assert_close(pre, full[:, :prime + 1])
+    for t in range(prime + 1, CONTEXT):
+        assert_close(decoder(tokens[:, t - 1], torch.tensor(t)), full[:, t])
+
+
+@pytest.mark.parametrize("pattern,integration", MODES)
+def test_cached_greedy_generation_equals_rerunning_forward(pattern, integration):
+    model = tiny_model(pattern, integration, seed=2)
+    for p in (0, 4):
+        prime = torch.randint(0, 256, (3, p), generator=torch.Generator().manual_seed(p))
+        steps = CONTEXT - p
+        out = generate(model, prime, steps, temperature=0)
+        assert out.shape == (3, CONTEXT) and out.dtype == torch.long
+        assert torch.equal(out[:, :p], prime)
+        assert torch.equal(out, naive_greedy(model, prime, steps))
+
+
+def test_custom_pattern_falls_back_to_its_mask_function():
+    model = tiny_model(custom_pattern=CUSTOM, seed=3)
+    tokens = torch.randint(0, 256, (2, CONTEXT), generator=torch.Generator().manual_seed(3))
+    full = model(tokens)
+    decoder = Decoder(model, 2)
+    decoder.prefill(tokens[:, :1])
+    for t in range(1, CONTEXT):
+        assert_close(decoder(tokens[:, t - 1], torch.tensor(t)), full[:, t])
+    prime = tokens[:, :3]
+    assert torch.equal(generate(model, prime, 20, temperature=0), naive_greedy(model, prime, 20))
+
+
+def test_sampling_options():
+    model = tiny_model(seed=4)
+    prime = torch.randint(0, 256, (4, 3), generator=torch.Generator().manual_seed(4))
+    greedy = generate(model, prime, 12, temperature=0)
+    assert torch.equal(generate(model, prime, 12, top_k=1, generator=torch.Generator().manual_seed(0)), greedy)
+    assert torch.equal(generate(model, prime, 12, top_p=1e-6, generator=torch.Generator().manual_seed(0)), greedy)
+    a = generate(model, prime, 12, temperature=1.0, generator=torch.Generator().manual_seed(5))
+    b = generate(model, prime, 12, temperature=1.0, generator=torch.Generator().manual_seed(5))
+    c = generate(model, prime, 12, temperature=1.0, generator=torch.Generator().manual_seed(6))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(a[:, :3], prime)
+    assert torch.equal(generate(model, prime, 0), prime)
+    model.train()
+    generate(model, prime, 2)
+    assert model.training, "generate must restore training mode"
+
+
+def test_filters_and_temperature():
+    logits = torch.tensor([[3.0, 1.0, 2.0, 0.0, -1.0]])
+    kept = torch.isfinite(filter_logits(logits, top_k=2))
+    assert kept.tolist() == [[True, False, True, False, False]]
+    probs = torch.softmax(logits, -1)[0]  # 0.636, 0.086, 0.234, 0.032, 0.012
+    nucleus = torch.isfinite(filter_logits(logits, top_p=0.8))
+    assert nucleus.tolist() == [[True, False, True, False, False]]  # 0.636 < 0.8 <= 0.636 + 0.234
+    assert torch.isfinite(filter_logits(logits, top_p=float(probs[0]) - 1e-3)).sum() == 1
+    assert torch.isfinite(filter_logits(logits, top_p=1.0)).all()
+    # Draws follow softmax(logits / T).
+    g = torch.Generator().manual_seed(0)
+    for temperature in (0.5, 2.0):
+        draws = sample_next(logits.expand(20000, -1), temperature, generator=g)
+        freq = torch.bincount(draws, minlength=5).float() / 20000
+        assert torch.allclose(freq, torch.softmax(logits[0] / temperature, -1), atol=0.015)
+    assert sample_next(logits, 0).tolist() == [0]
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(prime=torch.zeros(3, dtype=torch.long)), "2-D LongTensor"),
+    (dict(prime=torch.zeros(1, 2, dtype=torch.int32)), "2-D LongTensor"),
+    (dict(prime=torch.full((1, 2), 256)), "bytes in"),
+    (dict(steps=-1), "steps must be an int >= 0"),
+    (dict(steps=CONTEXT), "<= the model's context"),
+    (dict(temperature=-0.5), "temperature"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(top_k=0), "top_k"),
+    (dict(compile="fast"), "compile"),
+])
+def test_bad_arguments(kwargs, message):
+    model = tiny_model(seed=5)
+    args = dict(prime=torch.zeros(1, 2, dtype=torch.long), steps=3)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        generate(model, **args)
+
+
+def test_cache_size_is_what_was_allocated():
+    # keys: qk width 16 (4 per head), values: d 32 (8 per head); 3 layers, 5 sequences, fp32
+    assert Decoder(tiny_model("strided", half_qk=True), 5).cache_bytes() == 3 * 5 * CONTEXT * (16 + 32) * 4
+    # fixed l=6 c=2: 6 whole blocks before position 37, so 12 summary slots per head + 1 scratch, fp32 copies
+    compact = 3 * 5 * 4 * (12 + 1) * (4 + 8) * 4
+    assert Decoder(tiny_model("fixed", half_qk=True), 5).cache_bytes() == 3 * 5 * CONTEXT * (16 + 32) * 4 + compact
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compile", [True, "cudagraph"])
+@pytest.mark.parametrize("pattern,integration", [("strided", "merged"), ("fixed", "split")])
+def test_compiled_step_on_gpu_equals_eager(compile, pattern, integration):
+    model = tiny_model(pattern, integration, seed=6).cuda()
+    prime = torch.randint(0, 256, (3, 4), generator=torch.Generator().manual_seed(6)).cuda()
+    eager = generate(model, prime, CONTEXT - 4, temperature=0)
+    assert torch.equal(generate(model, prime, CONTEXT - 4, temperature=0, compile=compile), eager)
+    assert torch.equal(eager.cpu(), naive_greedy(model.cpu(), prime.cpu(), CONTEXT - 4))
+    g = lambda: torch.Generator(device="cuda").manual_seed(0)  # noqa: E731
+    model.cuda()
+    assert torch.equal(generate(model, prime, 20, generator=g(), compile=compile), generate(model, prime, 20, generator=g()))
