@@ -10,9 +10,10 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
+from . import bench as bench_cmd
 from . import patterns as patterns_cmd
 
-COMMANDS = (patterns_cmd,)
+COMMANDS = (patterns_cmd, bench_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:
