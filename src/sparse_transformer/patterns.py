@@ -192,6 +192,14 @@ class Custom(Pattern):
     label: str = "custom"
     per_head: bool = True
 
+    # eq=False alone inherits Pattern's field-less __eq__/__hash__, which made every custom pattern
+    # equal to every other (and collide in per-pattern caches): compare by identity, as documented.
+    def __eq__(self, other):
+        return self is other
+
+    def __hash__(self):
+        return id(self)
+
     def __post_init__(self):
         if not callable(self.fn):
             raise ValueError(f"custom pattern needs a callable (b, h, q_idx, kv_idx) -> bool, got {self.fn!r}")

@@ -8,7 +8,9 @@ the CPU path never needs Triton.
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -30,10 +32,43 @@ class Backend:
     load: Callable[[], AttentionFn]  # imported on first use
     supports: Callable[[Tensor, Pattern], bool]
     note: str
+    # Stricter test for backend="auto" (None: same as supports); keeps the CPU interpreter out of auto.
+    auto_supports: Optional[Callable[[Tensor, Pattern], bool]] = None
 
 
 def _always(q: Tensor, pattern: Pattern) -> bool:
     return True
+
+
+def _load_triton() -> AttentionFn:
+    from .triton_sparse import triton_attention
+    return triton_attention
+
+
+def _triton_supports(q: Tensor, pattern: Pattern) -> bool:
+    """Built-in patterns, fp16/bf16, D in 16/32/64/128, on CUDA; on CPU only under TRITON_INTERPRET=1."""
+    if pattern.kind == "custom" or q.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if q.shape[-1] not in (16, 32, 64, 128) or importlib.util.find_spec("triton") is None:
+        return False
+    if q.is_cuda:
+        return True
+    return q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _load_flex() -> AttentionFn:
+    from .flex import flex_attention
+    return flex_attention
+
+
+def _flex_supports(q: Tensor, pattern: Pattern) -> bool:
+    """CUDA with FlexAttention (and Triton for its compiled kernels); D a power of two >= 16."""
+    if not q.is_cuda or importlib.util.find_spec("triton") is None:
+        return False
+    from .flex import flex_available
+    d = q.shape[-1]
+    return flex_available() and d >= 16 and d & (d - 1) == 0 and q.dtype in (torch.float16, torch.bfloat16,
+                                                                            torch.float32)
 
 
 BACKENDS: dict[str, Backend] = {
@@ -41,10 +76,16 @@ BACKENDS: dict[str, Backend] = {
                          "dense mask in float64; the oracle, O(N^2)"),
     "torch": Backend("torch", lambda: portable_attention, _always,
                      "portable PyTorch, O(N x keys per query) memory, CPU and GPU"),
+    "triton": Backend("triton", _load_triton, _triton_supports,
+                      "Triton block-sparse kernels, fwd+bwd; dense/strided/fixed, fp16/bf16, CUDA",
+                      auto_supports=lambda q, p: q.is_cuda and _triton_supports(q, p)),
+    "flex": Backend("flex", _load_flex, _flex_supports,
+                    "FlexAttention with a cached BlockMask from pattern.mask_mod; any pattern, CUDA"),
 }
 
-# Preference order for backend="auto"; the first that supports the inputs wins.
-AUTO_ORDER = ("torch",)
+# Preference order for backend="auto"; the first that supports the inputs wins: triton on CUDA
+# for the built-in patterns in fp16/bf16, flex for custom patterns on CUDA, torch otherwise.
+AUTO_ORDER = ("triton", "flex", "torch")
 
 
 def available_backends(q: Tensor, pattern: Pattern) -> list[str]:
@@ -54,7 +95,11 @@ def available_backends(q: Tensor, pattern: Pattern) -> list[str]:
 
 def choose_backend(q: Tensor, pattern: Pattern) -> str:
     """The backend ``backend="auto"`` uses for these inputs."""
-    return available_backends(q, pattern)[0]
+    for name in AUTO_ORDER:
+        backend = BACKENDS[name]
+        if (backend.auto_supports or backend.supports)(q, pattern):
+            return name
+    return "torch"
 
 
 def _check(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, scale: Optional[float], backend: str) -> None:

@@ -10,13 +10,14 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
+from . import bench as bench_cmd
 from . import data as data_cmd
 from . import eval as eval_cmd
 from . import patterns as patterns_cmd
 from . import sample as sample_cmd
 from . import train as train_cmd
 
-COMMANDS = (train_cmd, eval_cmd, sample_cmd, data_cmd, patterns_cmd)
+COMMANDS = (train_cmd, eval_cmd, sample_cmd, data_cmd, patterns_cmd, bench_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:

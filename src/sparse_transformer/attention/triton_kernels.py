@@ -1,0 +1,379 @@
+"""Triton kernels for one *part* of a factorized pattern, forward and backward.
+
+Order as in Triton's fused-attention tutorial: jit helpers, configs, forward kernel, backward
+kernels. The autograd.Function that chains the parts lives in ``triton_sparse.py``.
+
+A part is causal-ish attention of queries over one contiguous list of key rows, with a
+per-(query, key) condition from their positions (``MODE``):
+
+- ``BAND``:    rows of a *view* of the sequence, ``DMIN <= i - j < W``. The view is either the
+               sequence itself (strided row: ``W = stride``; dense: ``W = N``) or one column of the
+               ``[N/stride, stride]`` matrix, reached with a row step of ``stride`` and no copy
+               (strided column: ``W = N``, ``DMIN = 1`` when merged with the row part).
+- ``BLOCK``:   ``i // W == j // W`` and ``j <= i`` (fixed local).
+- ``SUMMARY``: key row ``g`` is the g-th summary slot, at position ``(g // C) * L + lo + g % C``
+               with ``lo`` from the head group (fixed summary); ``DMIN = 1`` keeps only keys of
+               earlier blocks (merged with the local part), else keys at positions ``<= i``.
+
+Each kernel splits its loop into masked edge tiles and unmasked interior tiles, so the common
+case pays no mask arithmetic. Scores live in the log2 domain (``scale * log2(e)`` folded in);
+the saved log-sum-exp is base 2 too. A forward launch with ``MERGE`` starts its online softmax
+from a previous part's (output, lse): parts on disjoint key sets merge exactly, as one softmax.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+BAND, BLOCK, SUMMARY = 0, 1, 2
+
+
+# ----------------------------------------------------------------------------- jit helpers
+@triton.jit
+def _dot(a, b, acc, UPCAST: tl.constexpr):
+    """``a @ b (+ acc)``; ``UPCAST`` feeds fp32 operands (the CPU interpreter's bf16 dot is wrong)."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _summary_count(x, L, C, lo):
+    """How many summary slots lie at positions < x (x >= 0)."""
+    return (x // L) * C + tl.minimum(tl.maximum(x % L - lo, 0), C)
+
+
+@triton.jit
+def _position(j, col, STEP, L, C, lo, IS_SUMMARY: tl.constexpr):
+    """Sequence position of row ``j`` of a view (or of summary slot ``j``)."""
+    if IS_SUMMARY:
+        pos = (j // C) * L + lo + j % C
+    else:
+        pos = col + j * STEP
+    return pos
+
+
+@triton.jit
+def _allowed(i, j, len_q, len_k, W, L, C, lo, MODE: tl.constexpr, DMIN: tl.constexpr):
+    """The part's condition on query rows ``i`` [BM, 1] and key rows ``j`` [1, BN] (or transposed)."""
+    if MODE == 0:
+        d = i - j
+        ok = (d >= DMIN) & (d < W)
+    elif MODE == 1:
+        ok = (j <= i) & (i // W == j // W)
+    else:
+        pos = (j // C) * L + lo + j % C
+        if DMIN == 1:
+            ok = pos < (i // L) * L
+        else:
+            ok = pos <= i
+    return ok & (i < len_q) & (j < len_k)
+
+
+@triton.jit
+def _keys_of(i_lo, i_hi, W, L, C, lo, MODE: tl.constexpr, DMIN: tl.constexpr):
+    """Key rows ``[start, end)`` some query row in ``[i_lo, i_hi]`` sees; all of them see ``[full_lo, full_hi)``."""
+    if MODE == 0:
+        start = tl.maximum(i_lo - W + 1, 0)
+        end = i_hi - DMIN + 1
+        full_lo = tl.maximum(i_hi - W + 1, 0)
+        full_hi = i_lo - DMIN + 1
+    elif MODE == 1:
+        start = (i_lo // W) * W
+        end = i_hi + 1
+        full_lo = start
+        full_hi = tl.where(i_hi // W == i_lo // W, i_lo + 1, start)
+    else:
+        start = i_lo * 0
+        full_lo = start
+        if DMIN == 1:
+            end = (i_hi // L) * C
+            full_hi = (i_lo // L) * C
+        else:
+            end = _summary_count(i_hi + 1, L, C, lo)
+            full_hi = _summary_count(i_lo + 1, L, C, lo)
+    return start, full_lo, full_hi, end
+
+
+@triton.jit
+def _queries_of(j_lo, j_hi, len_q, W, L, C, lo, MODE: tl.constexpr, DMIN: tl.constexpr):
+    """Query rows ``[start, end)`` that see some key row in ``[j_lo, j_hi]``; ``[full_lo, full_hi)`` see all."""
+    if MODE == 0:
+        start = j_lo + DMIN
+        end = tl.minimum(j_hi + W, len_q)
+        full_lo = j_hi + DMIN
+        full_hi = tl.minimum(j_lo + W, len_q)
+    elif MODE == 1:
+        start = j_lo
+        end = tl.minimum((j_hi // W + 1) * W, len_q)
+        full_lo = j_hi
+        full_hi = tl.where(j_hi // W == j_lo // W, tl.minimum((j_lo // W + 1) * W, len_q), j_hi)
+    else:
+        end = len_q + j_lo * 0
+        full_hi = end
+        if DMIN == 1:
+            start = (j_lo // C + 1) * L
+            full_lo = (j_hi // C + 1) * L
+        else:
+            start = (j_lo // C) * L + lo + j_lo % C
+            full_lo = (j_hi // C) * L + lo + j_hi % C
+    return start, full_lo, full_hi, end
+
+
+@triton.jit
+def _split(start, full_lo, full_hi, end, BLOCK_SIZE: tl.constexpr):
+    """Tile boundaries: masked ``[first, a)``, unmasked ``[a, b)``, masked ``[b, end)``."""
+    first = (start // BLOCK_SIZE) * BLOCK_SIZE
+    a = tl.minimum(tl.maximum((full_lo + BLOCK_SIZE - 1) // BLOCK_SIZE * BLOCK_SIZE, first), end)
+    b = tl.maximum(a, (full_hi // BLOCK_SIZE) * BLOCK_SIZE)
+    return first, a, b
+
+
+@triton.jit
+def _program(n_tiles, NCOLS, H, L, C, DISTINCT):
+    """Decode a 1-D program id into (tile, view column, batch*head, summary offset ``lo``)."""
+    pid = tl.program_id(0)
+    tile = n_tiles - 1 - pid % n_tiles  # longest rows first: better load balance for causal parts
+    rest = pid // n_tiles
+    col = rest % NCOLS
+    bh = rest // NCOLS
+    lo = L - ((bh % H) % DISTINCT + 1) * C
+    return tile, col, bh, lo
+
+
+# ----------------------------------------------------------------------------- configs
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per head dim; BLOCK_N = 64 keeps the strided band
+# at three key tiles per 64 queries (1.5x its real work). Override with ``KernelConfig``.
+DEFAULT_CONFIG = {16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (64, 64, 4, 2)}
+
+
+# ----------------------------------------------------------------------------- forward
+@triton.jit
+def _fwd_tiles(acc, l_i, m_i, q, Kb, Vb, first, stop, offs_m, offs_n, offs_d, col, STEP, len_q, len_k,
+               W, L, C, lo, scale2, MODE: tl.constexpr, DMIN: tl.constexpr, MASKED: tl.constexpr,
+               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
+    for t in range(first, stop, BLOCK_N):
+        j = t + offs_n
+        pos = _position(j, col, STEP, L, C, lo, MODE == 2)
+        if MASKED:
+            k = tl.load(Kb + pos[:, None] * HEAD_DIM + offs_d[None, :], mask=(j < len_k)[:, None], other=0.0)
+            v = tl.load(Vb + pos[:, None] * HEAD_DIM + offs_d[None, :], mask=(j < len_k)[:, None], other=0.0)
+        else:
+            k = tl.load(Kb + pos[:, None] * HEAD_DIM + offs_d[None, :])
+            v = tl.load(Vb + pos[:, None] * HEAD_DIM + offs_d[None, :])
+        s = _dot(q, tl.trans(k), None, UPCAST) * scale2
+        if MASKED:
+            ok = _allowed(offs_m[:, None], j[None, :], len_q, len_k, W, L, C, lo, MODE, DMIN)
+            s = tl.where(ok, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet: no NaN
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = m_new
+        p = tl.math.exp2(s - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = _dot(p.to(v.dtype), v, acc, UPCAST)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LSE, O_PREV, N, H, n_tiles, NCOLS, STEP, W, L, C, DISTINCT, scale2,
+                MODE: tl.constexpr, DMIN: tl.constexpr, MERGE: tl.constexpr,
+                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
+    tile, col, bh, lo = _program(n_tiles, NCOLS, H, L, C, DISTINCT)
+    len_q = (N - col + STEP - 1) // STEP
+    if MODE == 2:
+        len_k = _summary_count(N, L, C, lo)
+    else:
+        len_k = len_q
+    base = bh.to(tl.int64) * N * HEAD_DIM
+    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < len_q
+    q_pos = col + offs_m * STEP
+    q_off = base + q_pos[:, None] * HEAD_DIM + offs_d[None, :]
+    q = tl.load(Q + q_off, mask=row_ok[:, None], other=0.0)
+    lse_ptr = LSE + bh.to(tl.int64) * N + q_pos
+    if MERGE:  # continue the online softmax of an earlier part: m = its lse, l = 1, acc = its output
+        m_i = tl.load(lse_ptr, mask=row_ok, other=float("-inf"))
+        l_i = tl.where(m_i == float("-inf"), 0.0, 1.0)
+        acc = tl.load(O_PREV + q_off, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    else:
+        m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    i_lo = tile * BLOCK_M
+    i_hi = tl.minimum(i_lo + BLOCK_M, len_q) - 1
+    start, full_lo, full_hi, end = _keys_of(i_lo, i_hi, W, L, C, lo, MODE, DMIN)
+    first, a, b = _split(start, full_lo, full_hi, end, BLOCK_N)
+    Kb = K + base
+    Vb = V + base
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, Kb, Vb, first, a, offs_m, offs_n, offs_d, col, STEP, len_q,
+                               len_k, W, L, C, lo, scale2, MODE, DMIN, True, HEAD_DIM, BLOCK_N, UPCAST)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, Kb, Vb, a, b, offs_m, offs_n, offs_d, col, STEP, len_q,
+                               len_k, W, L, C, lo, scale2, MODE, DMIN, False, HEAD_DIM, BLOCK_N, UPCAST)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, Kb, Vb, b, end, offs_m, offs_n, offs_d, col, STEP, len_q,
+                               len_k, W, L, C, lo, scale2, MODE, DMIN, True, HEAD_DIM, BLOCK_N, UPCAST)
+    empty = l_i == 0.0  # no admissible key: output 0, lse -inf
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(l_safe))
+    tl.store(O + q_off, out.to(O.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(lse_ptr, lse, mask=row_ok)
+
+
+# ----------------------------------------------------------------------------- backward
+@triton.jit
+def _delta_kernel(O, DO, DELTA, rows, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    """delta = rowsum(dO * O), the softmax backward's correction term (shared by all parts)."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    ok = offs_m < rows
+    off = offs_m.to(tl.int64)[:, None] * HEAD_DIM + offs_d[None, :]
+    o = tl.load(O + off, mask=ok[:, None], other=0.0).to(tl.float32)
+    do = tl.load(DO + off, mask=ok[:, None], other=0.0).to(tl.float32)
+    tl.store(DELTA + offs_m, tl.sum(o * do, 1), mask=ok)
+
+
+@triton.jit
+def _dq_tiles(dq, q, do, lse, delta, Kb, Vb, first, stop, offs_m, offs_n, offs_d, col, STEP, len_q, len_k,
+              W, L, C, lo, scale2, MODE: tl.constexpr, DMIN: tl.constexpr, MASKED: tl.constexpr,
+              HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
+    for t in range(first, stop, BLOCK_N):
+        j = t + offs_n
+        pos = _position(j, col, STEP, L, C, lo, MODE == 2)
+        if MASKED:
+            k = tl.load(Kb + pos[:, None] * HEAD_DIM + offs_d[None, :], mask=(j < len_k)[:, None], other=0.0)
+            v = tl.load(Vb + pos[:, None] * HEAD_DIM + offs_d[None, :], mask=(j < len_k)[:, None], other=0.0)
+        else:
+            k = tl.load(Kb + pos[:, None] * HEAD_DIM + offs_d[None, :])
+            v = tl.load(Vb + pos[:, None] * HEAD_DIM + offs_d[None, :])
+        p = tl.math.exp2(_dot(q, tl.trans(k), None, UPCAST) * scale2 - lse[:, None])
+        if MASKED:
+            ok = _allowed(offs_m[:, None], j[None, :], len_q, len_k, W, L, C, lo, MODE, DMIN)
+            p = tl.where(ok, p, 0.0)
+        dp = _dot(do, tl.trans(v), None, UPCAST)
+        ds = p * (dp - delta[:, None])
+        dq = _dot(ds.to(k.dtype), k, dq, UPCAST)
+    return dq
+
+
+@triton.jit
+def _dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, N, H, n_tiles, NCOLS, STEP, W, L, C, DISTINCT, scale, scale2,
+               MODE: tl.constexpr, DMIN: tl.constexpr, ACCUMULATE: tl.constexpr,
+               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
+    tile, col, bh, lo = _program(n_tiles, NCOLS, H, L, C, DISTINCT)
+    len_q = (N - col + STEP - 1) // STEP
+    if MODE == 2:
+        len_k = _summary_count(N, L, C, lo)
+    else:
+        len_k = len_q
+    base = bh.to(tl.int64) * N * HEAD_DIM
+    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < len_q
+    q_pos = col + offs_m * STEP
+    q_off = base + q_pos[:, None] * HEAD_DIM + offs_d[None, :]
+    q = tl.load(Q + q_off, mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + q_off, mask=row_ok[:, None], other=0.0)
+    row_off = bh.to(tl.int64) * N + q_pos
+    lse = tl.load(LSE + row_off, mask=row_ok, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)  # empty rows: p = 0, never NaN
+    delta = tl.load(DELTA + row_off, mask=row_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    i_lo = tile * BLOCK_M
+    i_hi = tl.minimum(i_lo + BLOCK_M, len_q) - 1
+    start, full_lo, full_hi, end = _keys_of(i_lo, i_hi, W, L, C, lo, MODE, DMIN)
+    first, a, b = _split(start, full_lo, full_hi, end, BLOCK_N)
+    Kb = K + base
+    Vb = V + base
+    dq = _dq_tiles(dq, q, do, lse, delta, Kb, Vb, first, a, offs_m, offs_n, offs_d, col, STEP, len_q, len_k,
+                   W, L, C, lo, scale2, MODE, DMIN, True, HEAD_DIM, BLOCK_N, UPCAST)
+    dq = _dq_tiles(dq, q, do, lse, delta, Kb, Vb, a, b, offs_m, offs_n, offs_d, col, STEP, len_q, len_k,
+                   W, L, C, lo, scale2, MODE, DMIN, False, HEAD_DIM, BLOCK_N, UPCAST)
+    dq = _dq_tiles(dq, q, do, lse, delta, Kb, Vb, b, end, offs_m, offs_n, offs_d, col, STEP, len_q, len_k,
+                   W, L, C, lo, scale2, MODE, DMIN, True, HEAD_DIM, BLOCK_N, UPCAST)
+    dq = dq * scale
+    if ACCUMULATE:  # an earlier part (separate launch) already wrote its share
+        dq += tl.load(DQ + q_off, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    tl.store(DQ + q_off, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _dkdv_tiles(dk, dv, k, v, Qb, DOb, LSEb, DELTAb, first, stop, offs_m, offs_n, offs_d, col, STEP,
+                len_q, len_k, W, L, C, lo, scale2, MODE: tl.constexpr, DMIN: tl.constexpr,
+                MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, UPCAST: tl.constexpr):
+    for t in range(first, stop, BLOCK_M):
+        i = t + offs_m
+        q_pos = col + i * STEP
+        if MASKED:
+            ok_i = i < len_q
+            q = tl.load(Qb + q_pos[:, None] * HEAD_DIM + offs_d[None, :], mask=ok_i[:, None], other=0.0)
+            do = tl.load(DOb + q_pos[:, None] * HEAD_DIM + offs_d[None, :], mask=ok_i[:, None], other=0.0)
+            lse = tl.load(LSEb + q_pos, mask=ok_i, other=float("inf"))
+            delta = tl.load(DELTAb + q_pos, mask=ok_i, other=0.0)
+        else:
+            q = tl.load(Qb + q_pos[:, None] * HEAD_DIM + offs_d[None, :])
+            do = tl.load(DOb + q_pos[:, None] * HEAD_DIM + offs_d[None, :])
+            lse = tl.load(LSEb + q_pos)
+            delta = tl.load(DELTAb + q_pos)
+        lse = tl.where(lse == float("-inf"), float("inf"), lse)
+        pT = tl.math.exp2(_dot(k, tl.trans(q), None, UPCAST) * scale2 - lse[None, :])  # [BN, BM]
+        if MASKED:
+            ok = _allowed(i[None, :], offs_n[:, None], len_q, len_k, W, L, C, lo, MODE, DMIN)
+            pT = tl.where(ok, pT, 0.0)
+        dv = _dot(pT.to(do.dtype), do, dv, UPCAST)
+        dpT = _dot(v, tl.trans(do), None, UPCAST)
+        dsT = pT * (dpT - delta[None, :])
+        dk = _dot(dsT.to(q.dtype), q, dk, UPCAST)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, N, H, n_tiles, NCOLS, STEP, W, L, C, DISTINCT, scale, scale2,
+                 MODE: tl.constexpr, DMIN: tl.constexpr, ACCUMULATE: tl.constexpr,
+                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
+    tile, col, bh, lo = _program(n_tiles, NCOLS, H, L, C, DISTINCT)
+    len_q = (N - col + STEP - 1) // STEP
+    if MODE == 2:
+        len_k = _summary_count(N, L, C, lo)
+    else:
+        len_k = len_q
+    base = bh.to(tl.int64) * N * HEAD_DIM
+    offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)  # this program's key rows
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    key_ok = offs_n < len_k
+    k_pos = _position(offs_n, col, STEP, L, C, lo, MODE == 2)
+    k_off = base + k_pos[:, None] * HEAD_DIM + offs_d[None, :]
+    k = tl.load(K + k_off, mask=key_ok[:, None], other=0.0)
+    v = tl.load(V + k_off, mask=key_ok[:, None], other=0.0)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    j_lo = tile * BLOCK_N
+    j_hi = tl.minimum(j_lo + BLOCK_N, len_k) - 1
+    start, full_lo, full_hi, end = _queries_of(j_lo, j_hi, len_q, W, L, C, lo, MODE, DMIN)
+    first, a, b = _split(start, full_lo, full_hi, end, BLOCK_M)
+    Qb = Q + base
+    DOb = DO + base
+    LSEb = LSE + bh.to(tl.int64) * N
+    DELTAb = DELTA + bh.to(tl.int64) * N
+    dk, dv = _dkdv_tiles(dk, dv, k, v, Qb, DOb, LSEb, DELTAb, first, a, offs_m, offs_n, offs_d, col, STEP,
+                         len_q, len_k, W, L, C, lo, scale2, MODE, DMIN, True, HEAD_DIM, BLOCK_M, UPCAST)
+    dk, dv = _dkdv_tiles(dk, dv, k, v, Qb, DOb, LSEb, DELTAb, a, b, offs_m, offs_n, offs_d, col, STEP,
+                         len_q, len_k, W, L, C, lo, scale2, MODE, DMIN, False, HEAD_DIM, BLOCK_M, UPCAST)
+    dk, dv = _dkdv_tiles(dk, dv, k, v, Qb, DOb, LSEb, DELTAb, b, end, offs_m, offs_n, offs_d, col, STEP,
+                         len_q, len_k, W, L, C, lo, scale2, MODE, DMIN, True, HEAD_DIM, BLOCK_M, UPCAST)
+    dk = dk * scale
+    if ACCUMULATE:
+        dk += tl.load(DK + k_off, mask=key_ok[:, None], other=0.0).to(tl.float32)
+        dv += tl.load(DV + k_off, mask=key_ok[:, None], other=0.0).to(tl.float32)
+    tl.store(DK + k_off, dk.to(DK.dtype.element_ty), mask=key_ok[:, None])
+    tl.store(DV + k_off, dv.to(DV.dtype.element_ty), mask=key_ok[:, None])

@@ -1,0 +1,174 @@
+"""``backend="triton"``: a pattern becomes a list of parts, each one launch of the kernels in
+``triton_kernels.py``; an autograd.Function chains them (PAPER.md, "Efficiency in the paper").
+
+- dense:     one causal band of width N
+- strided:   band of width ``stride`` (each query block sees at most two key blocks) plus the
+             column part as causal attention along the columns of the [N/stride, stride] view,
+             addressed with a row step of ``stride`` (no transpose copy)
+- fixed:     block-diagonal local part plus the summary slots of the head's group
+             (``u = h % distinct``), addressed in place as a contiguous list of key rows
+
+Forward: the second part continues the first part's online softmax (its fp32 output and lse),
+which is the log-sum-exp merge fused into the kernel. Backward: every part uses the merged lse
+and ``delta = rowsum(dO * O)``, so each part's probabilities are those of the one softmax; the
+second part's launches add to the gradients the first wrote.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..patterns import Dense, Fixed, Pattern, Strided
+from . import triton_kernels as tk
+
+LOG2E = 1.4426950408889634
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+
+
+@dataclass(frozen=True)
+class Part:
+    """One launch: ``mode`` (BAND, BLOCK, SUMMARY), ``dmin`` (1: exclude ``j = i`` / own block),
+    ``width`` (W of BAND/BLOCK), ``step`` (view row step: the column view's stride, else 1),
+    ``stride``/``summary``/``distinct`` (SUMMARY's L, C, V)."""
+
+    mode: int
+    dmin: int = 0
+    width: int = 1
+    step: int = 1
+    stride: int = 1
+    summary: int = 0
+    distinct: int = 1
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Tile sizes and launch settings; ``None`` fields take :data:`triton_kernels.DEFAULT_CONFIG`."""
+
+    block_m: Optional[int] = None
+    block_n: Optional[int] = None
+    num_warps: Optional[int] = None
+    num_stages: Optional[int] = None
+
+    def resolve(self, head_dim: int) -> tuple[int, int, int, int]:
+        default = tk.DEFAULT_CONFIG[head_dim]
+        mine = (self.block_m, self.block_n, self.num_warps, self.num_stages)
+        return tuple(d if m is None else m for m, d in zip(mine, default))
+
+
+def plan(pattern: Pattern, n: int) -> tuple[Part, ...]:
+    """The parts whose union is ``pattern`` at length ``n``; the first covers every key position."""
+    if isinstance(pattern, Dense):
+        return (Part(tk.BAND, width=n),)
+    if isinstance(pattern, Strided):
+        row = Part(tk.BAND, width=pattern.stride)
+        # stride >= n leaves only j = i in a column, as with stride = n.
+        column = Part(tk.BAND, dmin=int(pattern.part is None), width=n, step=min(pattern.stride, n))
+        return {"row": (row,), "column": (column,), None: (row, column)}[pattern.part]
+    if isinstance(pattern, Fixed):
+        local = Part(tk.BLOCK, width=pattern.stride)
+        summary = Part(tk.SUMMARY, dmin=int(pattern.part is None), stride=pattern.stride,
+                       summary=pattern.summary, distinct=pattern.distinct)
+        return {"local": (local,), "summary": (summary,), None: (local, summary)}[pattern.part]
+    raise ValueError(f"the triton backend runs dense, strided and fixed patterns, got {pattern} "
+                     f"(use backend='flex' or 'torch' for custom patterns)")
+
+
+def _interpreting() -> bool:
+    """Under ``TRITON_INTERPRET=1`` (CPU tests) the dots take fp32 operands: the interpreter's bf16
+    dot is wrong. On the GPU the dots take the input dtype, as usual."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _grid_args(part: Part, n: int, heads: int, bh: int, block: int, keys: bool):
+    """Program count and the shared launch arguments of one part."""
+    cols = part.step
+    if part.mode == tk.SUMMARY and keys:  # key tiles run over the longest head group's summary slots
+        rows = max(_summary_count(n, part, u) for u in range(min(part.distinct, heads)))
+    else:
+        rows = -(-n // cols)
+    tiles = max(-(-rows // block), 1)
+    summary = part.summary if part.mode == tk.SUMMARY else 0
+    args = (n, heads, tiles, cols, part.step, part.width, part.stride, summary, part.distinct)
+    return (tiles * cols * bh,), args
+
+
+def _summary_count(n: int, part: Part, u: int) -> int:
+    lo = part.stride - (u + 1) * part.summary
+    return (n // part.stride) * part.summary + min(max(n % part.stride - lo, 0), part.summary)
+
+
+def _forward(q: Tensor, k: Tensor, v: Tensor, parts, scale: float, config: KernelConfig):
+    b, h, n, d = q.shape
+    bm, bn, warps, stages = config.resolve(d)
+    out = torch.empty_like(q)
+    lse = torch.empty((b * h, n), device=q.device, dtype=torch.float32)
+    partial = torch.empty(q.shape, device=q.device, dtype=torch.float32) if len(parts) > 1 else out
+    for idx, part in enumerate(parts):
+        grid, args = _grid_args(part, n, h, b * h, bm, keys=False)
+        target = out if idx == len(parts) - 1 else partial
+        tk._fwd_kernel[grid](q, k, v, target, lse, partial, *args, scale * LOG2E, MODE=part.mode,
+                             DMIN=part.dmin, MERGE=idx > 0, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn,
+                             UPCAST=_interpreting(), num_warps=warps, num_stages=stages)
+    return out, lse
+
+
+def _backward(q, k, v, out, lse, do, parts, scale: float, config: KernelConfig):
+    b, h, n, d = q.shape
+    bm, bn, warps, stages = config.resolve(d)
+    delta = torch.empty_like(lse)
+    rows = b * h * n
+    tk._delta_kernel[(-(-rows // 128),)](out, do, delta, rows, HEAD_DIM=d, BLOCK_M=128)
+    dq = torch.empty_like(q)
+    # Only a summary-only pattern leaves key positions no part writes.
+    first_covers_all = parts[0].mode != tk.SUMMARY
+    dk = torch.empty_like(k) if first_covers_all else torch.zeros_like(k)
+    dv = torch.empty_like(v) if first_covers_all else torch.zeros_like(v)
+    for idx, part in enumerate(parts):
+        accumulate = idx > 0 or not first_covers_all
+        grid, args = _grid_args(part, n, h, b * h, bn, keys=True)
+        tk._dkdv_kernel[grid](q, k, v, do, dk, dv, lse, delta, *args, scale, scale * LOG2E, MODE=part.mode,
+                              DMIN=part.dmin, ACCUMULATE=accumulate, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn,
+                              UPCAST=_interpreting(), num_warps=warps, num_stages=stages)
+        grid, args = _grid_args(part, n, h, b * h, bm, keys=False)
+        tk._dq_kernel[grid](q, k, v, do, dq, lse, delta, *args, scale, scale * LOG2E, MODE=part.mode,
+                            DMIN=part.dmin, ACCUMULATE=idx > 0, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn,
+                            UPCAST=_interpreting(), num_warps=warps, num_stages=stages)
+    return dq, dk, dv
+
+
+class _SparseAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, parts, scale, config):
+        out, lse = _forward(q, k, v, parts, scale, config)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.parts, ctx.scale, ctx.config = parts, scale, config
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = _backward(q, k, v, out, lse, do.contiguous(), ctx.parts, ctx.scale, ctx.config)
+        return dq, dk, dv, None, None, None
+
+
+def triton_attention(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, scale: float,
+                     config: Optional[KernelConfig] = None) -> Tensor:
+    """Sparse attention with the Triton kernels. q, k, v: ``[B, H, N, D]`` fp16/bf16, D in
+    16/32/64/128, on CUDA (or CPU under ``TRITON_INTERPRET=1``). Returns ``[B, H, N, D]``."""
+    d = q.shape[-1]
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"the triton backend needs float16 or bfloat16 inputs, got {q.dtype}")
+    if d not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"the triton backend needs head dim D in {SUPPORTED_HEAD_DIMS}, got {d}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    parts = plan(pattern, q.shape[2])
+    q, k, v = (x.contiguous() for x in (q, k, v))
+    return _SparseAttention.apply(q, k, v, parts, scale, config or KernelConfig())

@@ -1,0 +1,213 @@
+"""Attention benchmark: our Triton kernels against dense SDPA flash attention and FlexAttention.
+
+Forward, backward and forward+backward median milliseconds (``triton.testing.do_bench``), achieved
+TFLOP/s on the pattern's real work (admissible pairs from ``layout.cost``: 4 D FLOPs per pair
+forward, 10 D backward), and peak GPU memory. ``B = tokens // N`` (at least 1). Writes
+``<out>/<gpu-name>.json`` and ``.md``. Run: ``sparse-transformer bench attention`` or
+``python benchmarks/attention.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .. import patterns as P
+from ..attention import sparse_attention
+from ..attention.triton_sparse import KernelConfig
+from ..layout import cost
+from . import flex_forms
+
+
+@dataclass
+class Row:
+    pattern: str
+    n: int
+    batch: int
+    method: str
+    fwd_ms: Optional[float]
+    bwd_ms: Optional[float]
+    fwdbwd_ms: Optional[float]
+    tflops: Optional[float]  # forward+backward, on the pattern's real pairs
+    peak_gib: Optional[float]
+    note: str = ""
+
+
+def _time(fn: Callable[[], torch.Tensor], grad: torch.Tensor, inputs) -> tuple[float, float, float]:
+    from triton.testing import do_bench
+
+    def fwd():
+        with torch.no_grad():
+            fn()
+
+    def fwdbwd():
+        fn().backward(grad)
+
+    t_f = do_bench(fwd, warmup=25, rep=100, return_mode="median")
+    t_fb = do_bench(fwdbwd, warmup=25, rep=100, grad_to_none=list(inputs), return_mode="median")
+    return t_f, t_fb - t_f, t_fb
+
+
+def _peak(fn, grad, inputs) -> float:
+    for x in inputs:
+        x.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fn().backward(grad)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 2 ** 30
+
+
+def measure(label: str, method: str, fn, n, batch, pairs_per_head, heads, d, grad, inputs, note="") -> Row:
+    try:
+        out = fn()
+        if not torch.isfinite(out).all() and "column" not in method:
+            raise RuntimeError("non-finite output")
+        del out
+        t_f, t_b, t_fb = _time(fn, grad, inputs)
+        peak = _peak(fn, grad, inputs)
+    except (RuntimeError, torch.OutOfMemoryError) as err:  # record and keep going (e.g. out of memory)
+        torch.cuda.empty_cache()
+        return Row(label, n, batch, method, None, None, None, None, None, f"failed: {str(err)[:120]}")
+    flops = 14 * d * pairs_per_head * heads * batch
+    return Row(label, n, batch, method, t_f, t_b, t_fb, flops / (t_fb * 1e-3) / 1e12, peak, note)
+
+
+def run(ns, tokens=65536, heads=8, head_dim=64, dtype=torch.bfloat16, pattern_names=("strided", "fixed"),
+        baseline_max_n=65536, configs=(KernelConfig(),), log=print) -> list[Row]:
+    rows = []
+    for n in ns:
+        batch = max(1, tokens // n)
+        g = torch.Generator(device="cuda").manual_seed(n)
+        q, k, v = (torch.randn(batch, heads, n, head_dim, device="cuda", dtype=dtype, generator=g).requires_grad_()
+                   for _ in range(3))
+        grad = torch.randn(batch, heads, n, head_dim, device="cuda", dtype=dtype, generator=g)
+        inputs = (q, k, v)
+        scale = head_dim ** -0.5
+        dense_pairs = n * (n + 1) // 2
+        if n <= baseline_max_n:
+            rows.append(measure("dense", "sdpa_flash_causal",
+                                lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale),
+                                n, batch, dense_pairs, heads, head_dim, grad, inputs))
+            log(rows[-1])
+        for name in pattern_names:
+            pattern = P.strided(128) if name == "strided" else P.fixed(128, 32)
+            pairs = cost(pattern, n).pairs
+            for i, config in enumerate(configs):
+                method = "triton" if len(configs) == 1 else f"triton_cfg{i}"
+                rows.append(measure(pattern.name, method,
+                                    lambda: sparse_attention(q, k, v, pattern, scale, backend="triton")
+                                    if config == KernelConfig() else _triton_with(q, k, v, pattern, scale, config),
+                                    n, batch, pairs, heads, head_dim, grad, inputs, note=str(config)))
+                log(rows[-1])
+            if n > baseline_max_n:
+                continue
+            rows.append(measure(pattern.name, "flex_as_is",
+                                lambda: sparse_attention(q, k, v, pattern, scale, backend="flex"),
+                                n, batch, pairs, heads, head_dim, grad, inputs))
+            log(rows[-1])
+            if name == "strided":
+                parts = []
+                for part, fn in (("window", flex_forms.strided_window), ("column", flex_forms.strided_column)):
+                    part_pairs = cost(P.strided(128, "row" if part == "window" else "column"), n).pairs
+                    parts.append(measure(pattern.name, f"flex_{part}_part", lambda fn=fn: fn(q, k, v, pattern, scale),
+                                         n, batch, part_pairs, heads, head_dim, grad, inputs))
+                    log(parts[-1])
+                rows += parts
+                if all(r.fwdbwd_ms is not None for r in parts):
+                    rows.append(Row(pattern.name, n, batch, "flex_decomposed", sum(r.fwd_ms for r in parts),
+                                    sum(r.bwd_ms for r in parts), sum(r.fwdbwd_ms for r in parts),
+                                    14 * head_dim * pairs * heads * batch / (sum(r.fwdbwd_ms for r in parts) * 1e9),
+                                    max(r.peak_gib for r in parts), "window + column parts, merge not counted"))
+            else:
+                rows.append(measure(pattern.name, "flex_decomposed", lambda: flex_forms.fixed_gathered(
+                    q, k, v, pattern, scale), n, batch, pairs, heads, head_dim, grad, inputs,
+                    note="local + gathered summary keys, one softmax"))
+            log(rows[-1])
+        del q, k, v, grad, inputs
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _triton_with(q, k, v, pattern, scale, config):
+    from ..attention.triton_sparse import triton_attention
+    return triton_attention(q, k, v, pattern, scale, config)
+
+
+def _fmt(x, digits=2):
+    return "—" if x is None else f"{x:.{digits}f}"
+
+
+def markdown(rows: list[Row], device: str) -> str:
+    """One line per (pattern, N): dense SDPA, best Flex, ours (fwd, bwd, fwd+bwd, TFLOP/s, memory)."""
+    lines = [f"Device: {device}. bf16 unless noted; B = 65,536 // N tokens per batch; forward+backward median ms.", "",
+             "| pattern | N | B | dense SDPA flash causal | Flex as-is | Flex decomposed | best Flex | ours fwd | "
+             "ours bwd | ours fwd+bwd | ours TFLOP/s | ours peak GiB | vs best Flex | vs dense |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    by = {(r.pattern, r.n, r.method): r for r in rows}
+    for (pat, n, method), r in by.items():
+        if pat == "dense" or method != "triton":
+            continue
+        dense = by.get(("dense", n, "sdpa_flash_causal"))
+        flex = [by.get((pat, n, m)) for m in ("flex_as_is", "flex_decomposed")]
+        flex_t = [f.fwdbwd_ms if f else None for f in flex]
+        best = min((t for t in flex_t if t is not None), default=None)
+        dense_t = dense.fwdbwd_ms if dense else None
+        lines.append(
+            f"| {pat} | {n:,} | {r.batch} | {_fmt(dense_t)} | {_fmt(flex_t[0])} | {_fmt(flex_t[1])} | {_fmt(best)} | "
+            f"{_fmt(r.fwd_ms, 3)} | {_fmt(r.bwd_ms, 3)} | {_fmt(r.fwdbwd_ms, 3)} | {_fmt(r.tflops, 1)} | "
+            f"{_fmt(r.peak_gib)} | {_fmt(best / r.fwdbwd_ms if best and r.fwdbwd_ms else None, 1)}x | "
+            f"{_fmt(dense_t / r.fwdbwd_ms if dense_t and r.fwdbwd_ms else None, 1)}x |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run_cli(parser.parse_args(argv))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--n", type=int, nargs="+", default=[4096, 16384, 65536, 262144, 1048576],
+                        help="sequence lengths")
+    parser.add_argument("--tokens", type=int, default=65536, help="B * N per measurement (B >= 1)")
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
+    parser.add_argument("--patterns", nargs="+", choices=["strided", "fixed"], default=["strided", "fixed"])
+    parser.add_argument("--baseline-max-n", type=int, default=65536,
+                        help="dense SDPA and Flex only up to this N (dense is quadratic)")
+    parser.add_argument("--configs", nargs="*", default=[],
+                        help="extra kernel configs to compare, each BLOCK_M,BLOCK_N,WARPS,STAGES")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for <gpu>.json/.md")
+
+
+def run_cli(args) -> int:
+    if not torch.cuda.is_available():
+        raise ValueError("the attention benchmark needs a CUDA GPU")
+    configs = [KernelConfig()] + [KernelConfig(*map(int, c.split(","))) for c in args.configs]
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    rows = run(args.n, args.tokens, args.heads, args.head_dim, dtype, tuple(args.patterns), args.baseline_max_n,
+               tuple(configs), log=lambda r: print(r, flush=True))
+    device = torch.cuda.get_device_name()
+    name = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = dict(device=device, torch=torch.__version__, triton=__import__("triton").__version__,
+                heads=args.heads, head_dim=args.head_dim, dtype=args.dtype, tokens=args.tokens)
+    (args.out / f"{name}.json").write_text(json.dumps(dict(meta=meta, rows=[asdict(r) for r in rows]), indent=1))
+    table = markdown(rows, device)
+    (args.out / f"{name}.md").write_text(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

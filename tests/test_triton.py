@@ -1,0 +1,122 @@
+"""Triton kernels (CPU interpreter, TRITON_INTERPRET=1) and the flex backend against the reference.
+
+Small shapes only: the interpreter runs every program in numpy. The GPU versions of these checks,
+at N up to 65,536, are in test_gpu.py.
+"""
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+import sparse_transformer as st
+from sparse_transformer.attention import BACKENDS, choose_backend
+from tolerances import assert_close, assert_close_norm
+
+P = st.patterns
+
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                                  reason="triton is not installed (pip install 'sparse-transformer[triton]')")
+needs_interpreter = pytest.mark.skipif(
+    not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+    reason="no CUDA and TRITON_INTERPRET is not 1 (conftest sets it before triton loads)")
+
+
+def qkv(shape, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=g).to(dtype).requires_grad_() for _ in range(3)]
+
+
+def check_against_reference(backend, pattern, shape, dtype, seed=0, device="cpu", grads=True):
+    """Outputs and (with ``grads``) dq/dk/dv of ``backend`` against the float64 reference."""
+    q, k, v = (x.detach().to(device).requires_grad_(grads) for x in qkv(shape, dtype, seed))
+    out = BACKENDS[backend].load()(q, k, v, pattern, shape[-1] ** -0.5)
+    assert out.dtype == dtype and out.shape == q.shape
+    compare = assert_close if backend == "flex" else assert_close_norm  # see tolerances.KERNEL_REL_NORM
+    if not grads:
+        ref = BACKENDS["reference"].load()(q.double(), k.double(), v.double(), pattern, shape[-1] ** -0.5)
+        compare(out, ref, dtype)
+        return
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1)).to(dtype).to(device)
+    out.backward(grad)
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    ref = BACKENDS["reference"].load()(q64, k64, v64, pattern, shape[-1] ** -0.5)
+    ref.backward(grad.double())
+    compare(out, ref, dtype)
+    for x, x64 in ((q, q64), (k, k64), (v, v64)):
+        assert torch.isfinite(x.grad).all()
+        compare(x.grad, x64.grad, dtype)
+
+
+CASES = [  # (pattern, N, D, dtype): N never a multiple of the 64-row tiles; stride > N; distinct > 1
+    (P.dense(), 70, 16, torch.float16),
+    (P.strided(16), 150, 32, torch.bfloat16),
+    (P.strided(4, "row"), 70, 16, torch.float16),
+    (P.strided(4, "column"), 70, 16, torch.bfloat16),
+    (P.strided(1), 40, 16, torch.float16),
+    (P.strided(100), 40, 16, torch.float16),  # stride > N: the column holds only j = i
+    (P.fixed(16, 4), 150, 32, torch.float16),
+    (P.fixed(8, 2, distinct=3), 70, 16, torch.bfloat16),
+    (P.fixed(8, 2, distinct=3, part="summary"), 70, 16, torch.float16),  # early queries see no key
+    (P.fixed(5, 1, part="local"), 70, 16, torch.float16),
+    (P.fixed(8, 8), 40, 16, torch.float16),  # summary == stride: merged = dense
+    (P.fixed(128, 32, distinct=2), 100, 64, torch.bfloat16),  # stride > N
+]
+
+
+@needs_triton
+@needs_interpreter
+@pytest.mark.parametrize("pattern,n,d,dtype", CASES, ids=lambda x: str(x))
+def test_triton_matches_reference(pattern, n, d, dtype):
+    check_against_reference("triton", pattern, (1, 2, n, d), dtype, seed=n + d)
+
+
+@needs_triton
+@needs_interpreter
+def test_triton_head_dim_128_and_batch():
+    check_against_reference("triton", P.strided(32), (2, 1, 80, 128), torch.bfloat16, seed=3)
+
+
+@needs_triton
+@needs_interpreter
+def test_triton_query_without_keys_gets_zero_output_and_gradient():
+    q, k, v = qkv((1, 1, 12, 16), torch.float16, seed=5)
+    out = BACKENDS["triton"].load()(q, k, v, P.fixed(8, 2, part="summary"), 0.25)
+    assert torch.equal(out[0, 0, :6].float(), torch.zeros(6, 16))
+    out.float().sum().backward()
+    assert torch.isfinite(q.grad).all() and torch.equal(q.grad[0, 0, :6].float(), torch.zeros(6, 16))
+
+
+def test_triton_refuses_what_it_cannot_run():
+    q = torch.zeros(1, 1, 8, 16)
+    assert not BACKENDS["triton"].supports(q, P.strided(4))  # fp32
+    assert not BACKENDS["triton"].supports(q.half(), P.custom(lambda b, h, i, j: i == j, per_head=False))
+    assert not BACKENDS["triton"].supports(torch.zeros(1, 1, 8, 24, dtype=torch.float16), P.strided(4))
+    assert not BACKENDS["flex"].supports(q, P.strided(4)) or q.is_cuda
+    with pytest.raises(ValueError, match="cannot run"):
+        st.sparse_attention(q, q, q, P.strided(4), backend="triton")
+
+
+def test_auto_never_picks_a_gpu_backend_for_cpu_tensors():
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        q = torch.zeros(1, 1, 8, 16, dtype=dtype)
+        assert choose_backend(q, P.strided(4)) == "torch"
+        assert choose_backend(q, P.custom(lambda b, h, i, j: i == j, per_head=False)) == "torch"
+
+
+@pytest.mark.parametrize("pattern", [
+    P.custom(lambda b, h, q, k: (q - k) % 3 == 0, "every_third", per_head=False),
+    P.custom(lambda b, h, q, k: k % 4 == h % 4, "per_head_columns"),
+    P.fixed(8, 2, distinct=2),
+], ids=str)
+def test_flex_matches_reference_on_cpu_eager(pattern):
+    """The flex backend's code path (block mask from mask_mod, per-head masks) in eager mode;
+    flex has no CPU backward (test_gpu.py checks gradients on CUDA)."""
+    check_against_reference("flex", pattern, (1, 2, 150, 16), torch.float32, seed=11, grads=False)
+
+
+def test_custom_patterns_are_distinct_cache_keys():
+    a = P.custom(lambda b, h, q, k: q == k, "same", per_head=False)
+    b = P.custom(lambda b, h, q, k: q == k, "same", per_head=False)
+    assert a == a and a != b and len({a, b}) == 2
