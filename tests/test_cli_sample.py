@@ -5,7 +5,6 @@ import json
 import matplotlib.image
 import numpy as np
 import pytest
-import soundfile
 import torch
 
 from sparse_transformer.cli import main
@@ -13,6 +12,8 @@ from sparse_transformer.config import DataConfig, ModelConfig, TrainConfig, to_d
 from sparse_transformer.model import SparseTransformer
 from sparse_transformer.sample_io import image_grid, image_scale, mu_law_decode
 from sparse_transformer.sampling import generate
+
+soundfile = pytest.importorskip("soundfile", reason="audio tests need soundfile (pip install -e \".[data]\")")
 
 
 def save(tmp_path, model_config, dataset=None):

@@ -2,10 +2,11 @@
 
 import numpy as np
 import pytest
-import soundfile
 
 from sparse_transformer.data import load
 from sparse_transformer.data.audio import mu_law_decode, mu_law_encode, read_mono
+
+soundfile = pytest.importorskip("soundfile", reason="audio tests need soundfile (pip install -e \".[data]\")")
 
 
 def test_mu_law_known_values():

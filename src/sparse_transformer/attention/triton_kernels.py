@@ -144,9 +144,14 @@ def _program(n_tiles, NCOLS, H, L, C, DISTINCT):
 
 
 # ----------------------------------------------------------------------------- configs
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per head dim; BLOCK_N = 64 keeps the strided band
-# at three key tiles per 64 queries (1.5x its real work). Override with ``KernelConfig``.
-DEFAULT_CONFIG = {16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (64, 64, 4, 2)}
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kind of part and head dim. Local parts (a band or
+# block of ``stride`` keys): BLOCK_N = 64 keeps the strided band at three key tiles per 64 queries
+# (1.5x its real work). Global parts (dense, strided column, fixed summary) are dense-like work.
+# Override with ``KernelConfig``.
+DEFAULT_CONFIG = {
+    "local": {16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (64, 64, 4, 2)},
+    "global": {16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (64, 64, 4, 2)},
+}
 
 
 # ----------------------------------------------------------------------------- forward

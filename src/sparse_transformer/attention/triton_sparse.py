@@ -36,9 +36,12 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 class Part:
     """One launch: ``mode`` (BAND, BLOCK, SUMMARY), ``dmin`` (1: exclude ``j = i`` / own block),
     ``width`` (W of BAND/BLOCK), ``step`` (view row step: the column view's stride, else 1),
-    ``stride``/``summary``/``distinct`` (SUMMARY's L, C, V)."""
+    ``stride``/``summary``/``distinct`` (SUMMARY's L, C, V). ``kind`` picks the tile config:
+    ``local`` (a narrow band or block: few keys per query) or ``global`` (causal over a whole view
+    or over the summary keys: dense-like work)."""
 
     mode: int
+    kind: str = "local"
     dmin: int = 0
     width: int = 1
     step: int = 1
@@ -49,31 +52,31 @@ class Part:
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """Tile sizes and launch settings; ``None`` fields take :data:`triton_kernels.DEFAULT_CONFIG`."""
+    """Tile sizes and launch settings ``(BLOCK_M, BLOCK_N, num_warps, num_stages)``: ``tiles`` for
+    every part, or per kind of part (``local``, ``global``; see :class:`Part`). ``None`` takes
+    :data:`triton_kernels.DEFAULT_CONFIG`."""
 
-    block_m: Optional[int] = None
-    block_n: Optional[int] = None
-    num_warps: Optional[int] = None
-    num_stages: Optional[int] = None
+    tiles: Optional[tuple[int, int, int, int]] = None
+    local: Optional[tuple[int, int, int, int]] = None
+    global_: Optional[tuple[int, int, int, int]] = None
 
-    def resolve(self, head_dim: int) -> tuple[int, int, int, int]:
-        default = tk.DEFAULT_CONFIG[head_dim]
-        mine = (self.block_m, self.block_n, self.num_warps, self.num_stages)
-        return tuple(d if m is None else m for m, d in zip(mine, default))
+    def resolve(self, head_dim: int, part: "Part") -> tuple[int, int, int, int]:
+        mine = self.local if part.kind == "local" else self.global_
+        return mine or self.tiles or tk.DEFAULT_CONFIG[part.kind][head_dim]
 
 
 def plan(pattern: Pattern, n: int) -> tuple[Part, ...]:
     """The parts whose union is ``pattern`` at length ``n``; the first covers every key position."""
     if isinstance(pattern, Dense):
-        return (Part(tk.BAND, width=n),)
+        return (Part(tk.BAND, "global", width=n),)
     if isinstance(pattern, Strided):
         row = Part(tk.BAND, width=pattern.stride)
         # stride >= n leaves only j = i in a column, as with stride = n.
-        column = Part(tk.BAND, dmin=int(pattern.part is None), width=n, step=min(pattern.stride, n))
+        column = Part(tk.BAND, "global", dmin=int(pattern.part is None), width=n, step=min(pattern.stride, n))
         return {"row": (row,), "column": (column,), None: (row, column)}[pattern.part]
     if isinstance(pattern, Fixed):
         local = Part(tk.BLOCK, width=pattern.stride)
-        summary = Part(tk.SUMMARY, dmin=int(pattern.part is None), stride=pattern.stride,
+        summary = Part(tk.SUMMARY, "global", dmin=int(pattern.part is None), stride=pattern.stride,
                        summary=pattern.summary, distinct=pattern.distinct)
         return {"local": (local,), "summary": (summary,), None: (local, summary)}[pattern.part]
     raise ValueError(f"the triton backend runs dense, strided and fixed patterns, got {pattern} "
@@ -106,11 +109,11 @@ def _summary_count(n: int, part: Part, u: int) -> int:
 
 def _forward(q: Tensor, k: Tensor, v: Tensor, parts, scale: float, config: KernelConfig):
     b, h, n, d = q.shape
-    bm, bn, warps, stages = config.resolve(d)
     out = torch.empty_like(q)
     lse = torch.empty((b * h, n), device=q.device, dtype=torch.float32)
     partial = torch.empty(q.shape, device=q.device, dtype=torch.float32) if len(parts) > 1 else out
     for idx, part in enumerate(parts):
+        bm, bn, warps, stages = config.resolve(d, part)
         grid, args = _grid_args(part, n, h, b * h, bm, keys=False)
         target = out if idx == len(parts) - 1 else partial
         tk._fwd_kernel[grid](q, k, v, target, lse, partial, *args, scale * LOG2E, MODE=part.mode,
@@ -121,7 +124,6 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, parts, scale: float, config: Kerne
 
 def _backward(q, k, v, out, lse, do, parts, scale: float, config: KernelConfig):
     b, h, n, d = q.shape
-    bm, bn, warps, stages = config.resolve(d)
     delta = torch.empty_like(lse)
     rows = b * h * n
     tk._delta_kernel[(-(-rows // 128),)](out, do, delta, rows, HEAD_DIM=d, BLOCK_M=128)
@@ -131,6 +133,7 @@ def _backward(q, k, v, out, lse, do, parts, scale: float, config: KernelConfig):
     dk = torch.empty_like(k) if first_covers_all else torch.zeros_like(k)
     dv = torch.empty_like(v) if first_covers_all else torch.zeros_like(v)
     for idx, part in enumerate(parts):
+        bm, bn, warps, stages = config.resolve(d, part)
         accumulate = idx > 0 or not first_covers_all
         grid, args = _grid_args(part, n, h, b * h, bn, keys=True)
         tk._dkdv_kernel[grid](q, k, v, do, dk, dv, lse, delta, *args, scale, scale * LOG2E, MODE=part.mode,

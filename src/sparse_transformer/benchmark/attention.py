@@ -83,6 +83,11 @@ def measure(label: str, method: str, fn, n, batch, pairs_per_head, heads, d, gra
 
 def run(ns, tokens=65536, heads=8, head_dim=64, dtype=torch.bfloat16, pattern_names=("strided", "fixed"),
         baseline_max_n=65536, configs=(KernelConfig(),), log=print) -> list[Row]:
+    # Every (N, mask) is a new specialization of the compiled flex_attention; past dynamo's default
+    # limit (8) later shapes fall back to the unfused path, which materializes N x N scores.
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 256))
     rows = []
     for n in ns:
         batch = max(1, tokens // n)
@@ -186,14 +191,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--baseline-max-n", type=int, default=65536,
                         help="dense SDPA and Flex only up to this N (dense is quadratic)")
     parser.add_argument("--configs", nargs="*", default=[],
-                        help="extra kernel configs to compare, each BLOCK_M,BLOCK_N,WARPS,STAGES")
+                        help="extra kernel configs to compare, each BLOCK_M,BLOCK_N,WARPS,STAGES for every part, "
+                             "or local:...[/global:...] per kind of part")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for <gpu>.json/.md")
+
+
+def parse_config(text: str) -> KernelConfig:
+    """``BM,BN,W,S`` (every part) or ``local:BM,BN,W,S`` / ``global:BM,BN,W,S``, joined by ``/``."""
+    fields = {}
+    for item in text.split("/"):
+        kind, _, tiles = item.rpartition(":")
+        if kind not in ("", "local", "global"):
+            raise ValueError(f"--configs: unknown part kind {kind!r} in {text!r}; expected local or global")
+        values = tuple(int(x) for x in tiles.split(","))
+        if len(values) != 4:
+            raise ValueError(f"--configs: expected BLOCK_M,BLOCK_N,WARPS,STAGES, got {tiles!r}")
+        fields[{"": "tiles", "local": "local", "global": "global_"}[kind]] = values
+    return KernelConfig(**fields)
 
 
 def run_cli(args) -> int:
     if not torch.cuda.is_available():
         raise ValueError("the attention benchmark needs a CUDA GPU")
-    configs = [KernelConfig()] + [KernelConfig(*map(int, c.split(","))) for c in args.configs]
+    configs = [KernelConfig()] + [parse_config(c) for c in args.configs]
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     rows = run(args.n, args.tokens, args.heads, args.head_dim, dtype, tuple(args.patterns), args.baseline_max_n,
                tuple(configs), log=lambda r: print(r, flush=True))

@@ -53,19 +53,16 @@ def evaluate(model: nn.Module, data: np.ndarray, context: int, world: World = Wo
 @torch.no_grad()
 def sample_bytes(model: nn.Module, length: int, prompt: bytes = b"", temperature: float = 1.0,
                  seed: int = 0, device: torch.device | str = "cpu") -> bytes:
-    """Sample ``length`` bytes after ``prompt`` with the full forward pass per byte (no cache; a
-    demo sampler: O(context) work per byte). Deterministic for a given ``seed``."""
+    """Sample ``length`` bytes after ``prompt`` (the sparse key/value cache of
+    :func:`sparse_transformer.sampling.generate`). Deterministic for a given ``seed``."""
+    from ..sampling import generate
+
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     context = model.config.context
+    prompt = prompt[-(context - length):] if length < context else b""
+    length = min(length, context - len(prompt))
     generator = torch.Generator(device=device).manual_seed(seed)
-    out = list(prompt)
-    was_training = model.training
-    model.eval()
-    for _ in range(length):
-        # The logits at the last position depend only on the bytes before it: append a placeholder.
-        window = (out + [0])[-context:]
-        logits = model(torch.tensor([window], device=device))[0, -1].float() / temperature
-        out.append(int(torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)))
-    model.train(was_training)
-    return bytes(out[len(prompt):])
+    prime = torch.tensor([list(prompt)], dtype=torch.long, device=device).reshape(1, len(prompt))
+    out = generate(model, prime, length, temperature=temperature, generator=generator)
+    return bytes(out[0, len(prompt):].tolist())
