@@ -257,6 +257,10 @@ def _train(config, run_dir, dataset, resume, world: World, progress, final_eval,
     finally:
         prefetch.close()
     result.step, result.stopped = step, reason
+    run_summary = {"split": "summary", "step": step, "time": round(elapsed, 3), "stopped": reason}
+    if world.device.type == "cuda":
+        run_summary["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(world.device) / 2 ** 30, 3)
+    metrics.log(run_summary)
     if reason == "non-finite":
         metrics.write(f"stopped: {config.max_nonfinite} non-finite losses in a row; "
                       f"the last good checkpoint is {result.checkpoint}")
