@@ -120,3 +120,20 @@ def test_custom_patterns_are_distinct_cache_keys():
     a = P.custom(lambda b, h, q, k: q == k, "same", per_head=False)
     b = P.custom(lambda b, h, q, k: q == k, "same", per_head=False)
     assert a == a and a != b and len({a, b}) == 2
+
+
+@needs_triton
+def test_benchmark_kernel_config_strings():
+    from sparse_transformer.attention.triton_sparse import KernelConfig, plan
+    from sparse_transformer.benchmark.attention import parse_config
+
+    assert parse_config("128,64,4,3") == KernelConfig(tiles=(128, 64, 4, 3))
+    config = parse_config("local:64,32,4,3/global:128,64,8,3")
+    assert config == KernelConfig(local=(64, 32, 4, 3), global_=(128, 64, 8, 3))
+    row, column = plan(st.patterns.strided(128), 4096)
+    assert config.resolve(64, row) == (64, 32, 4, 3) and config.resolve(64, column) == (128, 64, 8, 3)
+    assert KernelConfig().resolve(64, column) == (64, 64, 4, 3)
+    with pytest.raises(ValueError, match="unknown part kind 'middle'"):
+        parse_config("middle:64,64,4,3")
+    with pytest.raises(ValueError, match="BLOCK_M,BLOCK_N,WARPS,STAGES"):
+        parse_config("64,64")
