@@ -3,18 +3,23 @@
 For each preset: build the model on the GPU (recompute as the preset says, bf16 autocast, AdamW),
 run warm-up steps, then time ``--steps`` full steps (forward, backward, clip, optimizer) on real
 bytes (windows of the embedded standard-library text; content does not change cost) with
-``--batch-size`` sequences (default 1 per GPU). Each preset runs in its own subprocess with a time
-limit, so an out-of-memory or a slow backend is recorded and the next preset still runs.
+``--batch-size`` sequences per process (default 1). Each preset runs in its own subprocess with a
+time limit, so an out-of-memory or a slow backend is recorded and the next preset still runs.
+With ``--nproc N`` that subprocess is torchrun with N processes, one per GPU, and the model is
+wrapped by ``--parallel`` (FSDP2 shards parameters, gradients and optimizer state); peak memory is
+reported for every process.
 
     python benchmarks/presets.py                      # all paper presets, JSON to results/presets-<gpu>.json
     python benchmarks/presets.py --presets enwik8 cifar10 --steps 3
     python benchmarks/presets.py --presets tiny --device cpu   # a smoke test without a GPU
+    python benchmarks/presets.py --presets imagenet64 --nproc 2 --parallel fsdp   # one step sharded on 2 GPUs
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -24,8 +29,9 @@ from pathlib import Path
 PAPER = ["cifar10", "enwik8", "imagenet64", "audio-65k", "audio-262k", "audio-1m"]
 
 
-def one(name: str, device: str, batch_size: int, steps: int, backend: str, recompute: str) -> dict:
-    """Measure preset ``name`` in this process; returns a JSON-ready record."""
+def one(name: str, device: str, batch_size: int, steps: int, backend: str, recompute: str, parallel: str) -> dict:
+    """Measure preset ``name`` in this process (one of torchrun's when there are several); returns a
+    JSON-ready record (complete on rank 0)."""
     import numpy as np
     import torch
 
@@ -33,26 +39,30 @@ def one(name: str, device: str, batch_size: int, steps: int, backend: str, recom
     from sparse_transformer.data import load_stdlib
     from sparse_transformer.data.batches import TrainBatches
     from sparse_transformer.model import SparseTransformer, byte_loss
-    from sparse_transformer.parallel import World, autocast, parallelize, resolve_precision
+    from sparse_transformer.parallel import (all_reduce_sum, autocast, close_world, init_world, parallelize,
+                                         resolve_precision)
     from sparse_transformer.train.loop import build_optimizer, replace
 
     config = presets.get(name)
     if recompute != "preset":
         config = replace(config, recompute=recompute == "on")
-    config = replace(config, model={"backend": backend})
-    dev = torch.device(device)
+    config = replace(config, model={"backend": backend}, parallel=parallel)
+    world = init_world(None if device == "cuda" else device)
+    dev = world.device
     precision = resolve_precision("auto", dev)
     context = config.model.context
     text = load_stdlib().train
     data = np.tile(text, -(-(context + 1) // len(text))) if len(text) <= context else text
-    batches = TrainBatches(data, context, batch_size, seed=0)
+    batches = TrainBatches(data, context, batch_size * world.world_size, seed=0, rank=world.rank,
+                           world_size=world.world_size)
     torch.manual_seed(0)
     model = SparseTransformer(config.model).to(dev)
-    wrapped = parallelize(model, config, World(device=dev))
-    optimizer = build_optimizer(model, config)
     record = {"preset": name, "context": context, "batch_size": batch_size, "parameters": model.num_parameters(),
               "precision": precision, "recompute": config.recompute, "backend": backend,
-              "pattern": f"{config.model.pattern} l={config.model.stride}"}
+              "pattern": f"{config.model.pattern} l={config.model.stride}", "processes": world.world_size,
+              "parallel": parallel if world.distributed else "none"}
+    wrapped = parallelize(model, config, world)
+    optimizer = build_optimizer(model, config)
 
     def step(i: int) -> float:
         x = torch.from_numpy(batches.batch(i)).to(dev).long()
@@ -78,10 +88,16 @@ def one(name: str, device: str, batch_size: int, steps: int, backend: str, recom
         sync()
         times.append(time.perf_counter() - start)
     record["s_per_iter"] = float(np.median(times))
-    record["tokens_per_s"] = batch_size * context / record["s_per_iter"]
+    record["tokens_per_s"] = batch_size * world.world_size * context / record["s_per_iter"]
     if dev.type == "cuda":
-        record["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
-        record["gpu"] = torch.cuda.get_device_name(0)
+        # every process's peak, gathered as a sum of one-hot rows
+        peaks = torch.zeros(world.world_size, device=dev)
+        peaks[world.rank] = torch.cuda.max_memory_allocated(dev) / 2 ** 30
+        peaks = all_reduce_sum(peaks, world).tolist()
+        record["peak_memory_gib"] = max(peaks)
+        record["peak_memory_gib_per_process"] = peaks
+        record["gpu"] = torch.cuda.get_device_name(dev)
+    close_world(world)
     return record
 
 
@@ -89,7 +105,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--presets", nargs="+", default=PAPER)
     p.add_argument("--device", default="cuda")
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=1, help="sequences per process")
+    p.add_argument("--nproc", type=int, default=1, help="processes (GPUs) per preset, started by torchrun")
+    p.add_argument("--parallel", default="fsdp", choices=("ddp", "fsdp"), help="strategy when --nproc > 1")
     p.add_argument("--steps", type=int, default=2, help="timed steps after the first")
     p.add_argument("--backend", default="auto", help="sparse_attention backend")
     p.add_argument("--recompute", default="preset", choices=("preset", "on", "off"))
@@ -97,14 +115,21 @@ def main() -> None:
     p.add_argument("--out", default=None, help="JSON file (default: benchmarks/results/presets-<gpu>.json)")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: measure one preset, print JSON
     args = p.parse_args()
+    if args.nproc < 1:
+        p.error(f"--nproc must be >= 1, got {args.nproc}")
     if args.one:
-        print("RESULT " + json.dumps(one(args.one, args.device, args.batch_size, args.steps, args.backend,
-                                         args.recompute)))
+        record = one(args.one, args.device, args.batch_size, args.steps, args.backend, args.recompute, args.parallel)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print("RESULT " + json.dumps(record), flush=True)
         return
+    launcher = [sys.executable]
+    if args.nproc > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.nproc)]
     results = []
     for name in args.presets:
-        cmd = [sys.executable, __file__, "--one", name, "--device", args.device, "--batch-size", str(args.batch_size),
-               "--steps", str(args.steps), "--backend", args.backend, "--recompute", args.recompute]
+        cmd = [*launcher, __file__, "--one", name, "--device", args.device, "--batch-size", str(args.batch_size),
+               "--steps", str(args.steps), "--backend", args.backend, "--recompute", args.recompute,
+               "--parallel", args.parallel]
         try:
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
             lines = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
@@ -125,7 +150,10 @@ def main() -> None:
                   f"{record['s_per_iter']:.3f} s/iter  peak {mem}  (first step {record['first_step_s']:.1f} s)",
                   flush=True)
     gpu = next((r["gpu"] for r in results if "gpu" in r), args.device)
-    out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"presets-{re.sub(r'[^a-z0-9]+', '-', gpu.lower()).strip('-')}.json"
+    stem = "presets-" + re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
+    if args.nproc > 1:
+        stem += f"-x{args.nproc}-{args.parallel}"
+    out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"{stem}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
     print(f"wrote {out}")

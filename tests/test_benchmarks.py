@@ -1,0 +1,59 @@
+"""The multi-process benchmark scripts, on CPU with gloo: what they run on 2 GPUs for issue 9."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["model.n_layer=2", "model.d_model=32", "model.context=64", "model.stride=8", "model.summary=2",
+         "data.batch_size=8"]
+
+
+def script(name, *args, timeout=300):
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / name), *map(str, args)], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.mark.slow
+def test_scaling_runs_one_and_two_processes(tmp_path):
+    sets = [x for s in SMALL for x in ("--set", s)]
+    script("scaling.py", "--preset", "tiny", "--steps", 8, "--eval-bytes", 1024, "--runs", tmp_path / "runs",
+           "--out", tmp_path / "out", *sets)
+    report = json.loads((tmp_path / "out" / "scaling-cpu.json").read_text())
+    assert list(report["runs"]) == ["1 process", "2 processes, ddp", "2 processes, fsdp"]
+    assert report["tokens_per_step"] == 8 * 64
+    for label, run in report["runs"].items():
+        assert run["steps"] == 8 and run["tokens_per_s"] > 0
+        assert sorted(map(int, run["loss_bits"])) == list(range(1, 9))
+        if label != "1 process":
+            # fp32 on CPU with no gradient compression: the same global batch gives the same losses
+            assert run["vs_one"]["loss_max_abs_diff_bits"] < 1e-4
+            assert run["vs_one"]["scaling_efficiency"] > 0
+    assert (tmp_path / "out" / "scaling-cpu.png").stat().st_size > 0
+    assert "| 2 processes, fsdp |" in (tmp_path / "out" / "scaling-cpu.md").read_text()
+
+
+def test_scaling_rejects_too_few_steps(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "scaling.py"), "--steps", "3"], env=env,
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert done.returncode == 2 and "--steps must be >= 8" in done.stderr
+
+
+@pytest.mark.slow
+def test_presets_step_sharded_over_two_processes(tmp_path):
+    out = tmp_path / "presets.json"
+    script("presets.py", "--presets", "tiny", "--device", "cpu", "--nproc", 2, "--parallel", "fsdp",
+           "--steps", 1, "--out", out)
+    (record,) = json.loads(out.read_text())
+    assert record["processes"] == 2 and record["parallel"] == "fsdp"
+    assert record["first_loss_bits"] == pytest.approx(8.0, abs=1e-3)  # zero output projection at step 0
+    assert record["s_per_iter"] > 0 and record["tokens_per_s"] > 0
