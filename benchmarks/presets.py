@@ -29,13 +29,15 @@ from pathlib import Path
 PAPER = ["cifar10", "enwik8", "imagenet64", "audio-65k", "audio-262k", "audio-1m"]
 
 
-def one(name: str, device: str, batch_size: int, steps: int, backend: str, recompute: str, parallel: str) -> dict:
+def one(name: str, device: str, batch_size: int, steps: int, backend: str, recompute: str, parallel: str,
+        sets: list[str]) -> dict:
     """Measure preset ``name`` in this process (one of torchrun's when there are several); returns a
     JSON-ready record (complete on rank 0)."""
     import numpy as np
     import torch
 
     from sparse_transformer import presets
+    from sparse_transformer.config import override
     from sparse_transformer.data import load_stdlib
     from sparse_transformer.data.batches import TrainBatches
     from sparse_transformer.model import SparseTransformer, byte_loss
@@ -44,6 +46,8 @@ def one(name: str, device: str, batch_size: int, steps: int, backend: str, recom
     from sparse_transformer.train.loop import build_optimizer, replace
 
     config = presets.get(name)
+    for assignment in sets:
+        config = override(config, assignment)
     if recompute != "preset":
         config = replace(config, recompute=recompute == "on")
     config = replace(config, model={"backend": backend}, parallel=parallel)
@@ -60,7 +64,8 @@ def one(name: str, device: str, batch_size: int, steps: int, backend: str, recom
     record = {"preset": name, "context": context, "batch_size": batch_size, "parameters": model.num_parameters(),
               "precision": precision, "recompute": config.recompute, "backend": backend,
               "pattern": f"{config.model.pattern} l={config.model.stride}", "processes": world.world_size,
-              "parallel": parallel if world.distributed else "none"}
+              "parallel": parallel if world.distributed else "none",
+              "overrides": sets, "n_layer": config.model.n_layer, "d_model": config.model.d_model}
     wrapped = parallelize(model, config, world)
     optimizer = build_optimizer(model, config)
 
@@ -101,7 +106,7 @@ def one(name: str, device: str, batch_size: int, steps: int, backend: str, recom
     return record
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--presets", nargs="+", default=PAPER)
     p.add_argument("--device", default="cuda")
@@ -111,49 +116,71 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=2, help="timed steps after the first")
     p.add_argument("--backend", default="auto", help="sparse_attention backend")
     p.add_argument("--recompute", default="preset", choices=("preset", "on", "off"))
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="config override applied to every preset, e.g. --set model.n_layer=64")
     p.add_argument("--timeout", type=float, default=150, help="seconds per preset")
     p.add_argument("--out", default=None, help="JSON file (default: benchmarks/results/presets-<gpu>.json)")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: measure one preset, print JSON
-    args = p.parse_args()
-    if args.nproc < 1:
-        p.error(f"--nproc must be >= 1, got {args.nproc}")
-    if args.one:
-        record = one(args.one, args.device, args.batch_size, args.steps, args.backend, args.recompute, args.parallel)
-        if int(os.environ.get("RANK", "0")) == 0:
-            print("RESULT " + json.dumps(record), flush=True)
-        return
+    return p
+
+
+def measure(name: str, args: argparse.Namespace, sets: list[str]) -> dict:
+    """Measure preset ``name`` with overrides ``sets`` in a subprocess (torchrun for several
+    processes) with a time limit; a failure is a record with an ``error``."""
     launcher = [sys.executable]
     if args.nproc > 1:
         launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.nproc)]
-    results = []
-    for name in args.presets:
-        cmd = [*launcher, __file__, "--one", name, "--device", args.device, "--batch-size", str(args.batch_size),
-               "--steps", str(args.steps), "--backend", args.backend, "--recompute", args.recompute,
-               "--parallel", args.parallel]
-        try:
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-            lines = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
-            if lines:
-                record = json.loads(lines[-1][7:])
-            else:
-                err = done.stderr.strip().splitlines()
-                oom = "out of memory" in done.stderr.lower()
-                record = {"preset": name, "error": "out of memory" if oom else (err[-1] if err else "no output")}
-        except subprocess.TimeoutExpired:
-            record = {"preset": name, "error": f"timed out after {args.timeout:.0f} s"}
-        results.append(record)
-        if "error" in record:
-            print(f"{name:12s} FAILED: {record['error']}", flush=True)
-        else:
-            mem = f"{record['peak_memory_gib']:.1f} GiB" if "peak_memory_gib" in record else "n/a"
-            print(f"{name:12s} context {record['context']:>9,}  {record['parameters'] / 1e6:6.1f}M params  "
-                  f"{record['s_per_iter']:.3f} s/iter  peak {mem}  (first step {record['first_step_s']:.1f} s)",
-                  flush=True)
+    cmd = [*launcher, str(Path(__file__).resolve()), "--one", name, "--device", args.device,
+           "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--backend", args.backend,
+           "--recompute", args.recompute, "--parallel", args.parallel, *[x for s in sets for x in ("--set", s)]]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return {"preset": name, "overrides": sets, "error": f"timed out after {args.timeout:.0f} s"}
+    lines = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
+    if lines:
+        return json.loads(lines[-1][7:])
+    err = done.stderr.strip().splitlines()
+    oom = "out of memory" in done.stderr.lower()
+    return {"preset": name, "overrides": sets, "error": "out of memory" if oom else (err[-1] if err else "no output")}
+
+
+def describe(record: dict) -> str:
+    """One line for the console."""
+    if "error" in record:
+        return f"{record['preset']:12s} FAILED: {record['error']}"
+    mem = f"{record['peak_memory_gib']:.1f} GiB" if "peak_memory_gib" in record else "n/a"
+    return (f"{record['preset']:12s} context {record['context']:>9,}  {record['parameters'] / 1e6:7.1f}M params  "
+            f"{record['s_per_iter']:.3f} s/iter  peak {mem}  (first step {record['first_step_s']:.1f} s)")
+
+
+def results_path(args: argparse.Namespace, results: list[dict], prefix: str) -> Path:
+    """``--out``, else ``benchmarks/results/<prefix>-<gpu>[-x<nproc>-<parallel>].json``."""
+    if args.out:
+        return Path(args.out)
     gpu = next((r["gpu"] for r in results if "gpu" in r), args.device)
-    stem = "presets-" + re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
+    stem = f"{prefix}-" + re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
     if args.nproc > 1:
         stem += f"-x{args.nproc}-{args.parallel}"
-    out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"{stem}.json"
+    return Path(__file__).parent / "results" / f"{stem}.json"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = parser()
+    args = p.parse_args(argv)
+    if args.nproc < 1:
+        p.error(f"--nproc must be >= 1, got {args.nproc}")
+    if args.one:
+        record = one(args.one, args.device, args.batch_size, args.steps, args.backend, args.recompute, args.parallel,
+                     args.set)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print("RESULT " + json.dumps(record), flush=True)
+        return
+    results = []
+    for name in args.presets:
+        results.append(measure(name, args, args.set))
+        print(describe(results[-1]), flush=True)
+    out = results_path(args, results, "presets")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
     print(f"wrote {out}")

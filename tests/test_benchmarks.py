@@ -57,3 +57,18 @@ def test_presets_step_sharded_over_two_processes(tmp_path):
     assert record["processes"] == 2 and record["parallel"] == "fsdp"
     assert record["first_loss_bits"] == pytest.approx(8.0, abs=1e-3)  # zero output projection at step 0
     assert record["s_per_iter"] > 0 and record["tokens_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_largest_model_climbs_the_ladder_and_stops_at_the_first_failure(tmp_path):
+    out = tmp_path / "largest.json"
+    printed = script("largest_model.py", "--presets", "tiny", "--device", "cpu", "--shapes", "2x64", "4x128",
+                     "--set", "model.context=64", "--out", out)
+    records = json.loads(out.read_text())
+    assert [(r["shape"], r["n_layer"], r["d_model"]) for r in records] == [("2x64", 2, 64), ("4x128", 4, 128)]
+    assert records[1]["parameters"] > records[0]["parameters"]
+    assert "largest that trained: 4x128" in printed
+    script("largest_model.py", "--presets", "tiny", "--device", "cpu", "--shapes", "2x64", "4x128",
+           "--timeout", 0.01, "--out", out)
+    (failed,) = json.loads(out.read_text())  # the first failure ends the search
+    assert failed["shape"] == "2x64" and "timed out" in failed["error"]
