@@ -43,6 +43,21 @@ def test_triton_against_reference(pattern, dtype):
         assert_close_norm(a, b, dtype)
 
 
+@pytest.mark.parametrize("pattern", [P.strided(128), P.fixed(128, 32, distinct=4)], ids=str)
+def test_triton_backward_tile_shapes_of_the_tutorial(pattern):
+    """32x128 dK/dV and 128x32 dQ tiles (the shapes the benchmark sweeps) give the same gradients."""
+    from sparse_transformer.attention.triton_sparse import KernelConfig, triton_attention
+
+    config = KernelConfig(dkdv=(32, 128, 4, 3), dq=(128, 32, 4, 3))
+    q, k, v, grad = inputs((2, 2, 4099, 64), torch.bfloat16, seed=3)
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    out = triton_attention(q, k, v, pattern, 64 ** -0.5, config)
+    out.backward(grad)
+    want = run("reference", pattern, q.double(), k.double(), v.double(), grad.double())
+    for a, b in zip([out, q.grad, k.grad, v.grad], want):
+        assert_close_norm(a, b, torch.bfloat16)
+
+
 @pytest.mark.parametrize("d", [32, 128])
 def test_triton_head_dims(d):
     q, k, v, grad = inputs((1, 3, 1500, d), torch.bfloat16, seed=d)

@@ -74,6 +74,26 @@ def test_triton_matches_reference(pattern, n, d, dtype):
 
 @needs_triton
 @needs_interpreter
+@pytest.mark.parametrize("pattern", [P.strided(16), P.fixed(16, 4, distinct=2)], ids=str)
+def test_triton_backward_with_its_own_tile_shapes(pattern):
+    """Tall dK/dV tiles and wide dQ tiles, each unlike the forward's: same gradients."""
+    from sparse_transformer.attention.triton_sparse import KernelConfig, triton_attention
+
+    config = KernelConfig(tiles=(32, 32, 4, 3), dkdv=(16, 64, 4, 3), dq=(64, 16, 4, 3))
+    q, k, v = qkv((1, 2, 150, 32), torch.float16, seed=21)
+    out = triton_attention(q, k, v, pattern, 32 ** -0.5, config)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(22)).half()
+    out.backward(grad)
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    ref = BACKENDS["reference"].load()(q64, k64, v64, pattern, 32 ** -0.5)
+    ref.backward(grad.double())
+    assert_close_norm(out, ref, torch.float16)
+    for x, x64 in ((q, q64), (k, k64), (v, v64)):
+        assert_close_norm(x.grad, x64.grad, torch.float16)
+
+
+@needs_triton
+@needs_interpreter
 def test_triton_head_dim_128_and_batch():
     check_against_reference("triton", P.strided(32), (2, 1, 80, 128), torch.bfloat16, seed=3)
 
@@ -133,7 +153,11 @@ def test_benchmark_kernel_config_strings():
     row, column = plan(st.patterns.strided(128), 4096)
     assert config.resolve(64, row) == (64, 32, 4, 3) and config.resolve(64, column) == (128, 64, 8, 3)
     assert KernelConfig().resolve(64, column) == (64, 64, 4, 3)
-    with pytest.raises(ValueError, match="unknown part kind 'middle'"):
+    backward = parse_config("global:128,64,8,3/dkdv:32,128,4,3/dq:128,32,8,2")
+    assert backward.resolve(64, column) == (128, 64, 8, 3)
+    assert backward.resolve(64, column, "dkdv") == (32, 128, 4, 3)
+    assert backward.resolve(64, row, "dq") == (128, 32, 8, 2)
+    with pytest.raises(ValueError, match="unknown key 'middle'"):
         parse_config("middle:64,64,4,3")
     with pytest.raises(ValueError, match="BLOCK_M,BLOCK_N,WARPS,STAGES"):
         parse_config("64,64")

@@ -50,19 +50,29 @@ class Part:
     distinct: int = 1
 
 
+KERNELS = ("forward", "dkdv", "dq")
+
+
 @dataclass(frozen=True)
 class KernelConfig:
     """Tile sizes and launch settings ``(BLOCK_M, BLOCK_N, num_warps, num_stages)``: ``tiles`` for
-    every part, or per kind of part (``local``, ``global``; see :class:`Part`). ``None`` takes
+    every part, or per kind of part (``local``, ``global``; see :class:`Part`). ``dkdv`` and ``dq``
+    override them in the two backward kernels, for every part: the dK/dV kernel holds ``BLOCK_N``
+    keys and loops over ``BLOCK_M`` queries, the dQ kernel the other way round, so each may want
+    its own shape (Triton's tutorial uses 32x128 and 128x32). ``None`` takes
     :data:`triton_kernels.DEFAULT_CONFIG`."""
 
     tiles: Optional[tuple[int, int, int, int]] = None
     local: Optional[tuple[int, int, int, int]] = None
     global_: Optional[tuple[int, int, int, int]] = None
+    dkdv: Optional[tuple[int, int, int, int]] = None
+    dq: Optional[tuple[int, int, int, int]] = None
 
-    def resolve(self, head_dim: int, part: "Part") -> tuple[int, int, int, int]:
+    def resolve(self, head_dim: int, part: "Part", kernel: str = "forward") -> tuple[int, int, int, int]:
+        """The launch settings of ``kernel`` (one of :data:`KERNELS`) for ``part``."""
+        backward = {"forward": None, "dkdv": self.dkdv, "dq": self.dq}[kernel]
         mine = self.local if part.kind == "local" else self.global_
-        return mine or self.tiles or tk.DEFAULT_CONFIG[part.kind][head_dim]
+        return backward or mine or self.tiles or tk.DEFAULT_CONFIG[part.kind][head_dim]
 
 
 def plan(pattern: Pattern, n: int) -> tuple[Part, ...]:
@@ -133,12 +143,13 @@ def _backward(q, k, v, out, lse, do, parts, scale: float, config: KernelConfig):
     dk = torch.empty_like(k) if first_covers_all else torch.zeros_like(k)
     dv = torch.empty_like(v) if first_covers_all else torch.zeros_like(v)
     for idx, part in enumerate(parts):
-        bm, bn, warps, stages = config.resolve(d, part)
+        bm, bn, warps, stages = config.resolve(d, part, "dkdv")
         accumulate = idx > 0 or not first_covers_all
         grid, args = _grid_args(part, n, h, b * h, bn, keys=True)
         tk._dkdv_kernel[grid](q, k, v, do, dk, dv, lse, delta, *args, scale, scale * LOG2E, MODE=part.mode,
                               DMIN=part.dmin, ACCUMULATE=accumulate, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn,
                               UPCAST=_interpreting(), num_warps=warps, num_stages=stages)
+        bm, bn, warps, stages = config.resolve(d, part, "dq")
         grid, args = _grid_args(part, n, h, b * h, bm, keys=False)
         tk._dq_kernel[grid](q, k, v, do, dq, lse, delta, *args, scale, scale * LOG2E, MODE=part.mode,
                             DMIN=part.dmin, ACCUMULATE=idx > 0, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn,

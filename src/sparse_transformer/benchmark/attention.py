@@ -192,21 +192,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dense SDPA and Flex only up to this N (dense is quadratic)")
     parser.add_argument("--configs", nargs="*", default=[],
                         help="extra kernel configs to compare, each BLOCK_M,BLOCK_N,WARPS,STAGES for every part, "
-                             "or local:...[/global:...] per kind of part")
+                             "or KEY:BM,BN,W,S items joined by / with KEY local or global (a kind of part) or "
+                             "dkdv or dq (a backward kernel), e.g. global:128,64,8,3/dkdv:32,128,4,3/dq:128,32,4,3")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for <gpu>.json/.md")
 
 
+CONFIG_KEYS = {"": "tiles", "local": "local", "global": "global_", "dkdv": "dkdv", "dq": "dq"}
+
+
 def parse_config(text: str) -> KernelConfig:
-    """``BM,BN,W,S`` (every part) or ``local:BM,BN,W,S`` / ``global:BM,BN,W,S``, joined by ``/``."""
+    """``BM,BN,W,S`` (every part and kernel), or items ``KEY:BM,BN,W,S`` joined by ``/`` with KEY
+    ``local`` / ``global`` (a kind of part) or ``dkdv`` / ``dq`` (a backward kernel)."""
     fields = {}
     for item in text.split("/"):
-        kind, _, tiles = item.rpartition(":")
-        if kind not in ("", "local", "global"):
-            raise ValueError(f"--configs: unknown part kind {kind!r} in {text!r}; expected local or global")
+        key, _, tiles = item.rpartition(":")
+        if key not in CONFIG_KEYS:
+            raise ValueError(f"--configs: unknown key {key!r} in {text!r}; expected local, global, dkdv or dq")
         values = tuple(int(x) for x in tiles.split(","))
         if len(values) != 4:
             raise ValueError(f"--configs: expected BLOCK_M,BLOCK_N,WARPS,STAGES, got {tiles!r}")
-        fields[{"": "tiles", "local": "local", "global": "global_"}[kind]] = values
+        fields[CONFIG_KEYS[key]] = values
     return KernelConfig(**fields)
 
 
