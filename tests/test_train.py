@@ -125,3 +125,13 @@ def test_cli_train_and_eval(tmp_path, capsys):
     assert "validation" in capsys.readouterr().out
     assert main(["train", "--preset", "tiny", "--set", "model.pattern=spiral"]) == 2
     assert "model.pattern" in capsys.readouterr().err
+
+
+def test_cli_train_says_all_bytes_when_eval_bytes_covers_the_test_split(tmp_path, capsys):
+    data = tmp_path / "text.bin"
+    data.write_bytes(bytes(load_stdlib().train[:40_000]))  # test split: 2,000 bytes < eval_bytes 32,768
+    code = main(["train", "--preset", "tiny", "--data", str(data), "--steps", "1", "--out", str(tmp_path / "run"),
+                 "--no-progress", "--set", "model.n_layer=1", "--set", "sample_bytes=0"])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "on the test split (all 2,000 bytes)" in text and "bounded slice" not in text

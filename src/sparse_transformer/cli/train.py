@@ -70,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
     if result.validation_bits_per_byte is not None:
         print(f"validation: {result.validation_bits_per_byte:.4f} bits per byte")
     if result.test_bits_per_byte is not None:
-        bounded = "" if config.data.eval_bytes is None else f" (a bounded slice: the first {result.test_bytes:,} bytes)"
+        bounded = (f" (a bounded slice: the first {result.test_bytes:,} bytes)"
+                   if result.test_bytes < result.test_split_bytes else f" (all {result.test_bytes:,} bytes)")
         print(f"test: {result.test_bits_per_byte:.4f} bits per byte on the test split{bounded}")
     if result.sample is not None:
         print("sample:\n" + result.sample.decode("utf-8", errors="replace"))

@@ -44,6 +44,7 @@ class RunResult:
     validation_bits_per_byte: Optional[float] = None
     test_bits_per_byte: Optional[float] = None
     test_bytes: int = 0                         # bytes scored for the test figure
+    test_split_bytes: int = 0                   # bytes in the whole test split
     sample: Optional[bytes] = None
 
 
@@ -280,6 +281,7 @@ def _train(config, run_dir, dataset, resume, world: World, progress, final_eval,
                               example_length=dataset.example_length, max_bytes=config.data.eval_bytes,
                               batch_size=config.data.eval_batch_size, precision=precision)
         result.test_bits_per_byte, result.test_bytes = bpb, count
+        result.test_split_bytes = len(dataset.test)
         metrics.log({"split": "test", "step": step, "time": round(elapsed, 3), "bits_per_byte": bpb, "bytes": count})
         if config.sample_bytes and dataset.kind == "text":
             result.sample = sample_bytes(model, config.sample_bytes, seed=config.seed, device=world.device)
