@@ -20,7 +20,8 @@ def add_parser(sub) -> None:
                        help="local file or folder instead of downloading (required for imagenet64, audio, "
                             "bytes, images; for gcide/cpython the first time)")
         a.add_argument("--cache", type=Path, default=None,
-                       help="cache folder (default: $SPARSE_TRANSFORMER_DATA or ~/.cache/sparse-transformer)")
+                       help="cache folder (default: $SPARSE_TRANSFORMER_DATA, else $XDG_CACHE_HOME/sparse-transformer, "
+                            "else ~/.cache/sparse-transformer)")
         a.add_argument("--tile", type=int, nargs=2, default=(32, 32), metavar=("H", "W"),
                        help="tile size for 'images'")
         a.add_argument("--sample-rate", type=int, default=12_000, help="resampling rate for 'audio' (Hz)")

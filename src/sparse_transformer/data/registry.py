@@ -26,8 +26,7 @@ def load(name: str, path: Optional[Path] = None, *, cache: Optional[Path] = None
          sample_rate: Optional[int] = None, progress: bool = True) -> ByteDataset:
     """Load (preparing on first use) the dataset ``name`` as a memory-mapped :class:`ByteDataset`.
 
-    ``path``: a local copy (``--from``); ``cache``: the cache root (default ``$SPARSE_TRANSFORMER_DATA`` or
-    ``~/.cache/sparse-transformer``); ``tile``: (H, W) for ``images``; ``sample_rate``: for ``audio``
+    ``path``: a local copy (``--from``); ``cache``: the cache root (default: :func:`~.download.cache_dir`); ``tile``: (H, W) for ``images``; ``sample_rate``: for ``audio``
     (default 12 kHz). Raises ``ValueError`` for unknown names, missing paths and bad data.
     """
     from . import audio, images, stdlib, text
