@@ -30,13 +30,15 @@ def test_scaling_runs_one_and_two_processes(tmp_path):
     report = json.loads((tmp_path / "out" / "scaling-cpu.json").read_text())
     assert list(report["runs"]) == ["1 process", "2 processes, ddp", "2 processes, fsdp"]
     assert report["tokens_per_step"] == 8 * 64
+    one = report["runs"]["1 process"]
     for label, run in report["runs"].items():
-        assert run["steps"] == 8 and run["tokens_per_s"] > 0
+        assert run["steps"] == 8
+        assert run["tokens_per_s"] == pytest.approx(512 / run["steady_s_per_step"])
         assert sorted(map(int, run["loss_bits"])) == list(range(1, 9))
         if label != "1 process":
             # fp32 on CPU with no gradient compression: the same global batch gives the same losses
             assert run["vs_one"]["loss_max_abs_diff_bits"] < 1e-4
-            assert run["vs_one"]["scaling_efficiency"] > 0
+            assert run["vs_one"]["scaling_efficiency"] == pytest.approx(run["tokens_per_s"] / (2 * one["tokens_per_s"]))
     assert (tmp_path / "out" / "scaling-cpu.png").stat().st_size > 0
     assert "| 2 processes, fsdp |" in (tmp_path / "out" / "scaling-cpu.md").read_text()
 

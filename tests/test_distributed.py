@@ -1,6 +1,7 @@
 """Several processes on CPU (gloo, started by torchrun): the same losses as one process with the
 same global batch, for DDP and FSDP2, and an FSDP checkpoint that resumes exactly."""
 
+import gzip
 import json
 import os
 import shutil
@@ -50,10 +51,15 @@ def single(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_two_processes_match_one(single, tmp_path, parallel):
+def test_two_processes_match_one(single, tmp_path, parallel, monkeypatch):
     data, expected = single
-    out = torchrun(args(data, tmp_path / "run", "--parallel", parallel))
+    # The same bytes gzipped, with an empty cache: rank 0 converts them once, then rank 1 reads them.
+    gz = tmp_path / "text.bin.gz"
+    gz.write_bytes(gzip.compress(data.read_bytes(), compresslevel=1))
+    monkeypatch.setenv("SPARSE_TRANSFORMER_DATA", str(tmp_path / "cache"))
+    out = torchrun(args(gz, tmp_path / "run", "--parallel", parallel, "--set", "sample_bytes=16"))
     assert "2 process(es)" in out and "stopped after 4 steps" in out
+    assert out.count("sample:\n") == 1  # rank 0 samples (under FSDP from an unsharded copy)
     got = losses(tmp_path / "run")
     assert sorted(got) == [1, 2, 3, 4]
     for step, loss in expected.items():

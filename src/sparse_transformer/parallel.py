@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import types
 from dataclasses import dataclass
 from typing import Optional
 
@@ -51,9 +52,14 @@ def init_world(device: Optional[str] = None) -> World:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if device is None:
-        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
     if dev.type == "cuda":
+        if dev.index is None:  # "cuda": this process's GPU
+            dev = torch.device("cuda", local_rank)
+        elif world_size > 1:
+            raise ValueError(f"device {device!r} names one GPU, but {world_size} processes would share it; "
+                             "pass --device cuda (each process takes the GPU of its LOCAL_RANK)")
         torch.cuda.set_device(dev)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world_size)
@@ -87,11 +93,29 @@ def make_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler:
     return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
 
+def _checkpointed_forward(block: nn.Module, *args, **kwargs):
+    return checkpoint(type(block).forward, block, *args, use_reentrant=False, **kwargs)
+
+
 def apply_recompute(model: nn.Module) -> None:
-    """Recompute each block's activations in the backward pass instead of storing them."""
+    """Recompute each block's activations in the backward pass instead of storing them.
+
+    The block's ``forward`` becomes a method bound to the block itself, so parameter names do not
+    change, ``copy.deepcopy`` rebinds it to the copy, and applying this twice changes nothing.
+    """
     for block in model.blocks:
-        forward = block.forward
-        block.forward = lambda *args, _f=forward, **kw: checkpoint(_f, *args, use_reentrant=False, **kw)
+        block.forward = types.MethodType(_checkpointed_forward, block)
+
+
+@contextlib.contextmanager
+def main_process_first(world: World):
+    """Run the body on rank 0 first, then on the other ranks (e.g. to prepare a shared data
+    cache once); every rank enters it."""
+    if world.distributed and not world.main:
+        dist.barrier()
+    yield
+    if world.distributed and world.main:
+        dist.barrier()
 
 
 def parallelize(model: nn.Module, config: TrainConfig, world: World) -> nn.Module:

@@ -110,7 +110,7 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
 
 
-def verify(path: Path) -> Optional[str]:
+def check(path: Path) -> Optional[str]:
     """None if the checkpoint's files match its manifest, else what is wrong."""
     try:
         manifest = json.loads((path / MANIFEST).read_text())
@@ -128,18 +128,20 @@ def verify(path: Path) -> Optional[str]:
 def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
     """The newest checkpoint of a run whose files are intact; damaged ones are skipped with a warning."""
     for path in reversed(list_checkpoints(run_dir)):
-        problem = verify(path)
+        problem = check(path)
         if problem is None:
             return path
         warnings.warn(f"skipping damaged checkpoint {path}: {problem}")
     return None
 
 
-def load_state(path: str | Path, rank: int = 0) -> tuple[dict, dict, Optional[dict]]:
-    """Read a checkpoint: ``(model_state, train_state, rng_state or None)``; no arbitrary unpickling."""
+def load_state(path: str | Path, rank: int = 0, verify: bool = True) -> tuple[dict, dict, Optional[dict]]:
+    """Read a checkpoint: ``(model_state, train_state, rng_state or None)``; no arbitrary unpickling.
+
+    ``verify=False`` skips re-hashing the files (another rank has just verified them)."""
     from safetensors.torch import load_file
     path = Path(path)
-    problem = verify(path)
+    problem = check(path) if verify else None
     if problem is not None:
         raise ValueError(f"checkpoint {path} is damaged: {problem}")
     model_state = load_file(str(path / "model.safetensors"))

@@ -21,12 +21,12 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from ..config import TrainConfig, from_dict, to_dict
+from ..config import ModelConfig, TrainConfig, from_dict, to_dict
 from ..data import ByteDataset
 from ..data.batches import Prefetcher, TrainBatches
 from ..model import SparseTransformer, byte_loss
 from ..parallel import (World, all_reduce_mean, autocast, close_world, init_world, make_scaler, no_sync,
-                        parallelize, resolve_precision)
+                        main_process_first, parallelize, resolve_precision)
 from . import checkpoint as ckpt
 from .evaluate import evaluate, sample_bytes
 from .metrics import LN2, Metrics, plot_metrics
@@ -109,6 +109,27 @@ def _load_optimizer(model: nn.Module, optimizer, state: dict, fsdp: bool) -> Non
         optimizer.load_state_dict(state)
 
 
+def _agreed_checkpoint(run_dir: Path, world: World) -> Optional[Path]:
+    """The checkpoint to resume from: rank 0 finds and verifies the newest intact one and tells the
+    others, so every rank resumes from the same step."""
+    found = [ckpt.latest_checkpoint(run_dir) if world.main else None]
+    if world.distributed:
+        torch.distributed.broadcast_object_list(found, src=0)
+    return found[0]
+
+
+def _unsharded_copy(model: nn.Module, model_config: ModelConfig, world: World) -> Optional[nn.Module]:
+    """On rank 0, a plain copy of an FSDP-sharded model (the sampler's key/value-cache decoder
+    calls submodules one by one, which FSDP2 does not unshard); None elsewhere. Collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not world.main:
+        return None
+    copy = SparseTransformer(model_config).to(world.device)
+    copy.load_state_dict(state)
+    return copy
+
+
 def _load_model(model: nn.Module, state: dict, fsdp: bool) -> None:
     if fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
@@ -136,7 +157,9 @@ def train(config: TrainConfig, run_dir: str | Path, dataset: Optional[ByteDatase
 
 def _train(config, run_dir, dataset, resume, world: World, progress, final_eval, on_step) -> RunResult:
     precision = resolve_precision(config.precision, world.device)
-    dataset = dataset if dataset is not None else load_dataset(config.data)
+    if dataset is None:
+        with main_process_first(world):  # rank 0 prepares the cache; the others then read it
+            dataset = load_dataset(config.data)
     context = config.model.context
     local_batch = config.data.batch_size // world.world_size
     if config.data.batch_size % world.world_size or local_batch % config.grad_accum:
@@ -150,12 +173,12 @@ def _train(config, run_dir, dataset, resume, world: World, progress, final_eval,
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     model = SparseTransformer(config.model).to(world.device)
     step, elapsed, state, rng = 0, 0.0, None, None
-    found = ckpt.latest_checkpoint(run_dir) if resume else None
+    found = _agreed_checkpoint(run_dir, world) if resume else None
     if found is not None:
         saved = json.loads((found / "train.json").read_text())
         if from_dict(TrainConfig, saved).model != config.model:
             raise ValueError(f"cannot resume from {found}: its model config differs from this run's")
-        model_state, state, rng = ckpt.load_state(found, world.rank)
+        model_state, state, rng = ckpt.load_state(found, world.rank, verify=world.main)
         step, elapsed = int(state["step"]), float(state["elapsed"])
         batches.load_state_dict(state["batches"])
         if not fsdp:
@@ -284,7 +307,9 @@ def _train(config, run_dir, dataset, resume, world: World, progress, final_eval,
         result.test_split_bytes = len(dataset.test)
         metrics.log({"split": "test", "step": step, "time": round(elapsed, 3), "bits_per_byte": bpb, "bytes": count})
         if config.sample_bytes and dataset.kind == "text":
-            result.sample = sample_bytes(model, config.sample_bytes, seed=config.seed, device=world.device)
+            sampler = _unsharded_copy(model, config.model, world) if fsdp else (model if world.main else None)
+            if sampler is not None:
+                result.sample = sample_bytes(sampler, config.sample_bytes, seed=config.seed, device=world.device)
     if world.main:
         plot_metrics(run_dir / "metrics.jsonl", run_dir / "metrics.png")
     return result
