@@ -86,6 +86,8 @@ def test_auto_picks_torch_on_cpu():
     (dict(q=torch.zeros(1, 2, 4, 8, dtype=torch.long)), "floating-point"),
     (dict(backend="cuda_magic"), "backend must be 'auto' or one of"),
     (dict(scale=-1.0), "scale must be a finite number > 0"),
+    (dict(scale=True), "scale must be a finite number > 0"),
+    (dict(pattern=P.custom(lambda b, h, q, k: torch.ones(3, dtype=torch.bool))), "elementwise"),
     (dict(pattern="strided"), "pattern must be a sparse_transformer Pattern"),
 ])
 def test_bad_inputs(args, message):

@@ -31,6 +31,8 @@ def test_patterns_per_head_and_long_length(tmp_path, capsys):
 def test_bad_argument_is_one_clear_line(capsys):
     assert main(["patterns", "--pattern", "fixed", "--stride", "4", "--summary", "5"]) == 2
     assert "summary must be in [1, 4], got 5" in capsys.readouterr().err
+    assert main(["patterns", "--pattern", "fixed", "--stride", "8", "--summary", "2", "--heads", "0"]) == 2
+    assert "--heads must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_console_entry_point_runs():

@@ -96,6 +96,19 @@ def test_custom_pattern_must_return_bool():
         st.patterns.custom(42)
 
 
+def test_custom_pattern_must_be_elementwise_with_four_arguments():
+    fixed_size = st.patterns.custom(lambda b, h, q, k: torch.ones(3, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"elementwise.*broadcasting to \(4, 4\) it returned shape \(3,\)"):
+        fixed_size.mask(4)
+    flattened = st.patterns.custom(lambda b, h, q, k: (q >= k).flatten())
+    with pytest.raises(ValueError, match=r"returned shape \(16,\)"):
+        flattened.mask(4)
+    assert st.patterns.custom(lambda b, h, q, k: torch.tensor(True)).mask(3).sum() == 6  # a scalar broadcasts
+    with pytest.raises(ValueError, match=r"must take four arguments \(b, h, q_idx, kv_idx\)"):
+        st.patterns.custom(lambda q, k: q >= k)
+    assert st.patterns.custom(lambda *idx: idx[2] >= idx[3]).mask(2).sum() == 3
+
+
 @pytest.mark.parametrize("n,block", [(37, 8), (64, 16), (5, 8)])
 def test_block_layout_derived_from_mask(n, block):
     p = st.patterns.fixed(6, 2, distinct=2)

@@ -17,6 +17,7 @@ All patterns are causal: a key after its query is never admissible (PAPER.md,
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -203,6 +204,16 @@ class Custom(Pattern):
     def __post_init__(self):
         if not callable(self.fn):
             raise ValueError(f"custom pattern needs a callable (b, h, q_idx, kv_idx) -> bool, got {self.fn!r}")
+        try:
+            signature = inspect.signature(self.fn)
+        except (TypeError, ValueError):  # some builtins have no signature: checked when first called
+            return
+        try:
+            signature.bind(0, 0, 0, 0)
+        except TypeError:
+            # Found here rather than as a TypeError deep inside a backend on the first forward pass.
+            raise ValueError(f"custom pattern {self.label!r} must take four arguments (b, h, q_idx, kv_idx), "
+                             f"got a function with signature {signature}") from None
 
     @property
     def kind(self) -> str:
@@ -217,6 +228,16 @@ class Custom(Pattern):
         if not isinstance(out, Tensor) or out.dtype != torch.bool:
             raise ValueError(f"custom pattern {self.label!r} must return a bool tensor, got {type(out).__name__}"
                              + (f" of dtype {out.dtype}" if isinstance(out, Tensor) else ""))
+        # An elementwise result broadcasts to the inputs' shape; anything else (a fixed-size mask, a
+        # reduction) would fail inside a backend with a bare broadcasting error, or broadcast wrongly.
+        expected = torch.broadcast_shapes(b.shape, h.shape, q_idx.shape, kv_idx.shape)
+        try:
+            fits = torch.broadcast_shapes(out.shape, expected) == expected
+        except RuntimeError:
+            fits = False
+        if not fits:
+            raise ValueError(f"custom pattern {self.label!r} must work elementwise on its index tensors: for inputs "
+                             f"broadcasting to {tuple(expected)} it returned shape {tuple(out.shape)}")
         return out
 
     def heads_differ(self) -> bool:

@@ -120,7 +120,8 @@ def _check(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, scale: Optional[fl
         raise ValueError("head dimension D must be >= 1, got 0")
     if not isinstance(pattern, Pattern):
         raise ValueError(f"pattern must be a sparse_transformer Pattern (see st.patterns), got {type(pattern).__name__}")
-    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+    if scale is not None and (isinstance(scale, bool) or not (isinstance(scale, (int, float))
+                                                               and math.isfinite(scale) and scale > 0)):
         raise ValueError(f"scale must be a finite number > 0 or None (1/sqrt(D)), got {scale!r}")
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, got {backend!r}")

@@ -28,6 +28,8 @@ def run(args: argparse.Namespace) -> int:
     pattern = by_name(args.pattern, args.stride, args.summary, args.distinct, args.part)
     if args.n < 1:
         raise ValueError(f"--n must be >= 1, got {args.n}")
+    if args.heads is not None and args.heads < 1:  # range(0) would silently report and draw nothing
+        raise ValueError(f"--heads must be >= 1, got {args.heads}")
     distinct = args.distinct if pattern.heads_differ() else 1
     heads = range(args.heads if args.heads is not None else min(distinct, 4))
     print(f"pattern {pattern.name}, n = {args.n:,}")
