@@ -69,3 +69,31 @@ def test_config_json_round_trip_and_overrides():
         override(config, "model.pattern=diagonal")
     with pytest.raises(ValueError, match="divisible"):
         dataclasses.replace(config.model, n_head=3)
+
+
+@pytest.mark.parametrize("assignment,message", [
+    ("model.n_layer=many", r"^model.n_layer: expected int, got 'many'"),
+    ("data.tile=big", r"^data.tile: expected int values separated by ',' or 'x'"),
+    ("data.tile=0x32", r"data.tile must be two sizes >= 1"),
+    ("data.path=", "data.path must name a file or folder"),
+    ("data.dataset=imagenet", "unknown dataset 'imagenet'; expected one of .*imagenet64"),
+    ("model.backend=cuda_magic", "model.backend must be 'auto' or one of"),
+    ("optim.lr=nan", "optim.lr must be a finite number > 0, got nan"),
+    ("optim.lr=inf", "optim.lr must be a finite number > 0, got inf"),
+    ("optim.eps=0", "optim.eps must be a finite number > 0"),
+    ("optim.betas=0.9,1.5", r"optim.betas\[1\] must be a finite number >= 0 and < 1, got 1.5"),
+    ("optim.betas=0.9", r"optim.betas must be two numbers"),
+    ("optim.weight_decay=nan", "optim.weight_decay must be a finite number >= 0"),
+    ("optim.grad_clip=nan", "optim.grad_clip must be a finite number >= 0"),
+    ("schedule.max_time=nan", "schedule.max_time must be > 0"),
+    ("schedule.epochs=nan", "schedule.epochs must be > 0"),
+    ("schedule.warmup_steps=-1", "schedule.warmup_steps must be an int >= 0, got -1"),
+    ("checkpoint_every=-1", "checkpoint_every must be an int >= 0, got -1"),
+    ("eval_every=-5", "eval_every must be an int >= 0"),
+    ("sample_bytes=-1", "sample_bytes must be an int >= 0"),
+    ("seed=-1", "seed must be an int >= 0, got -1"),
+    ("grad_accum=0", "grad_accum must be an int >= 1, got 0"),
+])
+def test_bad_override_names_the_field_and_what_is_expected(assignment, message):
+    with pytest.raises(ValueError, match=message):
+        override(presets.get("tiny"), assignment)

@@ -19,6 +19,20 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 PARALLEL = ("ddp", "fsdp")
 
 
+def _check_number(name: str, value, low: float, *, inclusive: bool = True, high: Optional[float] = None) -> None:
+    """A finite real in ``[low, high)`` (``(low, high)`` unless ``inclusive``); NaN and inf never pass."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value >= low if inclusive else value > low) and (high is None or value < high)
+    if not ok:
+        bound = f"{'>=' if inclusive else '>'} {low}" + (f" and < {high}" if high is not None else "")
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+
+
+def _check_count(name: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+
+
 @dataclass
 class ModelConfig:
     """The network (PAPER.md, "The model" and "Factorized attention")."""
@@ -58,6 +72,9 @@ class ModelConfig:
                              f"divisible by n_head ({self.n_head})")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        from .attention import BACKENDS  # checked here, not at the first forward pass after data loading
+        if self.backend != "auto" and self.backend not in BACKENDS:
+            raise ValueError(f"model.backend must be 'auto' or one of {sorted(BACKENDS)}, got {self.backend!r}")
         if self.position_axes is not None:
             self.position_axes = tuple(int(a) for a in self.position_axes)
             if not self.position_axes or min(self.position_axes) < 1 or math.prod(self.position_axes) < self.context:
@@ -87,6 +104,14 @@ class DataConfig:
 
     def __post_init__(self):
         self.tile = tuple(int(t) for t in self.tile)
+        if len(self.tile) != 2 or min(self.tile) < 1:
+            raise ValueError(f"data.tile must be two sizes >= 1 (H, W), e.g. 32x32, got {self.tile}")
+        # Path("") is the current folder: an empty --data would silently train on whatever is there.
+        if self.path is not None and not str(self.path).strip():
+            raise ValueError("data.path must name a file or folder, got an empty string")
+        from .data.registry import NAMES  # a typo fails here, before a model is built or a run folder touched
+        if self.dataset not in NAMES:
+            raise ValueError(f"unknown dataset {self.dataset!r}; expected one of {', '.join(NAMES)}")
         if self.batch_size < 1 or self.eval_batch_size < 1:
             raise ValueError(f"data.batch_size and data.eval_batch_size must be >= 1, got "
                              f"{self.batch_size}, {self.eval_batch_size}")
@@ -108,8 +133,15 @@ class OptimConfig:
 
     def __post_init__(self):
         self.betas = tuple(float(b) for b in self.betas)
-        if self.lr <= 0 or self.weight_decay < 0 or self.grad_clip < 0 or len(self.betas) != 2:
-            raise ValueError(f"optim: need lr > 0, weight_decay >= 0, grad_clip >= 0 and two betas, got {self}")
+        # NaN passes every "< 0" test and would poison the weights on the first step.
+        _check_number("optim.lr", self.lr, 0, inclusive=False)
+        if len(self.betas) != 2:
+            raise ValueError(f"optim.betas must be two numbers (beta1, beta2), got {self.betas}")
+        for i, beta in enumerate(self.betas):
+            _check_number(f"optim.betas[{i}]", beta, 0, high=1)
+        _check_number("optim.eps", self.eps, 0, inclusive=False)
+        _check_number("optim.weight_decay", self.weight_decay, 0)
+        _check_number("optim.grad_clip", self.grad_clip, 0)
 
 
 @dataclass
@@ -127,10 +159,11 @@ class ScheduleConfig:
             raise ValueError("schedule needs a limit: steps, epochs or max_time")
         for name in ("steps", "epochs", "max_time"):
             value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise ValueError(f"schedule.{name} must be > 0 or None, got {value}")
-        if self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"schedule: need warmup_steps >= 0 and min_lr_ratio in [0, 1], got {self}")
+            if value is not None and not (value > 0 and math.isfinite(value)):  # NaN would never stop
+                raise ValueError(f"schedule.{name} must be > 0 (and finite) or None, got {value}")
+        _check_count("schedule.warmup_steps", self.warmup_steps, 0)
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"schedule.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
 
 
 @dataclass
@@ -162,8 +195,11 @@ class TrainConfig:
             raise ValueError(f"parallel must be one of {PARALLEL}, got {self.parallel!r}")
         if self.grad_compress not in ("auto", "bf16", "none"):
             raise ValueError(f"grad_compress must be 'auto', 'bf16' or 'none', got {self.grad_compress!r}")
-        if self.grad_accum < 1 or self.keep_checkpoints < 1 or self.max_nonfinite < 1 or self.log_every < 1:
-            raise ValueError("grad_accum, keep_checkpoints, max_nonfinite and log_every must be >= 1")
+        for name in ("grad_accum", "keep_checkpoints", "max_nonfinite", "log_every"):
+            _check_count(name, getattr(self, name), 1)
+        # 0 means "off"; a negative interval would match every step (step % -1 == 0).
+        for name in ("seed", "eval_every", "checkpoint_every", "sample_bytes"):
+            _check_count(name, getattr(self, name), 0)
 
 
 def to_dict(config) -> dict:
@@ -207,7 +243,11 @@ def _parse_value(text: str, hint) -> Any:
         raise ValueError(f"expected a boolean (true/false), got {text!r}")
     if origin is tuple:
         kind = args[0]
-        return tuple(kind(part) for part in text.replace("x", ",").split(",") if part)
+        try:
+            return tuple(kind(part) for part in text.replace("x", ",").split(",") if part)
+        except ValueError:
+            raise ValueError(f"expected {kind.__name__} values separated by ',' or 'x' (e.g. 32x32), "
+                             f"got {text!r}") from None
     if hint in (int, float, str):
         try:
             return hint(text)
@@ -237,7 +277,10 @@ def override(config: TrainConfig, assignment: str) -> TrainConfig:
     if leaf not in hints or dataclasses.is_dataclass(hints[leaf]):
         raise ValueError(f"unknown field {leaf!r} in {type(owner).__name__}; fields: "
                          f"{[f.name for f in dataclasses.fields(owner)]}")
-    value = _parse_value(text.strip(), hints[leaf])
+    try:
+        value = _parse_value(text.strip(), hints[leaf])
+    except ValueError as err:  # name the field: "expected int" alone does not say which --set was wrong
+        raise ValueError(f"{key.strip()}: {err}") from None
     new = dataclasses.replace(owner, **{leaf: value})  # re-runs validation
     for parent, name in zip(reversed(targets[:-1]), reversed(path[:-1])):
         new = dataclasses.replace(parent, **{name: new})
