@@ -22,12 +22,13 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig, TrainConfig, from_dict, to_dict
-from ..data import ByteDataset
+from ..data import ByteDataset, check_context
 from ..data.batches import Prefetcher, TrainBatches
 from ..model import SparseTransformer, byte_loss
 from ..parallel import (World, all_reduce_mean, autocast, close_world, init_world, make_scaler, no_sync,
                         main_process_first, parallelize, resolve_precision)
 from . import checkpoint as ckpt
+from .checkpoint import checkpoint_dir
 from .evaluate import evaluate, sample_bytes
 from .metrics import LN2, Metrics, plot_metrics
 from .source import load_dataset
@@ -155,12 +156,46 @@ def train(config: TrainConfig, run_dir: str | Path, dataset: Optional[ByteDatase
         close_world(world)
 
 
+def _resume_point(run_dir: Path, resume: bool, world: World) -> Optional[Path]:
+    """The checkpoint to continue from (None: start fresh), refusing what would lose or mix up runs.
+    Every rank gets the same answer (see :func:`_agreed_checkpoint`)."""
+    existing = ckpt.list_checkpoints(run_dir)
+    if resume:
+        found = _agreed_checkpoint(run_dir, world)
+        if found is None:  # training from scratch is not what --resume asked for
+            damaged = f" ({len(existing)} damaged: {', '.join(p.name for p in existing)})" if existing else ""
+            raise ValueError(f"cannot resume: {checkpoint_dir(run_dir)} holds no intact checkpoint{damaged}; "
+                             f"drop --resume to start a fresh run")
+        return found
+    if existing:
+        # A fresh run here would replace same-numbered checkpoints and its own would be pruned as the
+        # oldest: the earlier run's work is lost either way.
+        raise ValueError(f"{run_dir} already holds checkpoints of an earlier run (latest {existing[-1].name}); "
+                         f"pass --resume to continue it, or choose another run folder (--out)")
+    return None
+
+
+def _model_differences(saved: ModelConfig, current: ModelConfig) -> str:
+    return ", ".join(f"{f.name} {getattr(saved, f.name)!r} -> {getattr(current, f.name)!r}"
+                     for f in dataclasses.fields(ModelConfig) if getattr(saved, f.name) != getattr(current, f.name))
+
+
 def _train(config, run_dir, dataset, resume, world: World, progress, final_eval, on_step) -> RunResult:
     precision = resolve_precision(config.precision, world.device)
+    found = _resume_point(run_dir, resume, world)  # before loading data: a refusal should be quick
+    if found is not None:
+        saved = from_dict(TrainConfig, json.loads((found / "train.json").read_text())).model
+        if saved != config.model:
+            raise ValueError(f"cannot resume from {found}: its model config differs from this run's "
+                             f"({_model_differences(saved, config.model)})")
     if dataset is None:
         with main_process_first(world):  # rank 0 prepares the cache; the others then read it
             dataset = load_dataset(config.data)
     context = config.model.context
+    try:
+        check_context(dataset, context)
+    except ValueError as err:  # name the file the bytes came from, not only the dataset
+        raise ValueError(f"{config.data.path}: {err}" if config.data.path else str(err)) from None
     local_batch = config.data.batch_size // world.world_size
     if config.data.batch_size % world.world_size or local_batch % config.grad_accum:
         raise ValueError(f"data.batch_size ({config.data.batch_size}) must split evenly over {world.world_size} "
@@ -173,11 +208,7 @@ def _train(config, run_dir, dataset, resume, world: World, progress, final_eval,
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     model = SparseTransformer(config.model).to(world.device)
     step, elapsed, state, rng = 0, 0.0, None, None
-    found = _agreed_checkpoint(run_dir, world) if resume else None
     if found is not None:
-        saved = json.loads((found / "train.json").read_text())
-        if from_dict(TrainConfig, saved).model != config.model:
-            raise ValueError(f"cannot resume from {found}: its model config differs from this run's")
         model_state, state, rng = ckpt.load_state(found, world.rank, verify=world.main)
         step, elapsed = int(state["step"]), float(state["elapsed"])
         batches.load_state_dict(state["batches"])
