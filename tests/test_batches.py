@@ -105,3 +105,9 @@ def test_prefetcher_keeps_order_and_forwards_errors():
     next(pre)
     with pytest.raises(OSError, match="disk gone"):
         next(pre)
+
+
+def test_eval_windows_reject_a_stride_below_one():
+    for stride in (0, -4):  # -4 used to loop forever
+        with pytest.raises(ValueError, match=f"eval stride must be >= 1 or None .*got {stride}"):
+            eval_windows(1000, 64, stride)

@@ -135,3 +135,19 @@ def test_save_and_load_pretrained_round_trip(tmp_path):
     assert torch.equal(model(tokens), loaded(tokens))
     with pytest.raises(ValueError, match="model.safetensors"):
         SparseTransformer.from_pretrained(tmp_path)
+
+
+def test_from_pretrained_names_the_bad_file(tmp_path):
+    SparseTransformer(TINY).save_pretrained(tmp_path / "m")
+    weights, config = tmp_path / "m" / "model.safetensors", tmp_path / "m" / "config.json"
+    good_weights, good_config = weights.read_bytes(), config.read_text()
+    weights.write_bytes(good_weights[:100])  # truncated: safetensors' own error is no ValueError
+    with pytest.raises(ValueError, match=r"m/model.safetensors: not a readable safetensors file"):
+        SparseTransformer.from_pretrained(tmp_path / "m")
+    weights.write_bytes(good_weights)
+    config.write_text("{")
+    with pytest.raises(ValueError, match=r"m/config.json: not a valid model config"):
+        SparseTransformer.from_pretrained(tmp_path / "m")
+    config.write_text(good_config.replace('"n_layer": 2', '"n_layer": 3'))  # weights of another shape
+    with pytest.raises(ValueError, match=r"model.safetensors does not fit the model in .*config.json: Missing key"):
+        SparseTransformer.from_pretrained(tmp_path / "m")

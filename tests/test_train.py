@@ -134,3 +134,58 @@ def test_cli_train_says_all_bytes_when_eval_bytes_covers_the_test_split(tmp_path
     assert code == 0
     text = capsys.readouterr().out
     assert "on the test split (all 2,000 bytes)" in text and "bounded slice" not in text
+
+
+def test_a_run_folder_is_never_trained_into_afresh_and_resume_needs_a_checkpoint(text, tmp_path):
+    with pytest.raises(ValueError, match="cannot resume: .*checkpoints holds no intact checkpoint; drop --resume"):
+        train(small(), tmp_path, text, resume=True, progress=False)
+    first = train(small(schedule={"steps": 2}), tmp_path, text, progress=False, final_eval=False)
+    saved = (first.checkpoint / "model.safetensors").read_bytes()
+    with pytest.raises(ValueError, match="already holds checkpoints of an earlier run .*step-00000002.*--resume"):
+        train(small(schedule={"steps": 2}, seed=1), tmp_path, text, progress=False, final_eval=False)
+    assert (first.checkpoint / "model.safetensors").read_bytes() == saved  # not overwritten
+    weights = first.checkpoint / "model.safetensors"
+    weights.write_bytes(saved[:100])
+    with pytest.warns(UserWarning, match="skipping damaged"), \
+            pytest.raises(ValueError, match=r"no intact checkpoint \(1 damaged: step-00000002\)"):
+        train(small(), tmp_path, text, resume=True, progress=False)
+
+
+def test_resume_with_another_model_config_names_the_differences(text, tmp_path):
+    train(small(schedule={"steps": 2}), tmp_path, text, progress=False, final_eval=False)
+    with pytest.raises(ValueError, match=r"model config differs from this run's \(d_model 32 -> 64, stride 8 -> 4\)"):
+        train(small(model={"d_model": 64, "stride": 4}), tmp_path, text, resume=True, progress=False)
+
+
+def test_context_longer_than_the_data_names_the_file(tmp_path, capsys):
+    short = tmp_path / "short.txt"
+    short.write_bytes(bytes(load_stdlib().train[:200]))
+    args = ["train", "--preset", "tiny", "--data", str(short), "--steps", "1", "--out", str(tmp_path / "run"),
+            "--no-progress"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "short.txt: short: the train split holds 180 bytes, fewer than context + 1 = 257 bytes" in err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    with pytest.raises(ValueError, match="images are sequences of 2x2x3 = 12 bytes, got context 64"):
+        images = np.zeros(12 * 30, np.uint8)
+        from sparse_transformer.data import ByteDataset
+        train(small(), tmp_path / "img", ByteDataset("imgs", "image", images, images[:24], images[:24], (2, 2, 3)),
+              progress=False)
+
+
+def test_bad_device_and_eval_arguments(tmp_path, capsys):
+    for device, message in (("foo", "device must be cpu, cuda or cuda:N, got 'foo'"),
+                            ("cuda:99", "cuda:99")):
+        assert main(["train", "--preset", "tiny", "--steps", "1", "--device", device, "--out", str(tmp_path)]) == 2
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["eval", "--checkpoint", str(tmp_path), "--stride", "-4"])  # looped forever
+    assert "argument --stride: expected an int >= 1, got -4" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", str(tmp_path / "missing")]) == 2
+    assert "--checkpoint " + str(tmp_path / "missing") + ": no such file or folder" in capsys.readouterr().err
+
+
+def test_evaluate_rejects_an_empty_batch(text):
+    model = SparseTransformer(small().model)
+    with pytest.raises(ValueError, match="batch_size and max_bytes must be >= 1, got -1"):
+        loop.evaluate(model, text.test, 64, batch_size=-1)

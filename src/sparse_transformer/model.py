@@ -191,9 +191,22 @@ class SparseTransformer(nn.Module):
         path = Path(path)
         if not (path / WEIGHTS_FILE).is_file() or not (path / CONFIG_FILE).is_file():
             raise ValueError(f"{path} must hold {WEIGHTS_FILE} and {CONFIG_FILE} (written by save_pretrained)")
-        config = from_dict(ModelConfig, json.loads((path / CONFIG_FILE).read_text()))
+        try:
+            config = from_dict(ModelConfig, json.loads((path / CONFIG_FILE).read_text()))
+        except ValueError as err:  # bad JSON or fields: say which file
+            raise ValueError(f"{path / CONFIG_FILE}: not a valid model config ({err})") from None
         model = cls(config).to(device)
-        model.load_state_dict(load_file(str(path / WEIGHTS_FILE), device=str(device)))
+        try:
+            state = load_file(str(path / WEIGHTS_FILE), device=str(device))
+        except Exception as err:  # SafetensorError (truncated, corrupt) is not a ValueError
+            raise ValueError(f"{path / WEIGHTS_FILE}: not a readable safetensors file "
+                             f"(truncated or corrupt?): {err}") from None
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as err:  # missing, unexpected or mis-shaped tensors
+            detail = str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
+            raise ValueError(f"{path / WEIGHTS_FILE} does not fit the model in {path / CONFIG_FILE}: "
+                             f"{detail[:300]}") from None
         return model
 
 

@@ -46,20 +46,37 @@ class World:
         return self.rank == 0
 
 
+def resolve_device(device: Optional[str | torch.device] = None, local_rank: int = 0,
+                   world_size: int = 1) -> torch.device:
+    """The device for ``--device``: default this process's GPU, else the CPU; ``cuda`` alone means
+    ``cuda:<local_rank>``. A misspelt name, a GPU that is not there, or one GPU named for several
+    processes is a ``ValueError`` here, not a RuntimeError or an AssertionError from inside torch."""
+    if device is None:
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be cpu, cuda or cuda:N, got {device!r}") from None
+    if dev.type == "cuda" and dev.index is not None and world_size > 1:
+        raise ValueError(f"device {str(device)!r} names one GPU, but {world_size} processes would share it; "
+                         "pass --device cuda (each process takes the GPU of its LOCAL_RANK)")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r}: no CUDA GPU is available here; use cpu")
+        if dev.index is None:
+            dev = torch.device("cuda", local_rank)
+        if dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(device)!r}: only {torch.cuda.device_count()} CUDA GPU(s) here")
+    return dev
+
+
 def init_world(device: Optional[str] = None) -> World:
     """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK), start the process group
-    (NCCL on GPU, gloo on CPU) and pick the device."""
+    (NCCL on GPU, gloo on CPU) and pick the device (see :func:`resolve_device`)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = resolve_device(device, local_rank, world_size)
     if dev.type == "cuda":
-        if dev.index is None:  # "cuda": this process's GPU
-            dev = torch.device("cuda", local_rank)
-        elif world_size > 1:
-            raise ValueError(f"device {device!r} names one GPU, but {world_size} processes would share it; "
-                             "pass --device cuda (each process takes the GPU of its LOCAL_RANK)")
         torch.cuda.set_device(dev)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world_size)

@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from .arguments import positive_int
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("eval", help="bits per byte of a checkpoint on the validation or test split",
@@ -15,9 +17,11 @@ def add_parser(sub) -> None:
     p.add_argument("--split", default="test", choices=("validation", "test"))
     p.add_argument("--data", default=None, help="a plain byte file (default: the data the run trained on)")
     p.add_argument("--dataset", default=None, help="dataset name (default: the run's; 'stdlib' if unknown)")
-    p.add_argument("--eval-bytes", type=int, default=None, help="score at most this many bytes (default: the run's)")
-    p.add_argument("--stride", type=int, default=None, help="new bytes scored per window (default: the run's)")
-    p.add_argument("--batch-size", type=int, default=None, help="windows per forward pass")
+    # Checked when parsed: 0 was read as "the default" (via `or`), a negative --stride never ended.
+    p.add_argument("--eval-bytes", type=positive_int, default=None,
+                   help="score at most this many bytes (default: the run's)")
+    p.add_argument("--stride", type=positive_int, default=None, help="new bytes scored per window (default: the run's)")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="windows per forward pass")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
     p.add_argument("--device", default=None)
     p.set_defaults(func=run)
@@ -26,12 +30,18 @@ def add_parser(sub) -> None:
 def resolve_checkpoint(path: str | Path) -> Path:
     """A folder with model weights: the path itself, or a run folder's latest good checkpoint."""
     from ..model import WEIGHTS_FILE
-    from ..train.checkpoint import latest_checkpoint
+    from ..train.checkpoint import MANIFEST, latest_checkpoint, verify
     path = Path(path)
     if (path / WEIGHTS_FILE).is_file():
+        # A trainer checkpoint named directly is checked like the latest one is (save_pretrained has no manifest).
+        problem = verify(path) if (path / MANIFEST).is_file() else None
+        if problem is not None:
+            raise ValueError(f"checkpoint {path} is damaged: {problem}")
         return path
     found = latest_checkpoint(path)
     if found is None:
+        if not path.exists():
+            raise FileNotFoundError(f"--checkpoint {path}: no such file or folder")
         raise ValueError(f"{path} holds no {WEIGHTS_FILE} and no intact checkpoint under {path}/checkpoints")
     return found
 
@@ -41,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..config import DataConfig, TrainConfig, from_dict
     from ..model import SparseTransformer
-    from ..parallel import World, resolve_precision
+    from ..parallel import World, resolve_device, resolve_precision
     from ..train import evaluate, load_dataset
     folder = resolve_checkpoint(args.checkpoint)
     data = DataConfig()
@@ -52,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     if args.dataset is not None or args.data is not None:
         data = DataConfig(dataset=args.dataset or "stdlib", path=args.data, eval_stride=data.eval_stride,
                           eval_bytes=data.eval_bytes, eval_batch_size=data.eval_batch_size)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     model = SparseTransformer.from_pretrained(folder, device=device)
     dataset = load_dataset(data)
     eval_bytes = args.eval_bytes if args.eval_bytes is not None else data.eval_bytes

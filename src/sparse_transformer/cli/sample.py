@@ -72,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
 
     from .. import sample_io
     from ..model import SparseTransformer
+    from ..parallel import resolve_device
     from ..sampling import generate
     from .eval import resolve_checkpoint
 
@@ -79,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     folder = resolve_checkpoint(args.checkpoint)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     model = SparseTransformer.from_pretrained(folder, device=device).eval()
     config = model.config
     train_config = _train_config(folder)

@@ -127,6 +127,8 @@ def eval_windows(length: int, context: int, stride: Optional[int] = None,
         return [EvalWindow(i * example_length, 0) for i in range(count)]
     if length < 2:
         raise ValueError(f"an evaluation split needs at least 2 bytes, got {length}")
+    if stride is not None and stride < 1:  # a stride <= 0 never reaches the end of the split
+        raise ValueError(f"eval stride must be >= 1 or None (context // 2), got {stride}")
     context = min(context, length)
     stride = min(stride or max(1, context // 2), context)
     if max_bytes is not None:

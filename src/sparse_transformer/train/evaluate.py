@@ -27,6 +27,9 @@ def evaluate(model: nn.Module, data: np.ndarray, context: int, world: World = Wo
 
     ``max_bytes`` bounds the evaluation to the first windows covering that many bytes.
     """
+    # A batch of 0 or less gives no forward pass at all, and the result NaN over 0 bytes.
+    if batch_size < 1 or (max_bytes is not None and max_bytes < 1):
+        raise ValueError(f"evaluate: batch_size and max_bytes must be >= 1, got {batch_size}, {max_bytes}")
     windows = eval_windows(len(data), context, stride, example_length, max_bytes)
     mine = windows[world.rank::world.world_size]
     # The same number of forward passes on every rank (FSDP gathers weights collectively).

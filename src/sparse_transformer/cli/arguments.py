@@ -1,0 +1,25 @@
+"""Argument types shared by the subcommands: counts checked when parsed, so argparse names the flag."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an int >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an int >= {low}, got {value}")
+        return value
+    parse.__name__ = f"int >= {low}"
+    return parse
+
+
+positive_int = _int_at_least(1)
+"""An int >= 1 (a count or size where 0 or less has no meaning)."""
+
+nonnegative_int = _int_at_least(0)
+"""An int >= 0 (0: none)."""
