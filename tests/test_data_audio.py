@@ -82,7 +82,10 @@ def test_bad_audio_inputs(tmp_path):
     with pytest.raises(ValueError, match="1.wav: cannot decode"):
         load("audio", folder, cache=tmp_path / "c")
     assert not any((tmp_path / "c").glob("*/manifest.json"))  # nothing prepared from bad input
-    with pytest.raises(ValueError, match="at least 3 files"):
+    with pytest.raises(ValueError, match="empty.wav: audio is split by file .* at least 3 WAV/FLAC files, found 1"):
         load("audio", tmp_path / "empty.wav", cache=tmp_path / "c")
+    for rate in (0, -5):  # 0 was read as "the default" by load(), and resampled to nothing by load_audio
+        with pytest.raises(ValueError, match=f"sample_rate must be an int >= 1 \\(Hz\\), got {rate}"):
+            load("audio", folder, cache=tmp_path / "c", sample_rate=rate)
     with pytest.raises(ValueError, match="found none"):
         load("audio", tmp_path / "c")

@@ -2,6 +2,8 @@
 
 import gzip
 
+import pytest
+
 from sparse_transformer.cli import main
 
 
@@ -27,3 +29,8 @@ def test_data_cli_errors(tmp_path, capsys, monkeypatch):
     assert "gcide is not prepared" in capsys.readouterr().err
     assert main(["data", "prepare", "bytes", "--from", str(tmp_path / "nope")]) == 2
     assert "nope: no such file or folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["data", "prepare", "audio", "--from", str(tmp_path), "--sample-rate", "0"])
+    assert "argument --sample-rate: expected an int >= 1, got 0" in capsys.readouterr().err
+    assert main(["data", "prepare", "cifar10", "--from", str(tmp_path)]) == 2
+    assert f"{tmp_path}: is a folder, expected a file" in capsys.readouterr().err

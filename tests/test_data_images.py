@@ -132,6 +132,23 @@ def test_imagenet64_rejects_bad_input(tmp_path):
         load("imagenet64")
 
 
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "no labels"])
+def test_imagenet64_broken_npz_names_the_file(tmp_path, damage):
+    """The first pass (counting images by their labels) read the batches unguarded: a BadZipFile, a
+    KeyError or numpy's pickle message came out without the file's name."""
+    batch = tmp_path / "train_data_batch_1.npz"
+    if damage == "no labels":
+        np.savez(batch, data=planar(0, 4, 64))
+    else:
+        np.savez(batch, data=planar(0, 4, 64), labels=np.arange(4))
+        raw = batch.read_bytes()
+        batch.write_bytes(b"not an npz file" if damage == "garbage" else raw[:len(raw) // 2])
+    write_npz(tmp_path / "val_data.npz", 0, 2)
+    with pytest.raises(ValueError, match="train_data_batch_1.npz: not a downsampled-ImageNet npz batch"):
+        load_imagenet64(tmp_path, tmp_path / "c", validation=1)
+    assert not any((tmp_path / "c").glob("*/manifest.json"))
+
+
 def test_picture_tiles(tmp_path):
     pics = tmp_path / "pics"
     pics.mkdir()

@@ -116,3 +116,18 @@ def test_positions():
         positions((2, 3), 7)
     with pytest.raises(ValueError, match="image context must be 3,072"):
         position_axes(img, 1024, 32)
+
+
+def test_manifest_of_the_wrong_shape_is_a_clear_error(tmp_path):
+    """Valid JSON that is not a manifest used to fail with a KeyError or an AttributeError."""
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    for text in ('{"fingerprint": "x"}', "[1, 2]", '{"name": "d", "kind": "text", "splits": {"train": {}}}'):
+        (folder / "manifest.json").write_text(text)
+        with pytest.raises(ValueError, match="manifest.json: not a dataset manifest .*prepare again"):
+            load_splits(folder)
+
+
+def test_empty_path_is_not_the_current_folder(tmp_path):
+    with pytest.raises(ValueError, match="the path is an empty string"):
+        load("bytes", "", cache=tmp_path)

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..data import NAMES, load
+from .arguments import positive_int
 
 
 def add_parser(sub) -> None:
@@ -22,9 +23,9 @@ def add_parser(sub) -> None:
         a.add_argument("--cache", type=Path, default=None,
                        help="cache folder (default: $SPARSE_TRANSFORMER_DATA, else $XDG_CACHE_HOME/sparse-transformer, "
                             "else ~/.cache/sparse-transformer)")
-        a.add_argument("--tile", type=int, nargs=2, default=(32, 32), metavar=("H", "W"),
+        a.add_argument("--tile", type=positive_int, nargs=2, default=(32, 32), metavar=("H", "W"),
                        help="tile size for 'images'")
-        a.add_argument("--sample-rate", type=int, default=12_000, help="resampling rate for 'audio' (Hz)")
+        a.add_argument("--sample-rate", type=positive_int, default=12_000, help="resampling rate for 'audio' (Hz)")
         a.set_defaults(func=run)
 
 

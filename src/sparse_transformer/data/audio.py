@@ -75,8 +75,15 @@ def load_audio(path: Path, cache: Optional[Path] = None, sample_rate: int = SAMP
     Each split is the concatenation of its files' encoded samples; context-length windows are cut
     from it by the batching code. Converted once into the cache and memory-mapped afterwards.
     """
+    if isinstance(sample_rate, bool) or not isinstance(sample_rate, int) or sample_rate < 1:
+        # 0 "resampled" every file to nothing useful without an error
+        raise ValueError(f"sample_rate must be an int >= 1 (Hz), got {sample_rate!r}")
     path = Path(path).expanduser().resolve()
-    groups = split_files(audio_files(path))
+    files = audio_files(path)
+    if len(files) < 3:
+        raise ValueError(f"{path}: audio is split by file into train/validation/test, so it needs at least 3 "
+                         f"WAV/FLAC files, found {len(files)}")
+    groups = split_files(files)
     files = [f for g in groups.values() for f in g]
     fingerprint = f"audio-{sample_rate}-{files_fingerprint(files)}"
     tag = hashlib.sha256(str(path).encode()).hexdigest()[:10]

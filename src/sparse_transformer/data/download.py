@@ -44,7 +44,7 @@ def verify_file(path: Path, size: Optional[int] = None, sha256: Optional[str] = 
     """Raise ``ValueError`` naming the file unless it exists with the expected size and checksums."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"{path}: file not found")
+        raise ValueError(f"{path}: {'is a folder, expected a file' if path.is_dir() else 'file not found'}")
     actual = path.stat().st_size
     if actual == 0:
         raise ValueError(f"{path}: file is empty")

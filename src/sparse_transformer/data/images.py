@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import pickle
 import tarfile
+import zipfile
 from pathlib import Path
 from typing import Optional
 
@@ -113,11 +114,25 @@ def _write_images(folder, name, train, test, validation, seed, shape, fingerprin
     writer.finish(name, "image", fingerprint, shape, validation_seed=seed)
 
 
+# What np.load raises on a file that is not a whole npz: a truncated zip is a BadZipFile, which is
+# neither an OSError nor a ValueError.
+_NPZ_ERRORS = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)
+
+
+def _npz_label_count(path: Path) -> int:
+    """Images in one batch, read from its labels only (the first pass over the training batches)."""
+    try:
+        with np.load(path) as z:
+            return len(z["labels"])
+    except _NPZ_ERRORS as err:
+        raise ValueError(f"{path}: not a downsampled-ImageNet npz batch with 'data' and 'labels' ({err})") from err
+
+
 def _npz_images(path: Path) -> np.ndarray:
     try:
         with np.load(path) as z:
             data, labels = z["data"], z["labels"]
-    except (OSError, ValueError, KeyError, EOFError) as err:
+    except _NPZ_ERRORS as err:
         raise ValueError(f"{path}: not a downsampled-ImageNet npz batch with 'data' and 'labels' ({err})") from err
     if len(labels) != len(data):
         raise ValueError(f"{path}: {len(data)} images but {len(labels)} labels")
@@ -148,8 +163,7 @@ def load_imagenet64(path: Path, cache: Optional[Path] = None, validation: int = 
     def build(folder: Path) -> None:
         counts = []
         for f in train_files:  # first pass: count images (reads only 'labels') to draw the held-out set
-            with np.load(f) as z:
-                counts.append(len(z["labels"]))
+            counts.append(_npz_label_count(f))
         mask = _held_out(sum(counts), validation, seed, str(path))
         writer = SplitWriter(folder)
         try:

@@ -33,6 +33,8 @@ def load(name: str, path: Optional[Path] = None, *, cache: Optional[Path] = None
 
     if name not in NAMES:
         raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(NAMES)}")
+    if path is not None and not str(path).strip():  # Path("") is the current folder, not "no path"
+        raise ValueError(f"dataset {name!r}: the path is an empty string; name a file or folder")
     path = Path(path).expanduser() if path is not None else None
     needs_path = {"imagenet64", "audio", "bytes", "images"}
     if name in needs_path and path is None:
@@ -56,4 +58,4 @@ def load(name: str, path: Optional[Path] = None, *, cache: Optional[Path] = None
         return images.load_imagenet64(path, cache)
     if name == "images":
         return images.load_picture_tiles(path, tile, cache)
-    return audio.load_audio(path, cache, sample_rate or audio.SAMPLE_RATE)
+    return audio.load_audio(path, cache, audio.SAMPLE_RATE if sample_rate is None else sample_rate)

@@ -77,9 +77,17 @@ def read_manifest(folder: Path) -> dict:
     if not path.is_file():
         raise ValueError(f"{folder}: no {MANIFEST}; the dataset has not been prepared there")
     try:
-        return json.loads(path.read_text())
+        manifest = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not valid JSON ({err}); delete the folder and prepare again") from err
+    # Valid JSON of the wrong shape (hand-edited, another tool's file) would fail later with a KeyError.
+    splits = manifest.get("splits") if isinstance(manifest, dict) else None
+    if not (isinstance(splits, dict) and all(isinstance(splits.get(s), dict) and {"bytes", "sha256"} <= set(splits[s])
+                                             for s in SPLITS)
+            and manifest.get("kind") in ("text", "image", "audio") and isinstance(manifest.get("name"), str)):
+        raise ValueError(f"{path}: not a dataset manifest (needs name, kind and bytes + sha256 for each of "
+                         f"{', '.join(SPLITS)}); delete the folder and prepare again")
+    return manifest
 
 
 def load_splits(folder: Path, fingerprint: Optional[str] = None, full_check: Optional[bool] = None) -> ByteDataset:

@@ -52,7 +52,7 @@ def read_file_bytes(path: Path) -> bytes:
     """The bytes of one file, decompressed if it ends in ``.gz``; clear errors for empty or broken files."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"{path}: file not found")
+        raise ValueError(f"{path}: {'is a folder, expected a file' if path.is_dir() else 'file not found'}")
     try:
         data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
     except (EOFError, OSError, zlib.error) as err:  # gzip.BadGzipFile is an OSError
