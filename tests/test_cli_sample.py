@@ -106,3 +106,38 @@ def test_bad_arguments(tmp_path, capsys):
                  "--out", str(tmp_path / "o")]) == 2
     assert "needs an image model" in capsys.readouterr().err
     assert main(["sample", "--checkpoint", str(tmp_path / "missing")]) == 2
+
+
+def test_bad_input_is_caught_before_any_sampling(tmp_path, capsys):
+    text_model, _ = save(tmp_path / "text", ModelConfig(n_layer=1, n_head=2, d_model=16, context=32, stride=8,
+                                                        summary=2))
+    image_model, _ = save(tmp_path / "image", ModelConfig(n_layer=1, n_head=2, d_model=16, context=48,
+                                                          pattern="strided", stride=12, position_axes=(4, 4, 3)),
+                          dataset="cifar10")
+    out = tmp_path / "o"
+    long_prime = tmp_path / "long.txt"
+    long_prime.write_bytes(b"x" * 40)
+    (tmp_path / "a-file").write_bytes(b"")
+    cases = [
+        # A prime as long as the context used to surface as "steps must be an int >= 0, got -8".
+        ([text_model, "--prime-file", long_prime], "--prime-file " + str(long_prime) + " is 40 bytes, leaving no "
+                                                   "room in the model's context 32"),
+        ([text_model, "--prime-text", "y" * 32], "--prime-text is 32 bytes"),
+        ([text_model, "--prime-text", "abc", "--steps", "30"], "prime (3 bytes) + --steps 30 = 33 exceeds"),
+        ([text_model, "--prime-file", tmp_path / "missing.txt"], "missing.txt: no such file"),  # was a traceback
+        # Checked after 16 unconditional samples had been drawn; now before.
+        ([text_model, "--complete-images", "2"], "--complete-images needs an image model; this one generates text"),
+        ([image_model, "--complete-images", "2", "--data", tmp_path / "none.raw"], "none.raw: no such file"),
+        ([image_model, "--steps", "10"], "prime + --steps must fill the context, got 0 + 10"),
+        ([text_model, "--n", "0"], "nothing to sample"),
+        ([text_model, "--out", tmp_path / "a-file"], "a-file is a file; expected a folder"),
+        ([text_model, "--device", "gpu0"], "device must be cpu, cuda or cuda:N, got 'gpu0'"),
+    ]
+    for args, message in cases:
+        argv = ["sample", "--no-progress", "--out", str(out), "--checkpoint"] + [str(a) for a in args]
+        assert main(argv) == 2, args
+        assert message in capsys.readouterr().err, args
+        assert not out.exists()  # nothing sampled, nothing written
+    with pytest.raises(SystemExit):
+        main(["sample", "--checkpoint", str(text_model), "--top-k", "0"])
+    assert "argument --top-k: expected an int >= 1, got 0" in capsys.readouterr().err

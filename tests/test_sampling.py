@@ -162,6 +162,9 @@ def test_filters_and_temperature():
     (dict(top_p=0.0), "top_p"),
     (dict(top_p=1.5), "top_p"),
     (dict(top_k=0), "top_k"),
+    (dict(temperature=True), "temperature"),
+    (dict(top_p=True), "top_p"),
+    (dict(temperature=float("nan")), "temperature"),
     (dict(compile="fast"), "compile"),
 ])
 def test_bad_arguments(kwargs, message):

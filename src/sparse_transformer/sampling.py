@@ -42,11 +42,12 @@ def _check(model: nn.Module, prime: Tensor, steps: int, temperature: float, top_
     if prime.shape[1] + steps > config.context:
         raise ValueError(f"prime length + steps must be <= the model's context {config.context}, got "
                          f"{prime.shape[1]} + {steps} = {prime.shape[1] + steps}")
-    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
+    if (isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature)
+            or temperature < 0):
         raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
-    if top_p is not None and (not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
         raise ValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
     device = model.head.weight.device
     if generator is not None and (not isinstance(generator, torch.Generator)

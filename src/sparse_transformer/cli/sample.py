@@ -8,6 +8,8 @@ import math
 import sys
 from pathlib import Path
 
+from .arguments import nonnegative_int, positive_int
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("sample", help="generate text, images or audio from a checkpoint (sparse KV cache)",
@@ -17,18 +19,18 @@ def add_parser(sub) -> None:
                                    "with --complete-images) or audio (sample-<i>.wav, mu-law decoded).")
     p.add_argument("--checkpoint", required=True,
                    help="a checkpoint or save_pretrained folder, or a run folder (its latest good checkpoint)")
-    p.add_argument("--n", type=int, default=16, help="unconditional samples (with the prime, if any); 0: none")
-    p.add_argument("--steps", type=int, default=None, help="new bytes per sample (default: fill the context)")
+    p.add_argument("--n", type=nonnegative_int, default=16, help="unconditional samples (with the prime, if any); 0: none")
+    p.add_argument("--steps", type=nonnegative_int, default=None, help="new bytes per sample (default: fill the context)")
     prime = p.add_mutually_exclusive_group()
     prime.add_argument("--prime-file", default=None, help="start every sample with this file's bytes")
     prime.add_argument("--prime-text", default=None, help="start every sample with this text (UTF-8)")
-    p.add_argument("--complete-images", type=int, default=0, metavar="K",
+    p.add_argument("--complete-images", type=nonnegative_int, default=0, metavar="K",
                    help="also complete the bottom half of K test images from their top half")
     p.add_argument("--data", default=None,
                    help="images to complete: a raw file of concatenated H*W*C images (default: the test split "
                         "of the dataset the model trained on)")
     p.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
-    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-k", type=positive_int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--out", default="samples", help="output folder")
     p.add_argument("--seed", type=int, default=0)
@@ -51,6 +53,9 @@ def _test_images(args, train_config, shape, k: int):
     import numpy as np
     length = math.prod(shape)
     if args.data is not None:
+        if not Path(args.data).is_file():
+            raise FileNotFoundError(f"--data {args.data}: no such file (a raw file of concatenated "
+                                    f"{'x'.join(map(str, shape))} images)")
         raw = np.fromfile(args.data, dtype=np.uint8)
         if len(raw) < k * length:
             raise ValueError(f"--data {args.data} holds {len(raw) // length} whole {'x'.join(map(str, shape))} "
@@ -76,9 +81,18 @@ def run(args: argparse.Namespace) -> int:
     from ..sampling import generate
     from .eval import resolve_checkpoint
 
-    for name in ("n", "complete_images"):
-        if getattr(args, name) < 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if not args.n and not args.complete_images:
+        raise ValueError("nothing to sample: --n is 0 and --complete-images is 0")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; expected a folder for the samples")
+    prime = b""
+    if args.prime_file is not None:
+        if not Path(args.prime_file).is_file():
+            raise FileNotFoundError(f"--prime-file {args.prime_file}: no such file")
+        prime = Path(args.prime_file).read_bytes()
+    elif args.prime_text is not None:
+        prime = args.prime_text.encode("utf-8")
     folder = resolve_checkpoint(args.checkpoint)
     device = resolve_device(args.device)
     model = SparseTransformer.from_pretrained(folder, device=device).eval()
@@ -86,16 +100,24 @@ def run(args: argparse.Namespace) -> int:
     train_config = _train_config(folder)
     dataset = train_config.data.dataset if train_config is not None else "stdlib"
     kind, shape = sample_io.data_kind(dataset, config.axes, config.context)
-    prime = b""
-    if args.prime_file is not None:
-        prime = Path(args.prime_file).read_bytes()
-    elif args.prime_text is not None:
-        prime = args.prime_text.encode("utf-8")
+    # Everything that can be wrong is checked before the first byte is sampled, not after minutes of it.
+    where = f"--prime-file {args.prime_file}" if args.prime_file is not None else "--prime-text"
+    if args.n and len(prime) >= config.context:
+        raise ValueError(f"{where} is {len(prime):,} bytes, leaving no room in the model's context "
+                         f"{config.context:,}; use a shorter prime")
     steps = args.steps if args.steps is not None else config.context - len(prime)
+    if args.n and len(prime) + steps > config.context:
+        raise ValueError(f"prime ({len(prime):,} bytes) + --steps {steps:,} = {len(prime) + steps:,} exceeds the "
+                         f"model's context {config.context:,}")
+    if args.n and kind == "image" and len(prime) + steps != config.context:
+        raise ValueError(f"an image needs {config.context} bytes: prime + --steps must fill the context, "
+                         f"got {len(prime)} + {steps}")
+    if args.complete_images and kind != "image":
+        raise ValueError(f"--complete-images needs an image model; this one generates {kind}")
+    originals = _test_images(args, train_config, shape, args.complete_images) if args.complete_images else None
     generator = torch.Generator(device=device).manual_seed(args.seed)
     options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=generator,
                    compile=args.compile, progress=not args.no_progress)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
     if args.n:
@@ -107,9 +129,6 @@ def run(args: argparse.Namespace) -> int:
                 print(f"==== sample {i} ====\n" + text.decode("utf-8", errors="replace"))
             print(f"wrote {sample_io.write_text(texts, out / 'samples.txt')}", file=sys.stderr)
         elif kind == "image":
-            if samples.shape[1] != config.context:
-                raise ValueError(f"an image needs {config.context} bytes: prime + --steps must fill the context, "
-                                 f"got {samples.shape[1]}")
             images = samples.reshape(-1, *shape)
             grid = sample_io.image_grid(images, math.ceil(math.sqrt(len(images))), scale=sample_io.image_scale(shape[0]))
             print(f"wrote {sample_io.write_png(grid, out / 'samples.png')}", file=sys.stderr)
@@ -118,9 +137,6 @@ def run(args: argparse.Namespace) -> int:
                 print(f"wrote {sample_io.write_wav(row, out / f'sample-{i}.wav')}", file=sys.stderr)
 
     if args.complete_images:
-        if kind != "image":
-            raise ValueError(f"--complete-images needs an image model; this one generates {kind}")
-        originals = _test_images(args, train_config, shape, args.complete_images)
         half = (shape[0] // 2) * shape[1] * shape[2]  # the top half of the rows
         top = torch.from_numpy(originals[:, :half].astype(np.int64))
         completed = generate(model, top, config.context - half, **options).numpy().astype(np.uint8)
