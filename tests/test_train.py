@@ -189,3 +189,12 @@ def test_evaluate_rejects_an_empty_batch(text):
     model = SparseTransformer(small().model)
     with pytest.raises(ValueError, match="batch_size and max_bytes must be >= 1, got -1"):
         loop.evaluate(model, text.test, 64, batch_size=-1)
+
+
+def test_eval_and_sample_refuse_a_damaged_checkpoint_named_directly(text, tmp_path, capsys):
+    result = train(small(schedule={"steps": 1}), tmp_path, text, progress=False, final_eval=False)
+    weights = result.checkpoint / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10])  # was a SafetensorError traceback
+    for command in (["eval"], ["sample", "--no-progress", "--out", str(tmp_path / "s")]):
+        assert main(command + ["--checkpoint", str(result.checkpoint)]) == 2
+        assert "step-00000001 is damaged: model.safetensors does not match its manifest" in capsys.readouterr().err
