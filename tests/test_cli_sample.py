@@ -125,6 +125,7 @@ def test_bad_input_is_caught_before_any_sampling(tmp_path, capsys):
         ([text_model, "--prime-text", "y" * 32], "--prime-text is 32 bytes"),
         ([text_model, "--prime-text", "abc", "--steps", "30"], "prime (3 bytes) + --steps 30 = 33 exceeds"),
         ([text_model, "--prime-file", tmp_path / "missing.txt"], "missing.txt: no such file"),  # was a traceback
+        ([text_model, "--prime-file", tmp_path], "is a folder; expected a file of bytes"),
         # Checked after 16 unconditional samples had been drawn; now before.
         ([text_model, "--complete-images", "2"], "--complete-images needs an image model; this one generates text"),
         ([image_model, "--complete-images", "2", "--data", tmp_path / "none.raw"], "none.raw: no such file"),

@@ -88,6 +88,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {out} is a file; expected a folder for the samples")
     prime = b""
     if args.prime_file is not None:
+        if Path(args.prime_file).is_dir():
+            raise ValueError(f"--prime-file {args.prime_file} is a folder; expected a file of bytes")
         if not Path(args.prime_file).is_file():
             raise FileNotFoundError(f"--prime-file {args.prime_file}: no such file")
         prime = Path(args.prime_file).read_bytes()
