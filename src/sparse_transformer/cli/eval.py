@@ -30,11 +30,11 @@ def add_parser(sub) -> None:
 def resolve_checkpoint(path: str | Path) -> Path:
     """A folder with model weights: the path itself, or a run folder's latest good checkpoint."""
     from ..model import WEIGHTS_FILE
-    from ..train.checkpoint import MANIFEST, latest_checkpoint, verify
+    from ..train.checkpoint import MANIFEST, check, latest_checkpoint
     path = Path(path)
     if (path / WEIGHTS_FILE).is_file():
         # A trainer checkpoint named directly is checked like the latest one is (save_pretrained has no manifest).
-        problem = verify(path) if (path / MANIFEST).is_file() else None
+        problem = check(path) if (path / MANIFEST).is_file() else None
         if problem is not None:
             raise ValueError(f"checkpoint {path} is damaged: {problem}")
         return path
