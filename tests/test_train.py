@@ -93,20 +93,38 @@ def test_damaged_or_partial_checkpoints_are_skipped(text, tmp_path):
     assert not (tmp_path / "checkpoints" / ".step-00000006.tmp").exists()  # cleaned on the next write
 
 
-def test_non_finite_losses_skip_steps_then_stop(text, tmp_path, monkeypatch):
+class NanGradient(torch.autograd.Function):
+    """The identity forward; NaN gradients backward (a finite loss whose gradients are not)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+@pytest.mark.parametrize("poison", ["loss", "gradient"])
+def test_non_finite_losses_skip_steps_then_stop(text, tmp_path, monkeypatch, poison):
     calls = {"n": 0}
     real = loop.byte_loss
 
     def poisoned(logits, tokens, reduction="mean"):
         calls["n"] += 1
         loss = real(logits, tokens, reduction)
-        return loss * float("nan") if calls["n"] > 3 else loss
+        if calls["n"] <= 3:
+            return loss
+        return loss * float("nan") if poison == "loss" else NanGradient.apply(loss)
 
     monkeypatch.setattr(loop, "byte_loss", poisoned)
-    with pytest.warns(UserWarning, match="non-finite"):
+    with pytest.warns(UserWarning, match=f"non-finite {poison} at step 3"):
         result = train(small(checkpoint_every=1, max_nonfinite=2), tmp_path, text, progress=False)
     assert result.stopped == "non-finite" and result.step == 5
-    assert all(math.isfinite(x) for x in result.losses[:3]) and all(math.isnan(x) for x in result.losses[3:])
+    assert all(math.isfinite(x) for x in result.losses[:3])
+    assert all(math.isnan(x) == (poison == "loss") for x in result.losses[3:])
+    weights = ckpt.load_state(result.checkpoint)[0]
+    assert all(torch.isfinite(w).all() for w in weights.values())  # the skipped steps changed nothing
     assert result.checkpoint.name == "step-00000003" and ckpt.latest_checkpoint(tmp_path).name == "step-00000003"
     assert result.test_bits_per_byte is None  # no evaluation of a run that diverged
 

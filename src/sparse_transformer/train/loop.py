@@ -110,6 +110,15 @@ def _load_optimizer(model: nn.Module, optimizer, state: dict, fsdp: bool) -> Non
         optimizer.load_state_dict(state)
 
 
+def _clip_gradients(model: nn.Module, max_norm: float) -> float:
+    """Clip the global gradient norm to ``max_norm`` (0: no clipping) and return the norm before
+    clipping (inf or nan when some gradient is not finite). Collective under FSDP."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else math.inf)
+    if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor
+        norm = norm.full_tensor()
+    return float(norm)
+
+
 def _agreed_checkpoint(run_dir: Path, world: World) -> Optional[Path]:
     """The checkpoint to resume from: rank 0 finds and verifies the newest intact one and tells the
     others, so every rank resumes from the same step."""
@@ -274,20 +283,24 @@ def _train(config, run_dir, dataset, resume, world: World, progress, final_eval,
                 scaler.scale(loss / config.grad_accum).backward()
                 total += loss.detach() / config.grad_accum
             loss_value = all_reduce_mean(total, world).item()
-            if math.isfinite(loss_value):
+            problem = None if math.isfinite(loss_value) else "loss"
+            if problem is None:
+                scaler.unscale_(optimizer)  # a no-op unless fp16
+                norm = _clip_gradients(model, config.optim.grad_clip)
+                # fp16: the loss scaler skips a step with overflowed gradients and lowers its scale
+                if not math.isfinite(norm) and precision != "fp16":
+                    problem = "gradient"
+            if problem is None:
                 nonfinite = 0
                 updating = True
-                if config.optim.grad_clip > 0:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
                 scaler.step(optimizer)
                 scaler.update()
                 updating = False
             else:
                 nonfinite += 1
-                metrics.write(f"warning: non-finite loss at step {step}; step skipped "
+                metrics.write(f"warning: non-finite {problem} at step {step}; step skipped "
                               f"({nonfinite} in a row, stopping at {config.max_nonfinite})")
-                warnings.warn(f"non-finite loss at step {step}; step skipped")
+                warnings.warn(f"non-finite {problem} at step {step}; step skipped")
             optimizer.zero_grad(set_to_none=True)
             step += 1
             now = time.perf_counter()
