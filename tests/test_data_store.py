@@ -11,7 +11,7 @@ import torch
 from sparse_transformer.data import ByteDataset, check_context, load, position_axes, positions, split_stream
 from sparse_transformer.data.dataset import split_files
 from sparse_transformer.data.stdlib import load_stdlib, stdlib_files
-from sparse_transformer.data.store import load_splits, prepared, write_splits
+from sparse_transformer.data.store import SplitWriter, load_splits, prepared, read_manifest, write_splits
 
 
 def small(n=1000, name="t"):
@@ -131,3 +131,18 @@ def test_manifest_of_the_wrong_shape_is_a_clear_error(tmp_path):
 def test_empty_path_is_not_the_current_folder(tmp_path):
     with pytest.raises(ValueError, match="the path is an empty string"):
         load("bytes", "", cache=tmp_path)
+
+
+def test_split_writer_leaves_nothing_behind_when_a_conversion_fails(tmp_path):
+    folder = tmp_path / "set"
+    with pytest.raises(ValueError, match="bad source"):
+        with SplitWriter(folder) as writer:
+            writer.write("train", np.arange(10, dtype=np.uint8))
+            raise ValueError("bad source")
+    assert list(tmp_path.iterdir()) == []  # no half-written folder, no .tmp
+    with SplitWriter(folder) as writer:
+        for split in ("train", "validation", "test"):
+            writer.write(split, np.arange(4, dtype=np.uint8))
+        writer.finish("set", "text", "fingerprint-1")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["set"]
+    assert read_manifest(folder)["splits"]["train"]["bytes"] == 4

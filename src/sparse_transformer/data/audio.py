@@ -89,15 +89,11 @@ def load_audio(path: Path, cache: Optional[Path] = None, sample_rate: int = SAMP
     tag = hashlib.sha256(str(path).encode()).hexdigest()[:10]
 
     def build(folder: Path) -> None:
-        writer = SplitWriter(folder)
-        try:
+        with SplitWriter(folder) as writer:
             for split, group in groups.items():
                 for f in group:
                     writer.write(split, mu_law_encode(read_mono(f, sample_rate)))
-        except BaseException:
-            writer.abort()
-            raise
-        writer.finish("audio", "audio", fingerprint, sample_rate=sample_rate, source=str(path),
-                      files={s: [str(f) for f in g] for s, g in groups.items()})
+            writer.finish("audio", "audio", fingerprint, sample_rate=sample_rate, source=str(path),
+                          files={s: [str(f) for f in g] for s, g in groups.items()})
 
     return prepared(Path(cache or cache_dir()) / f"audio{sample_rate}-{tag}", fingerprint, build)

@@ -107,11 +107,11 @@ def _held_out(n: int, validation: int, seed: int, origin: str) -> np.ndarray:
 
 def _write_images(folder, name, train, test, validation, seed, shape, fingerprint) -> None:
     mask = _held_out(len(train), validation, seed, name)
-    writer = SplitWriter(folder)
-    writer.write("train", train[~mask])
-    writer.write("validation", train[mask])
-    writer.write("test", test)
-    writer.finish(name, "image", fingerprint, shape, validation_seed=seed)
+    with SplitWriter(folder) as writer:
+        writer.write("train", train[~mask])
+        writer.write("validation", train[mask])
+        writer.write("test", test)
+        writer.finish(name, "image", fingerprint, shape, validation_seed=seed)
 
 
 # What np.load raises on a file that is not a whole npz: a truncated zip is a BadZipFile, which is
@@ -165,8 +165,7 @@ def load_imagenet64(path: Path, cache: Optional[Path] = None, validation: int = 
         for f in train_files:  # first pass: count images (reads only 'labels') to draw the held-out set
             counts.append(_npz_label_count(f))
         mask = _held_out(sum(counts), validation, seed, str(path))
-        writer = SplitWriter(folder)
-        try:
+        with SplitWriter(folder) as writer:
             start = 0
             for f, n in zip(train_files, counts):
                 images, held = _npz_images(f), mask[start:start + n]
@@ -175,10 +174,7 @@ def load_imagenet64(path: Path, cache: Optional[Path] = None, validation: int = 
                 writer.write("validation", images[held])
             for f in val_files:
                 writer.write("test", _npz_images(f))
-        except BaseException:
-            writer.abort()
-            raise
-        writer.finish("imagenet64", "image", fingerprint, IMAGENET64_SHAPE, validation_seed=seed)
+            writer.finish("imagenet64", "image", fingerprint, IMAGENET64_SHAPE, validation_seed=seed)
 
     return prepared(Path(cache or cache_dir()) / "imagenet64", fingerprint, build)
 
@@ -223,8 +219,7 @@ def load_picture_tiles(path: Path, tile: tuple[int, int] = (32, 32), cache: Opti
     fingerprint = f"tiles-{h}x{w}-{files_fingerprint(files)}"
 
     def build(folder: Path) -> None:
-        writer = SplitWriter(folder)
-        try:
+        with SplitWriter(folder) as writer:
             for split, group in groups.items():
                 tiles = [picture_tiles(f, tile) for f in group]
                 if not sum(len(t) for t in tiles):
@@ -232,9 +227,7 @@ def load_picture_tiles(path: Path, tile: tuple[int, int] = (32, 32), cache: Opti
                                      f"all smaller than one {h}x{w} tile")
                 for t in tiles:
                     writer.write(split, t)
-        except BaseException:
-            writer.abort()
-            raise
-        writer.finish(f"tiles{h}x{w}", "image", fingerprint, (h, w, 3), source=str(path), pictures=len(files))
+            writer.finish(f"tiles{h}x{w}", "image", fingerprint, (h, w, 3), source=str(path),
+                          pictures=len(files))
 
     return prepared(Path(cache or cache_dir()) / f"tiles{h}x{w}-{tag}", fingerprint, build)

@@ -28,7 +28,9 @@ class SplitWriter:
     """Streams bytes into the three split files of a new cache folder, hashing as it goes.
 
     Writes into ``<folder>.tmp`` and only renames it to ``folder`` in :meth:`finish`, so an interrupted
-    conversion never leaves a folder that looks prepared.
+    conversion never leaves a folder that looks prepared. Use it as a context manager: leaving the
+    ``with`` block without :meth:`finish` (an error, Ctrl-C) closes the files and removes the
+    temporary folder.
     """
 
     def __init__(self, folder: Path):
@@ -39,6 +41,14 @@ class SplitWriter:
         self.files = {s: open(self.tmp / f"{s}.bin", "wb") for s in SPLITS}
         self.hashes = {s: hashlib.sha256() for s in SPLITS}
         self.lengths = dict.fromkeys(SPLITS, 0)
+        self.finished = False
+
+    def __enter__(self) -> "SplitWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self.finished:
+            self.abort()
 
     def write(self, split: str, data: np.ndarray) -> None:
         data = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1)
@@ -56,6 +66,7 @@ class SplitWriter:
         (self.tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
         shutil.rmtree(self.folder, ignore_errors=True)
         os.replace(self.tmp, self.folder)
+        self.finished = True
         return self.folder
 
     def abort(self) -> None:
@@ -66,10 +77,10 @@ class SplitWriter:
 
 def write_splits(folder: Path, dataset: ByteDataset, fingerprint: str, **extra) -> Path:
     """Write an in-memory :class:`ByteDataset` as a prepared cache folder."""
-    writer = SplitWriter(folder)
-    for s in SPLITS:
-        writer.write(s, dataset.split(s))
-    return writer.finish(dataset.name, dataset.kind, fingerprint, dataset.image_shape, **extra)
+    with SplitWriter(folder) as writer:
+        for s in SPLITS:
+            writer.write(s, dataset.split(s))
+        return writer.finish(dataset.name, dataset.kind, fingerprint, dataset.image_shape, **extra)
 
 
 def read_manifest(folder: Path) -> dict:
