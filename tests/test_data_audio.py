@@ -67,6 +67,17 @@ def test_audio_folder_resampled_mono_split_by_file(tmp_path):
     assert len(at8k.train) == 4000
 
 
+def test_one_recording_is_split_by_time(tmp_path):
+    x = sine(12_000, 1.0, 440)
+    soundfile.write(tmp_path / "one.wav", x, 12_000, subtype="FLOAT")
+    d = load("audio", tmp_path / "one.wav", cache=tmp_path / "cache")
+    assert (len(d.train), len(d.validation), len(d.test)) == (10_800, 600, 600)  # 90/5/5 of 12,000 samples
+    np.testing.assert_array_equal(np.concatenate([d.train, d.validation, d.test]), mu_law_encode(x))
+    soundfile.write(tmp_path / "two.wav", x, 12_000, subtype="FLOAT")  # a folder of two: still by time
+    folder = load("audio", tmp_path, cache=tmp_path / "cache")
+    assert len(folder.train) + len(folder.validation) + len(folder.test) == 24_000 and len(folder.test) == 1_200
+
+
 def test_bad_audio_inputs(tmp_path):
     (tmp_path / "broken.wav").write_bytes(b"RIFF\x10\x00\x00\x00WAVEjunkjunkjunk")
     with pytest.raises(ValueError, match="broken.wav: cannot decode as WAV/FLAC audio"):
@@ -82,7 +93,7 @@ def test_bad_audio_inputs(tmp_path):
     with pytest.raises(ValueError, match="1.wav: cannot decode"):
         load("audio", folder, cache=tmp_path / "c")
     assert not any((tmp_path / "c").glob("*/manifest.json"))  # nothing prepared from bad input
-    with pytest.raises(ValueError, match="empty.wav: audio is split by file .* at least 3 WAV/FLAC files, found 1"):
+    with pytest.raises(ValueError, match="empty.wav: audio file holds no samples"):
         load("audio", tmp_path / "empty.wav", cache=tmp_path / "c")
     for rate in (0, -5):  # 0 was read as "the default" by load(), and resampled to nothing by load_audio
         with pytest.raises(ValueError, match=f"sample_rate must be an int >= 1 \\(Hz\\), got {rate}"):

@@ -1,8 +1,9 @@
 """Raw audio as bytes: WAV/FLAC files, mono, resampled to 12 kHz, 8-bit mu-law (paper, section 7.4).
 
 Files are read with soundfile, mixed to mono, resampled with ``scipy.signal.resample_poly`` (a
-polyphase filter with anti-aliasing), mu-law encoded and concatenated in sorted path order. The split
-is by file (whole recordings go to train, validation or test), so no piece of music is in two splits.
+polyphase filter with anti-aliasing), mu-law encoded and concatenated in sorted path order. With three
+files or more the split is by file (whole recordings go to train, validation or test), so no piece of
+music is in two splits; one or two recordings are split by time instead, 90/5/5 like a text stream.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ from typing import Optional
 
 import numpy as np
 
-from .dataset import ByteDataset, split_files
+from .dataset import ByteDataset, split_files, split_stream
 from .download import cache_dir
 from .stdlib import files_fingerprint
-from .store import SplitWriter, prepared
+from .store import SPLITS, SplitWriter, prepared
 
 SAMPLE_RATE = 12_000
 MU = 255
@@ -70,7 +71,8 @@ def audio_files(path: Path) -> list[Path]:
 
 
 def load_audio(path: Path, cache: Optional[Path] = None, sample_rate: int = SAMPLE_RATE) -> ByteDataset:
-    """WAV/FLAC files under ``path`` as an 8-bit mu-law stream at ``sample_rate``, split by file.
+    """WAV/FLAC files under ``path`` (or one file) as an 8-bit mu-law stream at ``sample_rate``,
+    split by file (3 files or more) or else by time, 90/5/5.
 
     Each split is the concatenation of its files' encoded samples; context-length windows are cut
     from it by the batching code. Converted once into the cache and memory-mapped afterwards.
@@ -80,20 +82,23 @@ def load_audio(path: Path, cache: Optional[Path] = None, sample_rate: int = SAMP
         raise ValueError(f"sample_rate must be an int >= 1 (Hz), got {sample_rate!r}")
     path = Path(path).expanduser().resolve()
     files = audio_files(path)
-    if len(files) < 3:
-        raise ValueError(f"{path}: audio is split by file into train/validation/test, so it needs at least 3 "
-                         f"WAV/FLAC files, found {len(files)}")
-    groups = split_files(files)
-    files = [f for g in groups.values() for f in g]
-    fingerprint = f"audio-{sample_rate}-{files_fingerprint(files)}"
+    by_file = len(files) >= 3
+    fingerprint = f"audio-{sample_rate}-{'file' if by_file else 'time'}-{files_fingerprint(files)}"
     tag = hashlib.sha256(str(path).encode()).hexdigest()[:10]
 
     def build(folder: Path) -> None:
         with SplitWriter(folder) as writer:
-            for split, group in groups.items():
-                for f in group:
-                    writer.write(split, mu_law_encode(read_mono(f, sample_rate)))
-            writer.finish("audio", "audio", fingerprint, sample_rate=sample_rate, source=str(path),
-                          files={s: [str(f) for f in g] for s, g in groups.items()})
+            if by_file:
+                groups = split_files(files)
+                for split, group in groups.items():
+                    for f in group:
+                        writer.write(split, mu_law_encode(read_mono(f, sample_rate)))
+                sources = {s: [str(f) for f in g] for s, g in groups.items()}
+            else:  # too few recordings to keep whole: cut the one stream by time
+                stream = np.concatenate([mu_law_encode(read_mono(f, sample_rate)) for f in files])
+                for split in SPLITS:
+                    writer.write(split, split_stream(stream, str(path), "audio").split(split))
+                sources = {"by time": [str(f) for f in files]}
+            writer.finish("audio", "audio", fingerprint, sample_rate=sample_rate, source=str(path), files=sources)
 
     return prepared(Path(cache or cache_dir()) / f"audio{sample_rate}-{tag}", fingerprint, build)
