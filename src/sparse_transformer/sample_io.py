@@ -57,9 +57,7 @@ def image_grid(images: np.ndarray, columns: int, pad: int = 2, scale: int = 1) -
 
 def write_png(grid: np.ndarray, path: Path) -> Path:
     """Save an image grid ``[H, W, C]`` (C = 1 grey, 3 RGB) as PNG with matplotlib."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.image as mpimg
+    import matplotlib.image as mpimg  # writes files without pyplot or a display
     path.parent.mkdir(parents=True, exist_ok=True)
     if grid.shape[-1] == 1:
         mpimg.imsave(path, grid[..., 0], cmap="gray", vmin=0, vmax=255)

@@ -6,12 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only; never needs a display
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
+from matplotlib.colors import ListedColormap
+from matplotlib.figure import Figure  # no pyplot: no global backend or figure state, no display needed
 
 from .layout import block_layout
 from .patterns import Pattern
@@ -46,8 +44,9 @@ def draw(pattern: Pattern, n: int, out: str | Path, heads: Sequence[int] = (0,),
     query = n - 1 - width // 2 if query is None else query
     if not 0 <= query < n:
         raise ValueError(f"query must be in [0, {n - 1}], got {query}")
-    cmap = matplotlib.colors.ListedColormap(["#f7f7f7", "#ffffff", "#3b75af", "#d62728"])
-    fig, axes = plt.subplots(len(heads), 2, figsize=(9, 4.2 * len(heads)), squeeze=False)
+    cmap = ListedColormap(["#f7f7f7", "#ffffff", "#3b75af", "#d62728"])
+    fig = Figure(figsize=(9, 4.2 * len(heads)))
+    axes = fig.subplots(len(heads), 2, squeeze=False)
     for row, head in enumerate(heads):
         image, cell = connectivity(pattern, n, head)
         ax = axes[row, 0]
@@ -66,5 +65,4 @@ def draw(pattern: Pattern, n: int, out: str | Path, heads: Sequence[int] = (0,),
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
-    plt.close(fig)
     return out

@@ -81,13 +81,12 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 def plot_metrics(metrics_path: str | Path, out: str | Path) -> Optional[Path]:
     """Bits per byte versus step and versus time (train and evaluation) as a PNG; None if no data."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
     records = read_metrics(metrics_path)
     if not records:
         return None
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4))
+    axes = fig.subplots(1, 2)
     for split, style in (("train", "-"), ("validation", "o-"), ("test", "s")):
         rows = [r for r in records if r.get("split") == split]
         if not rows:
@@ -103,5 +102,4 @@ def plot_metrics(metrics_path: str | Path, out: str | Path) -> Optional[Path]:
     fig.tight_layout()
     out = Path(out)
     fig.savefig(out, dpi=100)
-    plt.close(fig)
     return out
