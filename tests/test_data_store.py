@@ -116,6 +116,17 @@ def test_positions():
         positions((2, 3), 7)
     with pytest.raises(ValueError, match="image context must be 3,072"):
         position_axes(img, 1024, 32)
+    assert position_axes(small(), 100, 128) == (1, 100)  # stride > context: one row
+
+
+@pytest.mark.parametrize("context,stride,axes", [(1000, 128, None), (100, 128, None), (3072, 96, (32, 32, 3))])
+def test_data_positions_are_the_models(context, stride, axes):
+    from sparse_transformer import SparseTransformer
+    from sparse_transformer.config import ModelConfig
+    model = SparseTransformer(ModelConfig(n_layer=1, n_head=1, d_model=8, context=context, stride=stride,
+                                          summary=1, position_axes=axes))
+    assert model.config.axes == (axes or position_axes(small(), context, stride))
+    assert torch.equal(model.position_index, positions(model.config.axes, context))
 
 
 def test_manifest_of_the_wrong_shape_is_a_clear_error(tmp_path):

@@ -118,8 +118,9 @@ def test_non_finite_losses_skip_steps_then_stop(text, tmp_path, monkeypatch, poi
         return loss * float("nan") if poison == "loss" else NanGradient.apply(loss)
 
     monkeypatch.setattr(loop, "byte_loss", poisoned)
-    with pytest.warns(UserWarning, match=f"non-finite {poison} at step 3"):
+    with pytest.warns(UserWarning, match=f"non-finite {poison} at step") as caught:
         result = train(small(checkpoint_every=1, max_nonfinite=2), tmp_path, text, progress=False)
+    assert [str(w.message).split(";")[0] for w in caught] == [f"non-finite {poison} at step {s}" for s in (3, 4)]
     assert result.stopped == "non-finite" and result.step == 5
     assert all(math.isfinite(x) for x in result.losses[:3])
     assert all(math.isnan(x) == (poison == "loss") for x in result.losses[3:])
@@ -167,6 +168,20 @@ def test_a_run_folder_is_never_trained_into_afresh_and_resume_needs_a_checkpoint
     with pytest.warns(UserWarning, match="skipping damaged"), \
             pytest.raises(ValueError, match=r"no intact checkpoint \(1 damaged: step-00000002\)"):
         train(small(), tmp_path, text, resume=True, progress=False)
+
+
+def test_images_bring_their_position_axes(tmp_path):
+    from sparse_transformer.data import ByteDataset
+    images = np.random.default_rng(0).integers(0, 256, 12 * 40, dtype=np.uint8)
+    data = ByteDataset("imgs", "image", images, images[:36], images[:36], (2, 2, 3))
+    config = small(model={"context": 12, "stride": 6, "pattern": "strided"}, schedule={"steps": 2})
+    result = train(config, tmp_path / "a", data, progress=False)
+    saved = json.loads((result.checkpoint / "train.json").read_text())
+    assert saved["model"]["position_axes"] == [2, 2, 3]  # row, column, channel from the data
+    resumed = train(loop.replace(config, schedule={"steps": 3}), tmp_path / "a", data, resume=True, progress=False)
+    assert resumed.step == 3  # the saved axes are the ones the data gives: resume accepts them
+    with pytest.raises(ValueError, match=r"model.position_axes \(4, 3\) do not match the images of imgs \(2x2x3\)"):
+        train(loop.replace(config, model={"position_axes": (4, 3)}), tmp_path / "b", data, progress=False)
 
 
 def test_resume_with_another_model_config_names_the_differences(text, tmp_path):

@@ -17,7 +17,8 @@ from .dataset import ByteDataset
 def position_axes(dataset: ByteDataset, context: int, stride: int) -> tuple[int, ...]:
     """Sizes of the factorized position axes for sequences of ``context`` bytes.
 
-    Images: ``(H, W, C)`` (the stride is not used). Streams: ``(ceil(context / stride), stride)``.
+    Images: ``(H, W, C)`` (the stride is not used). Streams: ``(ceil(context / l), l)`` with
+    ``l = min(stride, context)``, as :attr:`ModelConfig.axes` has it.
     """
     if dataset.image_shape:
         if context != dataset.example_length:
@@ -26,7 +27,8 @@ def position_axes(dataset: ByteDataset, context: int, stride: int) -> tuple[int,
         return tuple(dataset.image_shape)
     if stride < 1 or context < 1:
         raise ValueError(f"context and stride must be >= 1, got context {context}, stride {stride}")
-    return (math.ceil(context / stride), stride)
+    width = min(stride, context)  # a stride longer than the context leaves one row
+    return (math.ceil(context / width), width)
 
 
 def positions(axes: tuple[int, ...], n: int) -> torch.Tensor:

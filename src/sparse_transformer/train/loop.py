@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig, TrainConfig, from_dict, to_dict
-from ..data import ByteDataset, check_context
+from ..data import ByteDataset, check_context, position_axes
 from ..data.batches import Prefetcher, TrainBatches
 from ..model import SparseTransformer, byte_loss
 from ..parallel import (World, all_reduce_mean, autocast, close_world, init_world, make_scaler, no_sync,
@@ -184,6 +184,21 @@ def _resume_point(run_dir: Path, resume: bool, world: World) -> Optional[Path]:
     return None
 
 
+def _positions_from_data(config: TrainConfig, dataset: ByteDataset) -> TrainConfig:
+    """Images bring their own position axes (row, column, channel): a model config without
+    ``position_axes`` takes them from the data; one with other axes is refused."""
+    if not dataset.image_shape:
+        return config
+    axes = position_axes(dataset, config.model.context, config.model.stride)
+    if config.model.position_axes is None:
+        return replace(config, model={"position_axes": axes})
+    if config.model.position_axes != axes:
+        raise ValueError(f"model.position_axes {config.model.position_axes} do not match the images of "
+                         f"{dataset.name} ({'x'.join(map(str, axes))}); leave position_axes unset to take "
+                         f"them from the data")
+    return config
+
+
 def _model_differences(saved: ModelConfig, current: ModelConfig) -> str:
     return ", ".join(f"{f.name} {getattr(saved, f.name)!r} -> {getattr(current, f.name)!r}"
                      for f in dataclasses.fields(ModelConfig) if getattr(saved, f.name) != getattr(current, f.name))
@@ -192,11 +207,6 @@ def _model_differences(saved: ModelConfig, current: ModelConfig) -> str:
 def _train(config, run_dir, dataset, resume, world: World, progress, final_eval, on_step) -> RunResult:
     precision = resolve_precision(config.precision, world.device)
     found = _resume_point(run_dir, resume, world)  # before loading data: a refusal should be quick
-    if found is not None:
-        saved = from_dict(TrainConfig, json.loads((found / "train.json").read_text())).model
-        if saved != config.model:
-            raise ValueError(f"cannot resume from {found}: its model config differs from this run's "
-                             f"({_model_differences(saved, config.model)})")
     if dataset is None:
         with main_process_first(world):  # rank 0 prepares the cache; the others then read it
             dataset = load_dataset(config.data)
@@ -205,6 +215,12 @@ def _train(config, run_dir, dataset, resume, world: World, progress, final_eval,
         check_context(dataset, context)
     except ValueError as err:  # name the file the bytes came from, not only the dataset
         raise ValueError(f"{config.data.path}: {err}" if config.data.path else str(err)) from None
+    config = _positions_from_data(config, dataset)
+    if found is not None:
+        saved = from_dict(TrainConfig, json.loads((found / "train.json").read_text())).model
+        if saved != config.model:
+            raise ValueError(f"cannot resume from {found}: its model config differs from this run's "
+                             f"({_model_differences(saved, config.model)})")
     local_batch = config.data.batch_size // world.world_size
     if config.data.batch_size % world.world_size or local_batch % config.grad_accum:
         raise ValueError(f"data.batch_size ({config.data.batch_size}) must split evenly over {world.world_size} "
