@@ -10,7 +10,6 @@ learned start embedding at position 0, so ``logits[:, t]`` predicts ``tokens[:, 
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Optional, Sequence
@@ -21,12 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .attention import sparse_attention
-from .config import ModelConfig, from_dict, to_dict
+from .config import ModelConfig
 from .patterns import Pattern, by_name, parts
-
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
-
 
 def layer_patterns(config: ModelConfig, custom: Optional[Pattern] = None) -> list[tuple[Pattern, ...]]:
     """Per layer, the patterns its heads use: one pattern for all heads, or two for split heads.
@@ -181,47 +176,18 @@ class SparseTransformer(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def save_pretrained(self, path: str | Path) -> Path:
-        """Write ``model.safetensors`` and ``config.json`` into folder ``path``."""
+        """Write ``model.safetensors`` and ``config.json`` into folder ``path`` (see :mod:`.weights`)."""
+        from .weights import save_weights
         return save_weights(path, self.state_dict(), self.config)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: torch.device | str = "cpu") -> "SparseTransformer":
         """Load a model written by :meth:`save_pretrained` (or a trainer checkpoint folder)."""
-        from safetensors.torch import load_file
-        path = Path(path)
-        if not (path / WEIGHTS_FILE).is_file() or not (path / CONFIG_FILE).is_file():
-            raise ValueError(f"{path} must hold {WEIGHTS_FILE} and {CONFIG_FILE} (written by save_pretrained)")
-        try:
-            config = from_dict(ModelConfig, json.loads((path / CONFIG_FILE).read_text()))
-        except ValueError as err:  # bad JSON or fields: say which file
-            raise ValueError(f"{path / CONFIG_FILE}: not a valid model config ({err})") from None
-        model = cls(config).to(device)
-        try:
-            state = load_file(str(path / WEIGHTS_FILE), device=str(device))
-        except Exception as err:  # SafetensorError (truncated, corrupt) is not a ValueError
-            raise ValueError(f"{path / WEIGHTS_FILE}: not a readable safetensors file "
-                             f"(truncated or corrupt?): {err}") from None
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as err:  # missing, unexpected or mis-shaped tensors
-            detail = str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
-            raise ValueError(f"{path / WEIGHTS_FILE} does not fit the model in {path / CONFIG_FILE}: "
-                             f"{detail[:300]}") from None
-        return model
+        from .weights import load_model
+        return load_model(path, device, cls)
 
 
 def byte_loss(logits: Tensor, tokens: Tensor, reduction: str = "mean") -> Tensor:
     """Cross-entropy in nats (fp32) of ``logits [B, N, V]`` against ``tokens [B, N]``;
     bits per byte is this over ln 2."""
     return F.cross_entropy(logits.float().flatten(0, 1), tokens.long().flatten(), reduction=reduction)
-
-
-def save_weights(path: str | Path, state_dict: dict, config: ModelConfig) -> Path:
-    """Write a model state dict as ``model.safetensors`` plus its ``config.json`` into folder ``path``."""
-    from safetensors.torch import save_file
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-    save_file(tensors, str(path / WEIGHTS_FILE))
-    (path / CONFIG_FILE).write_text(json.dumps(to_dict(config), indent=2))
-    return path

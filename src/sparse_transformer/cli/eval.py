@@ -29,7 +29,7 @@ def add_parser(sub) -> None:
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """A folder with model weights: the path itself, or a run folder's latest good checkpoint."""
-    from ..model import WEIGHTS_FILE
+    from ..weights import WEIGHTS_FILE
     from ..train.checkpoint import MANIFEST, check, latest_checkpoint
     path = Path(path)
     if (path / WEIGHTS_FILE).is_file():

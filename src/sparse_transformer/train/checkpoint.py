@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import TrainConfig, to_dict
-from ..model import save_weights
+from ..weights import save_weights
 
 MANIFEST = "manifest.json"
 PREFIX = "step-"
