@@ -4,7 +4,6 @@ import subprocess
 import sys
 
 import matplotlib.image
-import pytest
 
 from sparse_transformer.cli import main
 

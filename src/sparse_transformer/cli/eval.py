@@ -47,8 +47,6 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from ..config import DataConfig, TrainConfig, from_dict
     from ..model import SparseTransformer
     from ..parallel import World, resolve_device, resolve_precision

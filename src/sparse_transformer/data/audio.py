@@ -17,8 +17,7 @@ import numpy as np
 
 from .dataset import ByteDataset, split_files, split_stream
 from .download import cache_dir
-from .stdlib import files_fingerprint
-from .store import SPLITS, SplitWriter, prepared
+from .store import SPLITS, SplitWriter, files_fingerprint, list_files, prepared
 
 SAMPLE_RATE = 12_000
 MU = 255
@@ -63,8 +62,7 @@ def audio_files(path: Path) -> list[Path]:
     path = Path(path)
     if path.is_file():
         return [path]
-    files = sorted((p for p in path.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES),
-                   key=lambda p: p.relative_to(path).as_posix()) if path.is_dir() else []
+    files = list_files(path, AUDIO_SUFFIXES)
     if not files:
         raise ValueError(f"{path}: expected a WAV/FLAC file or a folder containing some, found none")
     return files

@@ -18,8 +18,7 @@ import numpy as np
 
 from .dataset import ByteDataset, split_files
 from .download import cache_dir, download, verify_file
-from .stdlib import files_fingerprint
-from .store import SplitWriter, prepared
+from .store import SplitWriter, files_fingerprint, list_files, prepared
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -206,8 +205,7 @@ def load_picture_tiles(path: Path, tile: tuple[int, int] = (32, 32), cache: Opti
     validation, at least one each. Needs at least three pictures at least one tile in size.
     """
     path = Path(path)
-    files = sorted((p for p in path.rglob("*") if p.suffix.lower() in PICTURE_SUFFIXES),
-                   key=lambda p: p.relative_to(path).as_posix()) if path.is_dir() else []
+    files = list_files(path, PICTURE_SUFFIXES)
     if len(files) < 3:
         raise ValueError(f"{path}: expected a folder with at least 3 pictures ({', '.join(PICTURE_SUFFIXES)}), "
                          f"found {len(files)}")

@@ -19,7 +19,7 @@ import numpy as np
 
 from .dataset import ByteDataset, split_stream
 from .download import cache_dir
-from .store import prepared, write_splits
+from .store import files_fingerprint, prepared, write_splits
 
 
 def stdlib_files() -> list[Path]:
@@ -29,16 +29,6 @@ def stdlib_files() -> list[Path]:
     if not files:
         raise ValueError(f"found no .py files under the standard library folder {root}")
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
-
-
-def files_fingerprint(files: list[Path], root: Optional[Path] = None) -> str:
-    """A short hash of the paths, sizes and modification times of ``files`` (detects a stale cache)."""
-    h = hashlib.sha256()
-    for p in files:
-        st = p.stat()
-        name = p.relative_to(root).as_posix() if root else str(p)
-        h.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:16]
 
 
 def load_stdlib(cache: Optional[Path] = None) -> ByteDataset:

@@ -24,6 +24,29 @@ MANIFEST = "manifest.json"
 FULL_CHECK_LIMIT = 1 << 30  # sha256 of splits up to 1 GiB is re-checked on load; larger ones by length only
 
 
+def list_files(folder: Path, suffixes: Optional[tuple[str, ...]] = None) -> list[Path]:
+    """Files under ``folder`` in sorted relative-path order (so every machine reads them in the same
+    order), skipping hidden files and folders; only those with one of ``suffixes`` (lower case)
+    if given. Empty if ``folder`` is not a folder."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    files = (p for p in folder.rglob("*") if p.is_file()
+             and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+             and (suffixes is None or p.suffix.lower() in suffixes))
+    return sorted(files, key=lambda p: p.relative_to(folder).as_posix())
+
+
+def files_fingerprint(files: list[Path], root: Optional[Path] = None) -> str:
+    """A short hash of the paths, sizes and modification times of ``files`` (detects a stale cache)."""
+    h = hashlib.sha256()
+    for p in files:
+        st = p.stat()
+        name = p.relative_to(root).as_posix() if root else str(p)
+        h.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
 class SplitWriter:
     """Streams bytes into the three split files of a new cache folder, hashing as it goes.
 

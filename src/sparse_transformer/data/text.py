@@ -18,8 +18,7 @@ import numpy as np
 
 from .dataset import ByteDataset, split_stream
 from .download import cache_dir, download
-from .stdlib import files_fingerprint
-from .store import load_splits, prepared, write_splits
+from .store import files_fingerprint, list_files, load_splits, prepared, write_splits
 
 
 @dataclass(frozen=True)
@@ -79,9 +78,7 @@ def source_files(path: Path) -> list[Path]:
         return [path]
     if not path.is_dir():
         raise ValueError(f"{path}: no such file or folder")
-    files = sorted((p for p in path.rglob("*") if p.is_file()
-                    and not any(part.startswith(".") for part in p.relative_to(path).parts)),
-                   key=lambda p: p.relative_to(path).as_posix())
+    files = list_files(path)
     if not files:
         raise ValueError(f"{path}: folder holds no files")
     return files

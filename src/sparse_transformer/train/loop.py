@@ -30,7 +30,7 @@ from ..parallel import (World, all_reduce_mean, autocast, close_world, init_worl
 from . import checkpoint as ckpt
 from .checkpoint import checkpoint_dir
 from .evaluate import evaluate, sample_bytes
-from .metrics import LN2, Metrics, plot_metrics
+from .metrics import Metrics, plot_metrics
 from .source import load_dataset
 
 
