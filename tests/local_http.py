@@ -32,6 +32,10 @@ def _handler(served: Served):
             match = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
             if match and not served.ignore_range:
                 start, status = int(match.group(1)), 206
+                if start >= len(data):  # as real servers do: nothing past the end
+                    served.requests.append((self.path, self.headers.get("Range"), 416))
+                    self.send_error(416)
+                    return
             served.requests.append((self.path, self.headers.get("Range"), status))
             body = data[start:]
             self.send_response(status)

@@ -82,6 +82,8 @@ def test_eval_windows_bounded_and_images():
     assert last.start + 64 == 1000
     images = eval_windows(48 * 5, 48, example_length=48, max_bytes=100)
     assert [(w.start, w.first) for w in images] == [(0, 0), (48, 0)]
+    with pytest.raises(ValueError, match="context must be 192, got 48"):  # used to score 48 of every 192 bytes
+        eval_windows(192 * 5, 48, example_length=192)
     data = stream(300)
     tokens, first = next(eval_batches(data, eval_windows(300, 64, 16), 64, batch_size=4))
     assert tokens.shape == (4, 64) and first.tolist() == [0, 48, 48, 48]

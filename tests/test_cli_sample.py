@@ -142,3 +142,22 @@ def test_bad_input_is_caught_before_any_sampling(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["sample", "--checkpoint", str(text_model), "--top-k", "0"])
     assert "argument --top-k: expected an int >= 1, got 0" in capsys.readouterr().err
+
+
+def test_eval_on_other_pictures_keeps_the_runs_tile(tmp_path, capsys, monkeypatch):
+    from PIL import Image
+    monkeypatch.setenv("SPARSE_TRANSFORMER_DATA", str(tmp_path / "cache"))
+    config = ModelConfig(n_layer=1, n_head=2, d_model=16, context=48, pattern="strided", stride=12,
+                         position_axes=(4, 4, 3))
+    folder, _ = save(tmp_path, config)
+    (folder / "train.json").write_text(json.dumps(to_dict(TrainConfig(model=config, data=DataConfig(
+        dataset="images", tile=(4, 4))))))
+    pictures = tmp_path / "pictures"
+    pictures.mkdir()
+    rng = np.random.default_rng(1)
+    for name in ("a", "b", "c"):
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(pictures / f"{name}.png")
+    assert main(["eval", "--checkpoint", str(folder), "--dataset", "images", "--data", str(pictures),
+                 "--split", "test"]) == 0
+    # 4x4 tiles of the run, not the default 32x32: the 256 tiles of c.png, every byte scored
+    assert "bits per dim on tiles4x4 (all 12,288 bytes scored)" in capsys.readouterr().out

@@ -56,6 +56,20 @@ def test_server_without_range_restarts_instead_of_appending(tmp_path):
     assert dest.read_bytes() == PAYLOAD and served.requests[0][2] == 200
 
 
+def test_a_whole_part_file_of_unknown_size_is_verified_not_refetched(tmp_path):
+    """Cut off after the last byte but before the rename: the server answers the resume with 416."""
+    served = Served(files={"/f.bin": PAYLOAD})
+    part = tmp_path / "f.bin.part"
+    part.write_bytes(PAYLOAD)
+    with LocalServer(served) as url:
+        dest = download(f"{url}/f.bin", tmp_path / "f.bin", md5=MD5, retries=0, progress=False)
+        assert dest.read_bytes() == PAYLOAD and not part.exists()
+        assert served.requests == [("/f.bin", f"bytes={len(PAYLOAD)}-", 416)]
+        (tmp_path / "g.bin.part").write_bytes(PAYLOAD[:-4] + b"oops")  # whole length, wrong bytes
+        with pytest.raises(ValueError, match="rejected and deleted"):
+            download(f"{url}/f.bin", tmp_path / "g.bin", md5=MD5, retries=0, progress=False)
+
+
 def test_corrupted_download_is_rejected_and_deleted(tmp_path):
     corrupt = bytearray(PAYLOAD)
     corrupt[500_000] ^= 0xFF  # same size, one flipped byte
@@ -76,10 +90,15 @@ def test_corrupted_download_is_rejected_and_deleted(tmp_path):
         with pytest.raises(ValueError, match="md5 .* expected"):
             download(f"{url}/f.bin", dest, md5=MD5, progress=False)
         assert not dest.exists()
-        # ... and with one, it counts as an interrupted download and stays a .part file.
+        # ... and with one, a connection that closes early is an interrupted download that stays a
+        # .part file, until the server says there is nothing more (HTTP 416): then it is deleted.
         with pytest.raises(ConnectionError, match="closed at 1,023,994 of 1,024,004"):
-            download(f"{url}/f.bin", dest, size=len(PAYLOAD), retries=1, progress=False)
+            download(f"{url}/f.bin", dest, size=len(PAYLOAD), retries=0, progress=False)
         assert not dest.exists() and (tmp_path / "f.bin.part").stat().st_size == len(PAYLOAD) - 10
+        with pytest.raises(ValueError, match="offers 1,023,994 bytes, expected 1,024,004"):
+            download(f"{url}/f.bin", dest, size=len(PAYLOAD), retries=0, progress=False)
+        assert not dest.exists() and not (tmp_path / "f.bin.part").exists()
+        (tmp_path / "f.bin.part").write_bytes(PAYLOAD[:-10])
     with pytest.raises(ValueError, match="f.bin.part: expected 1,024,004 bytes, found 1,023,994"):
         verify_file(tmp_path / "f.bin.part", size=len(PAYLOAD))
 

@@ -105,6 +105,22 @@ def test_cached_greedy_generation_equals_rerunning_forward(pattern, integration)
         assert torch.equal(out, naive_greedy(model, prime, steps))
 
 
+@pytest.mark.parametrize("integration", ["interleaved", "split"])
+def test_a_layer_whose_summary_slots_lie_past_the_context(integration):
+    """Fixed l = 16, c = 2 at context 13: the summary part has no key anywhere (its layer or heads
+    output zeros in the full forward pass); the cache must do the same, not fail."""
+    model = tiny_model("fixed", integration, context=13, stride=16, summary=2, distinct=1, seed=4)
+    prime = torch.randint(0, 256, (2, 3), generator=torch.Generator().manual_seed(4))
+    assert torch.equal(generate(model, prime, 10, temperature=0), naive_greedy(model, prime, 10))
+
+
+def test_generate_gives_every_submodule_its_mode_back():
+    model = tiny_model("strided").train()
+    model.blocks[0].eval()  # a user's frozen block stays frozen
+    generate(model, torch.zeros(1, 0, dtype=torch.long), 3)
+    assert model.training and not model.blocks[0].training and model.blocks[1].training
+
+
 def test_custom_pattern_falls_back_to_its_mask_function():
     model = tiny_model(custom_pattern=CUSTOM, seed=3)
     tokens = torch.randint(0, 256, (2, CONTEXT), generator=torch.Generator().manual_seed(3))

@@ -262,18 +262,28 @@ class Decoder(nn.Module):
                     fk, fv = fk[:, :, :plan.fixed], fv[:, :, :plan.fixed]
                 scores.append(q @ fk.float().transpose(-1, -2) + fixed_bias[:, None])
                 values.append(fv)
-            scores = torch.cat(scores, -1) if len(scores) > 1 else scores[0]  # (B, H, 1, K)
-            if plan.may_be_empty:  # a query with no admissible key gets zeros, as in sparse_attention
-                top = scores.amax(-1, keepdim=True)
-                weights = torch.exp(scores - torch.where(torch.isfinite(top), top, torch.zeros_like(top)))
-                total = weights.sum(-1, keepdim=True)
-                weights = weights / torch.where(total > 0, total, torch.ones_like(total))
-            else:
-                weights = torch.softmax(scores, -1)
-            parts = weights.split([vals.shape[-2] for vals in values], -1) if len(values) > 1 else [weights]
-            out = parts[0] @ values[0].float()  # (B, H, 1, dv)
-            if len(values) > 1:
-                out = out + parts[1] @ values[1].float()
+            if scores:
+                out = _attend(scores, values, plan.may_be_empty)  # (B, H, 1, dv)
+            else:  # no key slot at all (a summary part whose slots lie past the context): zeros
+                out = torch.zeros(b, h, 1, v.shape[-1], device=x.device)
             a = block.attn.proj(out.reshape(b, -1).to(x.dtype))  # (B, d)
             x = x + a + block.ff(block.norm_ff(x + a))  # dropout is the identity when sampling
         return m.head(m.norm(x))
+
+
+def _attend(scores: list[Tensor], values: list[Tensor], may_be_empty: bool) -> Tensor:
+    """One softmax over the concatenated slot scores ``[B, H, 1, K_i]``, then the weighted sum of
+    the matching ``values`` ``[B, H, K_i, dv]``; fp32 ``[B, H, 1, dv]``."""
+    scores = torch.cat(scores, -1) if len(scores) > 1 else scores[0]  # (B, H, 1, K)
+    if may_be_empty:  # a query with no admissible key gets zeros, as in sparse_attention
+        top = scores.amax(-1, keepdim=True)
+        weights = torch.exp(scores - torch.where(torch.isfinite(top), top, torch.zeros_like(top)))
+        total = weights.sum(-1, keepdim=True)
+        weights = weights / torch.where(total > 0, total, torch.ones_like(total))
+    else:
+        weights = torch.softmax(scores, -1)
+    parts = weights.split([vals.shape[-2] for vals in values], -1) if len(values) > 1 else [weights]
+    out = parts[0] @ values[0].float()
+    if len(values) > 1:
+        out = out + parts[1] @ values[1].float()
+    return out

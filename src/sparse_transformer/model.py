@@ -10,6 +10,7 @@ learned start embedding at position 0, so ``logits[:, t]`` predicts ``tokens[:, 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 from typing import Optional, Sequence
@@ -185,6 +186,19 @@ class SparseTransformer(nn.Module):
         """Load a model written by :meth:`save_pretrained` (or a trainer checkpoint folder)."""
         from .weights import load_model
         return load_model(path, device, cls)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """Put ``model`` in eval mode for the block, then give every submodule back its own mode
+    (``model.train(was_training)`` would flip submodules a user had frozen in eval)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 def byte_loss(logits: Tensor, tokens: Tensor, reduction: str = "mean") -> Tensor:

@@ -19,6 +19,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .kvcache import Decoder
+from .model import eval_mode
 
 COMPILE_MODES = (False, True, "reduce-overhead", "cudagraph")
 
@@ -168,10 +169,8 @@ def generate(model: nn.Module, prime: Tensor, steps: int, temperature: float = 1
     if steps == 0:
         return prime.clone()
     device = model.head.weight.device
-    was_training = model.training
-    model.eval()
     clock = _Clock(timings, device)
-    try:
+    with eval_mode(model):
         out = torch.empty(b, p + steps, dtype=torch.long, device=device)
         out[:, :p] = prime.to(device)
         decoder = Decoder(model, b)
@@ -195,6 +194,4 @@ def generate(model: nn.Module, prime: Tensor, steps: int, temperature: float = 1
         clock.lap("steps_s")
         if timings is not None:
             timings["cache_bytes"] = decoder.cache_bytes()
-    finally:
-        model.train(was_training)
     return out.to(prime.device)

@@ -58,8 +58,9 @@ def run(args: argparse.Namespace) -> int:
             data = from_dict(TrainConfig, json.loads(candidate.read_text())).data
             break
     if args.dataset is not None or args.data is not None:
-        data = DataConfig(dataset=args.dataset or "stdlib", path=args.data, eval_stride=data.eval_stride,
-                          eval_bytes=data.eval_bytes, eval_batch_size=data.eval_batch_size)
+        data = DataConfig(dataset=args.dataset or "stdlib", path=args.data, tile=data.tile,
+                          eval_stride=data.eval_stride, eval_bytes=data.eval_bytes,
+                          eval_batch_size=data.eval_batch_size)
     device = resolve_device(args.device)
     model = SparseTransformer.from_pretrained(folder, device=device)
     dataset = load_dataset(data)

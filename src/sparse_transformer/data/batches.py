@@ -121,6 +121,9 @@ def eval_windows(length: int, context: int, stride: Optional[int] = None,
     slice of the split; at least one window).
     """
     if example_length is not None:
+        if context != example_length:  # a window must be one whole image, or part of each goes unscored
+            raise ValueError(f"images of {example_length:,} bytes are evaluated one per window, so the model's "
+                             f"context must be {example_length:,}, got {context:,}")
         count = length // example_length
         if max_bytes is not None:
             count = max(1, min(count, max_bytes // example_length))

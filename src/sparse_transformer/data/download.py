@@ -88,6 +88,12 @@ def download(url: str, dest: Path, *, size: Optional[int] = None, sha256: Option
                 raise ConnectionError(f"connection closed at {got:,} of {size:,} bytes")
             break
         except (urllib.error.URLError, http.client.HTTPException, OSError) as err:
+            if isinstance(err, urllib.error.HTTPError) and err.code == 416 and offset:
+                if size is None or offset >= size:
+                    break  # nothing left past the .part's end: it is whole (or wrong, which verify_file says)
+                part.unlink()  # the server's file is shorter than the real one: resuming can never finish
+                raise ValueError(f"{url}: the server offers {offset:,} bytes, expected {size:,}; "
+                                 f"the partial download was deleted") from err
             if isinstance(err, urllib.error.HTTPError) and err.code not in (408, 429, 500, 502, 503, 504):
                 raise ValueError(f"{url}: HTTP {err.code} {err.reason}") from err
             attempt += 1

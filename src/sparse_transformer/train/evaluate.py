@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..data.batches import eval_batches, eval_windows
-from ..model import byte_loss
+from ..model import byte_loss, eval_mode
 from ..parallel import World, all_reduce_sum, autocast
 
 
@@ -35,20 +35,18 @@ def evaluate(model: nn.Module, data: np.ndarray, context: int, world: World = Wo
     # The same number of forward passes on every rank (FSDP gathers weights collectively).
     passes = math.ceil(math.ceil(len(windows) / world.world_size) / batch_size)
     total = torch.zeros(2, dtype=torch.float64, device=world.device)
-    was_training = model.training
-    model.eval()
-    for i in range(passes):
-        group, weight = mine[i * batch_size:(i + 1) * batch_size], 1.0
-        if not group:  # this rank ran out of windows: run one for the collectives, count nothing
-            group, weight = windows[:1], 0.0
-        tokens, first = next(eval_batches(data, group, context, len(group)))
-        x = torch.from_numpy(np.ascontiguousarray(tokens)).to(world.device).long()
-        with autocast(precision, world.device):
-            logits = model(x)
-        nll = byte_loss(logits, x, reduction="none").view(x.shape)  # (b, n) nats
-        scored = torch.arange(x.shape[1], device=x.device)[None, :] >= torch.from_numpy(first).to(x.device)[:, None]
-        total += torch.stack([(nll * scored).sum().double(), scored.sum().double()]) * weight
-    model.train(was_training)
+    with eval_mode(model):
+        for i in range(passes):
+            group, weight = mine[i * batch_size:(i + 1) * batch_size], 1.0
+            if not group:  # this rank ran out of windows: run one for the collectives, count nothing
+                group, weight = windows[:1], 0.0
+            tokens, first = next(eval_batches(data, group, context, len(group)))
+            x = torch.from_numpy(np.ascontiguousarray(tokens)).to(world.device).long()
+            with autocast(precision, world.device):
+                logits = model(x)
+            nll = byte_loss(logits, x, reduction="none").view(x.shape)  # (b, n) nats
+            scored = torch.arange(x.shape[1], device=x.device)[None, :] >= torch.from_numpy(first).to(x.device)[:, None]
+            total += torch.stack([(nll * scored).sum().double(), scored.sum().double()]) * weight
     total = all_reduce_sum(total, world)
     return (total[0] / total[1]).item() / math.log(2), int(total[1].item())
 
@@ -60,8 +58,8 @@ def sample_bytes(model: nn.Module, length: int, prompt: bytes = b"", temperature
     :func:`sparse_transformer.sampling.generate`). Deterministic for a given ``seed``."""
     from ..sampling import generate
 
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature}")
     context = model.config.context
     prompt = prompt[-(context - length):] if length < context else b""
     length = min(length, context - len(prompt))
