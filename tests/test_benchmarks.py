@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+import launch
+
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["model.n_layer=2", "model.d_model=32", "model.context=64", "model.stride=8", "model.summary=2",
          "data.batch_size=8"]
@@ -16,8 +18,7 @@ SMALL = ["model.n_layer=2", "model.d_model=32", "model.context=64", "model.strid
 def script(name, *args, timeout=300):
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
                OMP_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / name), *map(str, args)], env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    done = launch.run([sys.executable, str(ROOT / "benchmarks" / name), *map(str, args)], env=env, timeout=timeout)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout
 

@@ -160,7 +160,10 @@ def train(config: TrainConfig, run_dir: str | Path, dataset: Optional[ByteDatase
     run_dir = Path(run_dir)
     world = init_world(device)
     try:
-        return _train(config, run_dir, dataset, resume, world, progress, final_eval, on_step)
+        result = _train(config, run_dir, dataset, resume, world, progress, final_eval, on_step)
+        if world.distributed:  # rank 0 may still be sampling: no rank tears the group down before it
+            torch.distributed.barrier()
+        return result
     finally:
         close_world(world)
 
