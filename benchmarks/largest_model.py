@@ -1,9 +1,9 @@
 """The largest model that trains at one context length on one GPU (issue 8, run 4).
 
 Starts from a preset (default ``audio-65k``: 65,536 bytes, strided l = 256, 48 layers, d = 512,
-152M parameters) and tries larger shapes, smallest first. Each shape gets one full training step
+16 heads of 32, 152M parameters) and tries larger shapes, smallest first. Each shape gets full training steps
 in its own subprocess, measured by ``benchmarks/presets.py`` (bf16, the preset's recompute,
-batch 1). The search stops at the first shape that fails (out of memory, or slower than
+batch 1; one warm-up step and ``--steps`` timed ones). The search stops at the first shape that fails (out of memory, or slower than
 ``--timeout``). Every shape tried goes to the console and to a JSON file.
 
     python benchmarks/largest_model.py                     # the default ladder, 152M to 4.8B parameters
@@ -17,18 +17,20 @@ import re
 
 from presets import describe, measure, parser, results_path
 
-# LxD: n_layer x d_model (head width 64). With 4d feed-forward, about 12 L D^2 parameters;
-# AdamW with fp32 master weights needs 16 bytes per parameter before activations.
+# LxD: n_layer x d_model, heads of --head-width (32, as in audio-65k, whose shape is the first rung).
+# With 4d feed-forward, about 12 L D^2 parameters; AdamW with fp32 master weights needs 16 bytes
+# per parameter before activations.
 LADDER = ["48x512", "48x1024", "64x1536", "72x2048", "96x2048"]
 
 
-def shape_overrides(shape: str) -> list[str]:
-    """``"48x1024"`` -> overrides for 48 layers of width 1,024 with 16 heads of 64."""
+def shape_overrides(shape: str, head_width: int = 32) -> list[str]:
+    """``"48x1024"`` -> overrides for 48 layers of width 1,024 in heads of ``head_width``."""
     match = re.fullmatch(r"(\d+)x(\d+)", shape)
-    if not match or int(match[2]) % 64:
-        raise ValueError(f"shape must look like LAYERSxWIDTH with a width divisible by 64, e.g. 48x1024; got {shape!r}")
+    if not match or int(match[2]) % head_width:
+        raise ValueError(f"shape must look like LAYERSxWIDTH with a width divisible by the head width "
+                         f"{head_width}, e.g. 48x1024; got {shape!r}")
     layers, width = int(match[1]), int(match[2])
-    return [f"model.n_layer={layers}", f"model.d_model={width}", f"model.n_head={width // 64}"]
+    return [f"model.n_layer={layers}", f"model.d_model={width}", f"model.n_head={width // head_width}"]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -36,11 +38,12 @@ def main(argv: list[str] | None = None) -> None:
     p.description = __doc__
     p.set_defaults(presets=["audio-65k"], steps=1, timeout=240)
     p.add_argument("--shapes", nargs="+", default=LADDER, help="LAYERSxWIDTH, smallest first")
+    p.add_argument("--head-width", type=int, default=32, help="width of one attention head")
     args = p.parse_args(argv)
     if len(args.presets) != 1:
         p.error(f"--presets takes one preset here (the starting shape), got {args.presets}")
     try:
-        ladder = [shape_overrides(s) for s in args.shapes]
+        ladder = [shape_overrides(s, args.head_width) for s in args.shapes]
     except ValueError as err:
         p.error(str(err))
     results = []

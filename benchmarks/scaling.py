@@ -10,8 +10,9 @@ the bf16-compressed gradient all-reduce it uses on NCCL, and FSDP2). From each r
   training time),
 - scaling efficiency: N-process tokens/s / (N x 1-process tokens/s) (issue 9's target: >= 0.9),
 - how far the N-process loss curve is from the 1-process one at the same step (bits per byte):
-  with the same global batch they see the same bytes, so they differ only by reduction order and
-  bf16 gradient compression.
+  with the same global batch they see the same bytes, and dropout is off (``model.dropout=0``
+  unless ``--set`` says otherwise: masks depend on the per-process batch shape), so they differ
+  only by reduction order and bf16 gradient compression.
 
 Results go to ``benchmarks/results/scaling-<gpu>.{json,md}`` and a loss-curve PNG beside them.
 
@@ -37,7 +38,7 @@ RESULTS = Path(__file__).parent / "results"
 
 def train(nproc: int, strategy: str, run_dir: Path, args: argparse.Namespace) -> float:
     """One training run under torchrun; returns its wall-clock seconds. Raises with the log's tail."""
-    sets = ["log_every=1", "sample_bytes=0", "checkpoint_every=0", "eval_every=0",
+    sets = ["log_every=1", "sample_bytes=0", "checkpoint_every=0", "eval_every=0", "model.dropout=0",
             f"data.eval_bytes={args.eval_bytes}", *args.set]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
            "-m", "sparse_transformer", "train", "--preset", args.preset, "--steps", str(args.steps),

@@ -183,6 +183,21 @@ def test_images_bring_their_position_axes(tmp_path):
         train(loop.replace(config, model={"position_axes": (4, 3)}), tmp_path / "b", data, progress=False)
 
 
+
+def test_an_image_run_saved_with_stream_axes_still_resumes(tmp_path, monkeypatch):
+    """Runs from before the axes came from the data saved position_axes None: resume keeps them."""
+    from sparse_transformer.data import ByteDataset
+    images = np.random.default_rng(0).integers(0, 256, 12 * 40, dtype=np.uint8)
+    data = ByteDataset("imgs", "image", images, images[:36], images[:36], (2, 2, 3))
+    config = small(model={"context": 12, "stride": 6, "pattern": "strided"}, schedule={"steps": 2})
+    with monkeypatch.context() as m:
+        m.setattr(loop, "_positions_from_data", lambda config, dataset, saved: config)  # the old trainer
+        train(config, tmp_path, data, progress=False, final_eval=False)
+    with pytest.warns(UserWarning, match="keeping them"):
+        resumed = train(loop.replace(config, schedule={"steps": 3}), tmp_path, data, resume=True, progress=False)
+    assert resumed.step == 3
+
+
 def test_resume_with_another_model_config_names_the_differences(text, tmp_path):
     train(small(schedule={"steps": 2}), tmp_path, text, progress=False, final_eval=False)
     with pytest.raises(ValueError, match=r"model config differs from this run's \(d_model 32 -> 64, stride 8 -> 4\)"):

@@ -18,6 +18,7 @@ import contextlib
 import os
 import types
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Optional
 
 import torch
@@ -26,6 +27,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import TrainConfig
+
+WAIT_TIMEOUT = timedelta(hours=6)  # converting ImageNet or a large audio folder takes a while
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,9 @@ class World:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    # A gloo group with a long timeout for ranks that wait on rank 0 (data preparation, checkpoint
+    # hashing, sampling): NCCL's watchdog would kill them after 10 minutes.
+    wait_group: Optional[object] = None
 
     @property
     def distributed(self) -> bool:
@@ -78,9 +84,12 @@ def init_world(device: Optional[str] = None) -> World:
     dev = resolve_device(device, local_rank, world_size)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world_size)
-    return World(rank, world_size, local_rank, dev)
+    wait_group = None
+    if world_size > 1:
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world_size)
+        wait_group = dist.new_group(backend="gloo", timeout=WAIT_TIMEOUT)
+    return World(rank, world_size, local_rank, dev, wait_group)
 
 
 def close_world(world: World) -> None:
@@ -124,15 +133,21 @@ def apply_recompute(model: nn.Module) -> None:
         block.forward = types.MethodType(_checkpointed_forward, block)
 
 
+def wait_for_all(world: World) -> None:
+    """A barrier that tolerates one rank working alone for a long time (see ``World.wait_group``)."""
+    if world.distributed:
+        dist.barrier(group=world.wait_group)
+
+
 @contextlib.contextmanager
 def main_process_first(world: World):
     """Run the body on rank 0 first, then on the other ranks (e.g. to prepare a shared data
     cache once); every rank enters it."""
-    if world.distributed and not world.main:
-        dist.barrier()
+    if not world.main:
+        wait_for_all(world)
     yield
-    if world.distributed and world.main:
-        dist.barrier()
+    if world.main:
+        wait_for_all(world)
 
 
 def parallelize(model: nn.Module, config: TrainConfig, world: World) -> nn.Module:

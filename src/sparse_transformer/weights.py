@@ -32,6 +32,7 @@ def save_weights(path: str | Path, state_dict: dict, config: ModelConfig) -> Pat
 def load_model(path: str | Path, device: torch.device | str = "cpu", cls: Optional[type] = None):
     """The model in folder ``path`` (written by :func:`save_weights`), on ``device``; ``cls``
     defaults to :class:`~sparse_transformer.model.SparseTransformer`. Errors name the bad file."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
     if cls is None:
         from .model import SparseTransformer as cls
@@ -45,7 +46,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", cls: Option
     model = cls(config).to(device)
     try:
         state = load_file(str(path / WEIGHTS_FILE), device=str(device))
-    except Exception as err:  # SafetensorError (truncated, corrupt) is not a ValueError
+    except (SafetensorError, OSError) as err:  # truncated or corrupt; not a ValueError
         raise ValueError(f"{path / WEIGHTS_FILE}: not a readable safetensors file "
                          f"(truncated or corrupt?): {err}") from None
     try:

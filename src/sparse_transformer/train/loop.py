@@ -26,7 +26,7 @@ from ..data import ByteDataset, check_context, position_axes
 from ..data.batches import Prefetcher, TrainBatches
 from ..model import SparseTransformer, byte_loss
 from ..parallel import (World, all_reduce_mean, autocast, close_world, init_world, make_scaler, no_sync,
-                        main_process_first, parallelize, resolve_precision)
+                        main_process_first, parallelize, resolve_precision, wait_for_all)
 from . import checkpoint as ckpt
 from .checkpoint import checkpoint_dir
 from .evaluate import evaluate, sample_bytes
@@ -124,18 +124,18 @@ def _agreed_checkpoint(run_dir: Path, world: World) -> Optional[Path]:
     others, so every rank resumes from the same step."""
     found = [ckpt.latest_checkpoint(run_dir) if world.main else None]
     if world.distributed:
-        torch.distributed.broadcast_object_list(found, src=0)
+        torch.distributed.broadcast_object_list(found, src=0, group=world.wait_group)
     return found[0]
 
 
 def _unsharded_copy(model: nn.Module, model_config: ModelConfig, world: World) -> Optional[nn.Module]:
-    """On rank 0, a plain copy of an FSDP-sharded model (the sampler's key/value-cache decoder
-    calls submodules one by one, which FSDP2 does not unshard); None elsewhere. Collective."""
+    """On rank 0, a plain copy of an FSDP-sharded model on the CPU (the sampler's key/value-cache
+    decoder calls submodules one by one, which FSDP2 does not unshard); None elsewhere. Collective."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not world.main:
         return None
-    copy = SparseTransformer(model_config).to(world.device)
+    copy = SparseTransformer(model_config)  # on the CPU: the GPU still holds the sharded run
     copy.load_state_dict(state)
     return copy
 
@@ -161,8 +161,7 @@ def train(config: TrainConfig, run_dir: str | Path, dataset: Optional[ByteDatase
     world = init_world(device)
     try:
         result = _train(config, run_dir, dataset, resume, world, progress, final_eval, on_step)
-        if world.distributed:  # rank 0 may still be sampling: no rank tears the group down before it
-            torch.distributed.barrier()
+        wait_for_all(world)  # rank 0 may still be sampling: no rank tears the group down before it
         return result
     finally:
         close_world(world)
@@ -187,10 +186,15 @@ def _resume_point(run_dir: Path, resume: bool, world: World) -> Optional[Path]:
     return None
 
 
-def _positions_from_data(config: TrainConfig, dataset: ByteDataset) -> TrainConfig:
+def _positions_from_data(config: TrainConfig, dataset: ByteDataset, saved: Optional[ModelConfig]) -> TrainConfig:
     """Images bring their own position axes (row, column, channel): a model config without
-    ``position_axes`` takes them from the data; one with other axes is refused."""
+    ``position_axes`` takes them from the data; one with other axes is refused. A run resumed
+    from a checkpoint saved without them (before the axes came from the data) keeps its layout."""
     if not dataset.image_shape:
+        return config
+    if saved is not None and saved.position_axes is None and config.model.position_axes is None:
+        warnings.warn("resuming a run whose model has stream position axes on image data; keeping them "
+                      "(a fresh run would take the images' (H, W, C) axes)")
         return config
     axes = position_axes(dataset, config.model.context, config.model.stride)
     if config.model.position_axes is None:
@@ -218,9 +222,9 @@ def _train(config, run_dir, dataset, resume, world: World, progress, final_eval,
         check_context(dataset, context)
     except ValueError as err:  # name the file the bytes came from, not only the dataset
         raise ValueError(f"{config.data.path}: {err}" if config.data.path else str(err)) from None
-    config = _positions_from_data(config, dataset)
+    saved = from_dict(TrainConfig, json.loads((found / "train.json").read_text())).model if found else None
+    config = _positions_from_data(config, dataset, saved)
     if found is not None:
-        saved = from_dict(TrainConfig, json.loads((found / "train.json").read_text())).model
         if saved != config.model:
             raise ValueError(f"cannot resume from {found}: its model config differs from this run's "
                              f"({_model_differences(saved, config.model)})")
@@ -237,7 +241,7 @@ def _train(config, run_dir, dataset, resume, world: World, progress, final_eval,
     model = SparseTransformer(config.model).to(world.device)
     step, elapsed, state, rng = 0, 0.0, None, None
     if found is not None:
-        model_state, state, rng = ckpt.load_state(found, world.rank, verify=world.main)
+        model_state, state, rng = ckpt.load_state(found, world.rank, verify=False)  # verified when found
         step, elapsed = int(state["step"]), float(state["elapsed"])
         batches.load_state_dict(state["batches"])
         if not fsdp:
@@ -372,7 +376,8 @@ def _train(config, run_dir, dataset, resume, world: World, progress, final_eval,
         if config.sample_bytes and dataset.kind == "text":
             sampler = _unsharded_copy(model, config.model, world) if fsdp else (model if world.main else None)
             if sampler is not None:
-                result.sample = sample_bytes(sampler, config.sample_bytes, seed=config.seed, device=world.device)
+                result.sample = sample_bytes(sampler, config.sample_bytes, seed=config.seed,
+                                             device=sampler.head.weight.device)
     if world.main:
         plot_metrics(run_dir / "metrics.jsonl", run_dir / "metrics.png")
     return result
