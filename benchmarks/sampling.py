@@ -13,7 +13,8 @@ costs about linearly in length. Each decode mode (eager, ``cudagraph``: the eage
 a CUDA graph, ``compile``: torch.compile(mode="reduce-overhead")) generates the full length,
 except eager, which is timed over ``--eager-steps`` steps and extrapolated (it is the slow
 reference); the JSON says which numbers are extrapolated. Writes
-``benchmarks/results/sampling-<gpu>.json`` and ``.md``.
+``benchmarks/results/sampling-<gpu>.json`` and ``.md`` after every mode, so a run stopped by a time
+limit keeps what it measured.
 
     python benchmarks/sampling.py [--preset cifar10 enwik8] [--modes eager cudagraph compile]
     python benchmarks/sampling.py --quick     # a tiny config on the CPU, to test this script
@@ -133,6 +134,7 @@ def main() -> None:
                 "forward_full_length_s": full, "forward_half_length_s": half,
                 "rerun_forward_s_extrapolated": full * steps, "rerun_prefix_forward_s_estimated": half * steps,
                 "modes": []}
+        results["workloads"].append(work)
         print(f"{preset}: {batch} x {steps:,} bytes, {config.n_layer} layers; one forward pass at full length "
               f"{full * 1e3:.1f} ms -> re-running it per byte: {full * steps:,.0f} s (extrapolated)")
         eager_out = None
@@ -143,6 +145,7 @@ def main() -> None:
                 row, out = {"mode": mode, "error": f"{type(err).__name__}: {err}"}, None
                 print(f"  {mode}: FAILED {row['error']}")
                 work["modes"].append(row)
+                save(results, Path(args.out), slug)
                 continue
             row["speedup_vs_rerun_full"] = full * steps / row["seconds_for_all"]
             row["speedup_vs_rerun_prefix"] = half * steps / row["seconds_for_all"]
@@ -157,19 +160,23 @@ def main() -> None:
                   f"{row['bytes_per_s']:,.0f} bytes/s (steady {row['steady_bytes_per_s']:,.0f}), first step "
                   f"{row['first_step_s'] or 0:.1f} s, cache {row['cache_bytes'] / 2**30:.2f} GiB, "
                   f"{row['speedup_vs_rerun_full']:.0f}x re-running at full length")
-        results["workloads"].append(work)
+            save(results, Path(args.out), slug)  # after every mode: a run cut off by a time limit keeps its rows
         del model
-    out = Path(args.out)
+    print(f"wrote {Path(args.out) / f'sampling-{slug}.json'} and .md")
+
+
+def save(results: dict, out: Path, slug: str) -> None:
+    """Write ``sampling-<slug>.json`` and ``.md``, keeping other presets' rows from an earlier run on
+    this device and dtype."""
     out.mkdir(parents=True, exist_ok=True)
     previous = out / f"sampling-{slug}.json"
-    if previous.is_file():  # keep other presets' rows from an earlier run on this device and dtype
+    if previous.is_file():
         old = json.loads(previous.read_text())
         if old.get("dtype") == results["dtype"]:
             ran = {w["preset"] for w in results["workloads"]}
             results["workloads"] = [w for w in old["workloads"] if w["preset"] not in ran] + results["workloads"]
-    (out / f"sampling-{slug}.json").write_text(json.dumps(results, indent=2))
+    previous.write_text(json.dumps(results, indent=2))
     (out / f"sampling-{slug}.md").write_text(markdown(results))
-    print(f"wrote {out / f'sampling-{slug}.json'} and .md")
 
 
 def markdown(results: dict) -> str:

@@ -75,3 +75,18 @@ def test_largest_model_climbs_the_ladder_and_stops_at_the_first_failure(tmp_path
            "--timeout", 0.01, "--out", out)
     (failed,) = json.loads(out.read_text())  # the first failure ends the search
     assert failed["shape"] == "2x64" and "timed out" in failed["error"]
+
+
+@pytest.mark.slow
+def test_sampling_benchmark_saves_after_every_mode_and_keeps_other_presets(tmp_path):
+    out = tmp_path / "results"
+    script("sampling.py", "--quick", "--preset", "cifar10", "--modes", "eager", "--out", out)
+    script("sampling.py", "--quick", "--preset", "enwik8", "--modes", "eager", "cudagraph", "--out", out)
+    (path,) = out.glob("sampling-*-quick.json")
+    report = json.loads(path.read_text())
+    modes = {w["preset"]: [m["mode"] for m in w["modes"]] for w in report["workloads"]}
+    assert modes == {"cifar10": ["eager"], "enwik8": ["eager", "cudagraph"]}
+    for work in report["workloads"]:
+        for row in work["modes"]:  # the cache decodes faster than re-running the forward pass per byte
+            assert row["cache_bytes"] > 0 and row["speedup_vs_rerun_full"] > 1
+    assert "| enwik8: 2 x 256 | cudagraph |" in path.with_suffix(".md").read_text()
