@@ -87,6 +87,8 @@ def test_auto_picks_torch_on_cpu():
     (dict(backend="cuda_magic"), "backend must be 'auto' or one of"),
     (dict(scale=-1.0), "scale must be a finite number > 0"),
     (dict(scale=True), "scale must be a finite number > 0"),
+    (dict(scale=10 ** 400), "scale must be a finite number > 0"),  # was an OverflowError
+    (dict(backend=["torch"]), "backend must be 'auto' or one of"),  # was a TypeError
     (dict(pattern=P.custom(lambda b, h, q, k: torch.ones(3, dtype=torch.bool))), "elementwise"),
     (dict(pattern="strided"), "pattern must be a sparse_transformer Pattern"),
 ])
@@ -96,6 +98,17 @@ def test_bad_inputs(args, message):
     call.update(args)
     with pytest.raises(ValueError, match=message):
         st.sparse_attention(**call)
+
+
+def test_numpy_scale_and_empty_batches():
+    import numpy as np
+    q, k, v = qkv((1, 2, 6, 8), torch.float32)
+    assert_close(st.sparse_attention(q, k, v, P.strided(2), scale=np.float32(0.5), backend="torch"),
+                 st.sparse_attention(q, k, v, P.strided(2), scale=0.5, backend="torch"))
+    for shape in ((0, 2, 6, 8), (1, 0, 6, 8), (1, 2, 0, 8)):  # per-head patterns with no heads included
+        x = torch.zeros(shape)
+        for backend in ("reference", "torch"):
+            assert st.sparse_attention(x, x, x, P.fixed(4, 2, distinct=2), backend=backend).shape == shape
 
 
 MEMORY_SCRIPT = r"""

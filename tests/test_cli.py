@@ -27,6 +27,16 @@ def test_patterns_per_head_and_long_length(tmp_path, capsys):
     assert "max 639" in capsys.readouterr().out
 
 
+def test_patterns_stride_longer_than_n_and_limits(tmp_path, capsys):
+    out = tmp_path / "s.png"
+    assert main(["patterns", "--pattern", "strided", "--stride", "128", "--n", "32", "--out", str(out)]) == 0
+    assert out.stat().st_size > 0  # used to fail: the default query was n - 1 - stride // 2 < 0
+    assert main(["patterns", "--pattern", "strided", "--stride", "128", "--n", "1000000", "--out", str(out)]) == 2
+    assert "n must be <= 32,768 to draw" in capsys.readouterr().err
+    assert main(["patterns", "--pattern", "dense", "--part", "row"]) == 2
+    assert "part must be None for the dense pattern" in capsys.readouterr().err
+
+
 def test_bad_argument_is_one_clear_line(capsys):
     assert main(["patterns", "--pattern", "fixed", "--stride", "4", "--summary", "5"]) == 2
     assert "summary must be in [1, 4], got 5" in capsys.readouterr().err

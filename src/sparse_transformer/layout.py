@@ -64,7 +64,7 @@ class Cost:
 def cost(pattern: Pattern, n: int, head: int = 0) -> Cost:
     """Exact keys-per-query statistics and density of ``pattern`` at length ``n``."""
     k = keys_per_query(pattern, n, head)
-    return Cost(n=n, pairs=int(k.sum()), mean_keys_per_query=float(k.float().mean()) if n else 0.0,
+    return Cost(n=n, pairs=int(k.sum()), mean_keys_per_query=int(k.sum()) / n if n else 0.0,
                 max_keys_per_query=int(k.max()) if n else 0)
 
 

@@ -278,6 +278,8 @@ def by_name(name: str, stride: int = 128, summary: int = 32, distinct: int = 1,
             part: Optional[str] = None) -> Pattern:
     """Build a built-in pattern from its name (``dense``, ``strided``, ``fixed``): for CLIs and configs."""
     if name == "dense":
+        if part is not None:  # silently drawing plain dense would hide the typo
+            raise ValueError(f"part must be None for the dense pattern (it has no parts), got {part!r}")
         return dense()
     if name == "strided":
         return strided(stride, part)

@@ -16,6 +16,8 @@ from .patterns import Pattern
 
 # Above this length the matrix is drawn per block of keys, not per key.
 MAX_CELLS = 512
+# The longest sequence drawn: the block picture still evaluates every pair (about 4 s at this n).
+MAX_DRAW = 32_768
 
 
 def connectivity(pattern: Pattern, n: int, head: int = 0) -> tuple[np.ndarray, int]:
@@ -40,7 +42,10 @@ def grid_view(pattern: Pattern, n: int, width: int, query: int, head: int = 0) -
 def draw(pattern: Pattern, n: int, out: str | Path, heads: Sequence[int] = (0,), width: int | None = None,
          query: int | None = None) -> Path:
     """Draw the connectivity matrix and the 2-D view for each head into ``out`` (PNG)."""
-    width = width or getattr(pattern, "stride", None) or max(1, int(round(n ** 0.5)))
+    if n > MAX_DRAW:
+        raise ValueError(f"drawing evaluates the mask at all n^2 pairs: n must be <= {MAX_DRAW:,} to draw, got "
+                         f"{n:,} (keys per query and density are computed for any n)")
+    width = min(width or getattr(pattern, "stride", None) or max(1, int(round(n ** 0.5))), n)  # stride > n: one row
     query = n - 1 - width // 2 if query is None else query
     if not 0 <= query < n:
         raise ValueError(f"query must be in [0, {n - 1}], got {query}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import numbers
 import os
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -84,7 +85,8 @@ BACKENDS: dict[str, Backend] = {
 }
 
 # Preference order for backend="auto"; the first that supports the inputs wins: triton on CUDA
-# for the built-in patterns in fp16/bf16, flex for custom patterns on CUDA, torch otherwise.
+# for the built-in patterns in fp16/bf16 (D in 16..128), flex for custom patterns and for what
+# triton cannot take (fp32, other D) on CUDA, torch otherwise.
 AUTO_ORDER = ("triton", "flex", "torch")
 
 
@@ -120,11 +122,20 @@ def _check(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, scale: Optional[fl
         raise ValueError("head dimension D must be >= 1, got 0")
     if not isinstance(pattern, Pattern):
         raise ValueError(f"pattern must be a sparse_transformer Pattern (see st.patterns), got {type(pattern).__name__}")
-    if scale is not None and (isinstance(scale, bool) or not (isinstance(scale, (int, float))
-                                                               and math.isfinite(scale) and scale > 0)):
+    if scale is not None and not _positive_finite(scale):
         raise ValueError(f"scale must be a finite number > 0 or None (1/sqrt(D)), got {scale!r}")
-    if backend != "auto" and backend not in BACKENDS:
+    if not isinstance(backend, str) or (backend != "auto" and backend not in BACKENDS):
         raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, got {backend!r}")
+
+
+def _positive_finite(x) -> bool:
+    """A real number (Python or numpy, not bool) that is finite and > 0; never raises."""
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        return False
+    try:
+        return math.isfinite(float(x)) and float(x) > 0
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 def sparse_attention(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, scale: Optional[float] = None,
@@ -148,7 +159,7 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, scale: O
     if not chosen.supports(q, pattern):
         raise ValueError(f"backend {name!r} cannot run {pattern} on {q.dtype} {q.device.type} inputs; "
                          f"available here: {available_backends(q, pattern) + ['reference']}")
-    if q.shape[2] == 0:
+    if q.numel() == 0:  # B, H or N is 0 (D = 0 was refused): nothing to attend
         return q.clone()
     return chosen.load()(q, k, v, pattern, scale)
 
