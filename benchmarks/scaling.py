@@ -62,7 +62,8 @@ def train(nproc: int, strategy: str, run_dir: Path, args: argparse.Namespace) ->
 def summarize(run_dir: Path) -> dict:
     """Steady tokens/s and the per-step loss curve of one finished run."""
     from sparse_transformer.train.checkpoint import latest_checkpoint
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    from sparse_transformer.train.metrics import read_metrics
+    records = read_metrics(run_dir / "metrics.jsonl")
     config = json.loads((latest_checkpoint(run_dir) / "train.json").read_text())
     tokens_per_step = config["data"]["batch_size"] * config["model"]["context"]
     train = [r for r in records if r["split"] == "train"]

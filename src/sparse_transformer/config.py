@@ -57,9 +57,7 @@ class ModelConfig:
     def __post_init__(self):
         for name in ("n_layer", "n_head", "d_model", "context", "vocab_size", "stride", "summary",
                      "distinct", "interleave_ratio"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"model.{name} must be an int >= 1, got {value!r}")
+            _check_count(f"model.{name}", getattr(self, name), 1)
         if self.pattern not in PATTERNS:
             raise ValueError(f"model.pattern must be one of {PATTERNS}, got {self.pattern!r}")
         if self.integration not in INTEGRATIONS:

@@ -63,10 +63,10 @@ def resolve_device(device: Optional[str | torch.device] = None, local_rank: int 
         dev = torch.device(device)
     except (RuntimeError, TypeError):
         raise ValueError(f"device must be cpu, cuda or cuda:N, got {device!r}") from None
-    if dev.type == "cuda" and dev.index is not None and world_size > 1:
-        raise ValueError(f"device {str(device)!r} names one GPU, but {world_size} processes would share it; "
-                         "pass --device cuda (each process takes the GPU of its LOCAL_RANK)")
     if dev.type == "cuda":
+        if dev.index is not None and world_size > 1:
+            raise ValueError(f"device {str(device)!r} names one GPU, but {world_size} processes would share it; "
+                             "pass --device cuda (each process takes the GPU of its LOCAL_RANK)")
         if not torch.cuda.is_available():
             raise ValueError(f"device {str(device)!r}: no CUDA GPU is available here; use cpu")
         if dev.index is None:

@@ -94,8 +94,9 @@ def load_audio(path: Path, cache: Optional[Path] = None, sample_rate: int = SAMP
                 sources = {s: [str(f) for f in g] for s, g in groups.items()}
             else:  # too few recordings to keep whole: cut the one stream by time
                 stream = np.concatenate([mu_law_encode(read_mono(f, sample_rate)) for f in files])
+                parts = split_stream(stream, str(path), "audio")
                 for split in SPLITS:
-                    writer.write(split, split_stream(stream, str(path), "audio").split(split))
+                    writer.write(split, parts.split(split))
                 sources = {"by time": [str(f) for f in files]}
             writer.finish("audio", "audio", fingerprint, sample_rate=sample_rate, source=str(path), files=sources)
 

@@ -118,21 +118,22 @@ def _write_images(folder, name, train, test, validation, seed, shape, fingerprin
 _NPZ_ERRORS = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)
 
 
-def _npz_label_count(path: Path) -> int:
-    """Images in one batch, read from its labels only (the first pass over the training batches)."""
+def _npz_arrays(path: Path, *keys: str) -> list[np.ndarray]:
+    """The arrays ``keys`` of one downsampled-ImageNet npz batch; a clear error naming the file."""
     try:
         with np.load(path) as z:
-            return len(z["labels"])
+            return [z[key] for key in keys]
     except _NPZ_ERRORS as err:
         raise ValueError(f"{path}: not a downsampled-ImageNet npz batch with 'data' and 'labels' ({err})") from err
+
+
+def _npz_label_count(path: Path) -> int:
+    """Images in one batch, read from its labels only (the first pass over the training batches)."""
+    return len(_npz_arrays(path, "labels")[0])
 
 
 def _npz_images(path: Path) -> np.ndarray:
-    try:
-        with np.load(path) as z:
-            data, labels = z["data"], z["labels"]
-    except _NPZ_ERRORS as err:
-        raise ValueError(f"{path}: not a downsampled-ImageNet npz batch with 'data' and 'labels' ({err})") from err
+    data, labels = _npz_arrays(path, "data", "labels")
     if len(labels) != len(data):
         raise ValueError(f"{path}: {len(data)} images but {len(labels)} labels")
     return planar_to_hwc(data, IMAGENET64_SHAPE, str(path))

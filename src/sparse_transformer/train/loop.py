@@ -92,12 +92,17 @@ class Schedule:
         return None
 
 
+def _full_state_options():
+    """Unsharded state dicts gathered onto rank 0's CPU (other ranks get empty ones)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
 def _states(model: nn.Module, optimizer, fsdp: bool) -> tuple[dict, dict]:
     """Full (unsharded) model and optimizer state dicts; collective under FSDP."""
     if fsdp:
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                             get_optimizer_state_dict)
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+        options = _full_state_options()
         return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
     return model.state_dict(), optimizer.state_dict()
 
@@ -131,8 +136,8 @@ def _agreed_checkpoint(run_dir: Path, world: World) -> Optional[Path]:
 def _unsharded_copy(model: nn.Module, model_config: ModelConfig, world: World) -> Optional[nn.Module]:
     """On rank 0, a plain copy of an FSDP-sharded model on the CPU (the sampler's key/value-cache
     decoder calls submodules one by one, which FSDP2 does not unshard); None elsewhere. Collective."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    state = get_model_state_dict(model, options=_full_state_options())
     if not world.main:
         return None
     copy = SparseTransformer(model_config)  # on the CPU: the GPU still holds the sharded run
