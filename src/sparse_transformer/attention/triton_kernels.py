@@ -19,6 +19,8 @@ Each kernel splits its loop into masked edge tiles and unmasked interior tiles, 
 case pays no mask arithmetic. Scores live in the log2 domain (``scale * log2(e)`` folded in);
 the saved log-sum-exp is base 2 too. A forward launch with ``MERGE`` starts its online softmax
 from a previous part's (output, lse): parts on disjoint key sets merge exactly, as one softmax.
+With ``TWO_PARTS`` the forward and dQ kernels run a second part (``MODE2``) over the same query
+rows in the same program (the fixed pattern's local and summary parts).
 """
 
 from __future__ import annotations
@@ -132,15 +134,31 @@ def _split(start, full_lo, full_hi, end, BLOCK_SIZE: tl.constexpr):
 
 
 @triton.jit
-def _program(n_tiles, NCOLS, H, L, C, DISTINCT):
-    """Decode a 1-D program id into (tile, view column, batch*head, summary offset ``lo``)."""
+def _program(n_tiles, NCOLS, H, L, C, DISTINCT, KEY_TILES: tl.constexpr):
+    """Decode a 1-D program id into (tile, view column, batch*head, summary offset ``lo``).
+
+    Longest work first, for load balance in causal parts: the last query tile sees the most keys,
+    the first key tile is seen by the most queries."""
     pid = tl.program_id(0)
-    tile = n_tiles - 1 - pid % n_tiles  # longest rows first: better load balance for causal parts
+    if KEY_TILES:
+        tile = pid % n_tiles
+    else:
+        tile = n_tiles - 1 - pid % n_tiles
     rest = pid // n_tiles
     col = rest % NCOLS
     bh = rest // NCOLS
     lo = L - ((bh % H) % DISTINCT + 1) * C
     return tile, col, bh, lo
+
+
+@triton.jit
+def _key_count(N, len_q, L, C, lo, MODE: tl.constexpr):
+    """Length of a part's list of key rows: the summary slots, else the view itself."""
+    if MODE == 2:
+        count = _summary_count(N, L, C, lo)
+    else:
+        count = len_q
+    return count
 
 
 # ----------------------------------------------------------------------------- configs
@@ -187,15 +205,30 @@ def _fwd_tiles(acc, l_i, m_i, q, Kb, Vb, first, stop, offs_m, offs_n, offs_d, co
 
 
 @triton.jit
+def _fwd_part(acc, l_i, m_i, q, Kb, Vb, i_lo, i_hi, offs_m, offs_n, offs_d, col, STEP, len_q, len_k, W, L, C, lo,
+              scale2, MODE: tl.constexpr, DMIN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+              UPCAST: tl.constexpr):
+    """One part's keys for the query rows ``[i_lo, i_hi]``: masked edge, unmasked interior, masked edge."""
+    start, full_lo, full_hi, end = _keys_of(i_lo, i_hi, W, L, C, lo, MODE, DMIN)
+    first, a, b = _split(start, full_lo, full_hi, end, BLOCK_N)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, Kb, Vb, first, a, offs_m, offs_n, offs_d, col, STEP, len_q,
+                               len_k, W, L, C, lo, scale2, MODE, DMIN, True, HEAD_DIM, BLOCK_N, UPCAST)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, Kb, Vb, a, b, offs_m, offs_n, offs_d, col, STEP, len_q,
+                               len_k, W, L, C, lo, scale2, MODE, DMIN, False, HEAD_DIM, BLOCK_N, UPCAST)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, Kb, Vb, b, end, offs_m, offs_n, offs_d, col, STEP, len_q,
+                               len_k, W, L, C, lo, scale2, MODE, DMIN, True, HEAD_DIM, BLOCK_N, UPCAST)
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, O_PREV, N, H, n_tiles, NCOLS, STEP, W, L, C, DISTINCT, scale2,
-                MODE: tl.constexpr, DMIN: tl.constexpr, MERGE: tl.constexpr,
+                MODE: tl.constexpr, DMIN: tl.constexpr, MODE2: tl.constexpr, DMIN2: tl.constexpr,
+                TWO_PARTS: tl.constexpr, MERGE: tl.constexpr,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
-    tile, col, bh, lo = _program(n_tiles, NCOLS, H, L, C, DISTINCT)
+    """One part (``MODE``), or with ``TWO_PARTS`` a second one (``MODE2``) over the same query view
+    in the same online softmax; with ``MERGE``, continue from an earlier launch's output and lse."""
+    tile, col, bh, lo = _program(n_tiles, NCOLS, H, L, C, DISTINCT, False)
     len_q = (N - col + STEP - 1) // STEP
-    if MODE == 2:
-        len_k = _summary_count(N, L, C, lo)
-    else:
-        len_k = len_q
     base = bh.to(tl.int64) * N * HEAD_DIM
     offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -215,16 +248,15 @@ def _fwd_kernel(Q, K, V, O, LSE, O_PREV, N, H, n_tiles, NCOLS, STEP, W, L, C, DI
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     i_lo = tile * BLOCK_M
     i_hi = tl.minimum(i_lo + BLOCK_M, len_q) - 1
-    start, full_lo, full_hi, end = _keys_of(i_lo, i_hi, W, L, C, lo, MODE, DMIN)
-    first, a, b = _split(start, full_lo, full_hi, end, BLOCK_N)
     Kb = K + base
     Vb = V + base
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, Kb, Vb, first, a, offs_m, offs_n, offs_d, col, STEP, len_q,
-                               len_k, W, L, C, lo, scale2, MODE, DMIN, True, HEAD_DIM, BLOCK_N, UPCAST)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, Kb, Vb, a, b, offs_m, offs_n, offs_d, col, STEP, len_q,
-                               len_k, W, L, C, lo, scale2, MODE, DMIN, False, HEAD_DIM, BLOCK_N, UPCAST)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, Kb, Vb, b, end, offs_m, offs_n, offs_d, col, STEP, len_q,
-                               len_k, W, L, C, lo, scale2, MODE, DMIN, True, HEAD_DIM, BLOCK_N, UPCAST)
+    acc, l_i, m_i = _fwd_part(acc, l_i, m_i, q, Kb, Vb, i_lo, i_hi, offs_m, offs_n, offs_d, col, STEP, len_q,
+                              _key_count(N, len_q, L, C, lo, MODE), W, L, C, lo, scale2, MODE, DMIN, HEAD_DIM,
+                              BLOCK_N, UPCAST)
+    if TWO_PARTS:
+        acc, l_i, m_i = _fwd_part(acc, l_i, m_i, q, Kb, Vb, i_lo, i_hi, offs_m, offs_n, offs_d, col, STEP, len_q,
+                                  _key_count(N, len_q, L, C, lo, MODE2), W, L, C, lo, scale2, MODE2, DMIN2,
+                                  HEAD_DIM, BLOCK_N, UPCAST)
     empty = l_i == 0.0  # no admissible key: output 0, lse -inf
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
@@ -270,15 +302,27 @@ def _dq_tiles(dq, q, do, lse, delta, Kb, Vb, first, stop, offs_m, offs_n, offs_d
 
 
 @triton.jit
+def _dq_part(dq, q, do, lse, delta, Kb, Vb, i_lo, i_hi, offs_m, offs_n, offs_d, col, STEP, len_q, len_k, W, L, C,
+             lo, scale2, MODE: tl.constexpr, DMIN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+             UPCAST: tl.constexpr):
+    start, full_lo, full_hi, end = _keys_of(i_lo, i_hi, W, L, C, lo, MODE, DMIN)
+    first, a, b = _split(start, full_lo, full_hi, end, BLOCK_N)
+    dq = _dq_tiles(dq, q, do, lse, delta, Kb, Vb, first, a, offs_m, offs_n, offs_d, col, STEP, len_q, len_k,
+                   W, L, C, lo, scale2, MODE, DMIN, True, HEAD_DIM, BLOCK_N, UPCAST)
+    dq = _dq_tiles(dq, q, do, lse, delta, Kb, Vb, a, b, offs_m, offs_n, offs_d, col, STEP, len_q, len_k,
+                   W, L, C, lo, scale2, MODE, DMIN, False, HEAD_DIM, BLOCK_N, UPCAST)
+    dq = _dq_tiles(dq, q, do, lse, delta, Kb, Vb, b, end, offs_m, offs_n, offs_d, col, STEP, len_q, len_k,
+                   W, L, C, lo, scale2, MODE, DMIN, True, HEAD_DIM, BLOCK_N, UPCAST)
+    return dq
+
+
+@triton.jit
 def _dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, N, H, n_tiles, NCOLS, STEP, W, L, C, DISTINCT, scale, scale2,
-               MODE: tl.constexpr, DMIN: tl.constexpr, ACCUMULATE: tl.constexpr,
+               MODE: tl.constexpr, DMIN: tl.constexpr, MODE2: tl.constexpr, DMIN2: tl.constexpr,
+               TWO_PARTS: tl.constexpr, ACCUMULATE: tl.constexpr,
                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
-    tile, col, bh, lo = _program(n_tiles, NCOLS, H, L, C, DISTINCT)
+    tile, col, bh, lo = _program(n_tiles, NCOLS, H, L, C, DISTINCT, False)
     len_q = (N - col + STEP - 1) // STEP
-    if MODE == 2:
-        len_k = _summary_count(N, L, C, lo)
-    else:
-        len_k = len_q
     base = bh.to(tl.int64) * N * HEAD_DIM
     offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -295,16 +339,14 @@ def _dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, N, H, n_tiles, NCOLS, STEP, W, L, C,
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     i_lo = tile * BLOCK_M
     i_hi = tl.minimum(i_lo + BLOCK_M, len_q) - 1
-    start, full_lo, full_hi, end = _keys_of(i_lo, i_hi, W, L, C, lo, MODE, DMIN)
-    first, a, b = _split(start, full_lo, full_hi, end, BLOCK_N)
     Kb = K + base
     Vb = V + base
-    dq = _dq_tiles(dq, q, do, lse, delta, Kb, Vb, first, a, offs_m, offs_n, offs_d, col, STEP, len_q, len_k,
-                   W, L, C, lo, scale2, MODE, DMIN, True, HEAD_DIM, BLOCK_N, UPCAST)
-    dq = _dq_tiles(dq, q, do, lse, delta, Kb, Vb, a, b, offs_m, offs_n, offs_d, col, STEP, len_q, len_k,
-                   W, L, C, lo, scale2, MODE, DMIN, False, HEAD_DIM, BLOCK_N, UPCAST)
-    dq = _dq_tiles(dq, q, do, lse, delta, Kb, Vb, b, end, offs_m, offs_n, offs_d, col, STEP, len_q, len_k,
-                   W, L, C, lo, scale2, MODE, DMIN, True, HEAD_DIM, BLOCK_N, UPCAST)
+    dq = _dq_part(dq, q, do, lse, delta, Kb, Vb, i_lo, i_hi, offs_m, offs_n, offs_d, col, STEP, len_q,
+                  _key_count(N, len_q, L, C, lo, MODE), W, L, C, lo, scale2, MODE, DMIN, HEAD_DIM, BLOCK_N, UPCAST)
+    if TWO_PARTS:
+        dq = _dq_part(dq, q, do, lse, delta, Kb, Vb, i_lo, i_hi, offs_m, offs_n, offs_d, col, STEP, len_q,
+                      _key_count(N, len_q, L, C, lo, MODE2), W, L, C, lo, scale2, MODE2, DMIN2, HEAD_DIM, BLOCK_N,
+                      UPCAST)
     dq = dq * scale
     if ACCUMULATE:  # an earlier part (separate launch) already wrote its share
         dq += tl.load(DQ + q_off, mask=row_ok[:, None], other=0.0).to(tl.float32)
@@ -345,12 +387,9 @@ def _dkdv_tiles(dk, dv, k, v, Qb, DOb, LSEb, DELTAb, first, stop, offs_m, offs_n
 def _dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, N, H, n_tiles, NCOLS, STEP, W, L, C, DISTINCT, scale, scale2,
                  MODE: tl.constexpr, DMIN: tl.constexpr, ACCUMULATE: tl.constexpr,
                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
-    tile, col, bh, lo = _program(n_tiles, NCOLS, H, L, C, DISTINCT)
+    tile, col, bh, lo = _program(n_tiles, NCOLS, H, L, C, DISTINCT, True)
     len_q = (N - col + STEP - 1) // STEP
-    if MODE == 2:
-        len_k = _summary_count(N, L, C, lo)
-    else:
-        len_k = len_q
+    len_k = _key_count(N, len_q, L, C, lo, MODE)
     base = bh.to(tl.int64) * N * HEAD_DIM
     offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)  # this program's key rows
     offs_m = tl.arange(0, BLOCK_M)

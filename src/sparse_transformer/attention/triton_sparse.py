@@ -8,10 +8,12 @@
 - fixed:     block-diagonal local part plus the summary slots of the head's group
              (``u = h % distinct``), addressed in place as a contiguous list of key rows
 
-Forward: the second part continues the first part's online softmax (its fp32 output and lse),
-which is the log-sum-exp merge fused into the kernel. Backward: every part uses the merged lse
-and ``delta = rowsum(dO * O)``, so each part's probabilities are those of the one softmax; the
-second part's launches add to the gradients the first wrote.
+Forward: fixed runs both parts in one launch (they share the query rows), so there is one online
+softmax. Strided's two parts tile the queries differently (rows, then columns), so its second
+launch continues the first one's online softmax from its output and lse: the log-sum-exp merge,
+fused into the kernel. Backward: every part uses the merged lse and ``delta = rowsum(dO * O)``,
+so each part's probabilities are those of the one softmax; a later launch adds to the gradients
+an earlier one wrote (dQ of fixed is one launch).
 """
 
 from __future__ import annotations
@@ -99,17 +101,36 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _grid_args(part: Part, n: int, heads: int, bh: int, block: int, keys: bool):
-    """Program count and the shared launch arguments of one part."""
-    cols = part.step
-    if part.mode == tk.SUMMARY and keys:  # key tiles run over the longest head group's summary slots
-        rows = max(_summary_count(n, part, u) for u in range(min(part.distinct, heads)))
+def _launches(parts: tuple[Part, ...]) -> tuple[tuple[Part, ...], ...]:
+    """Parts grouped into query-tiled launches. The fixed pattern's local and summary parts share
+    the query view and no launch argument (BLOCK reads ``W``, SUMMARY ``L, C``), so one launch runs
+    both in one online softmax: no partial output between them."""
+    if len(parts) == 2 and [p.mode for p in parts] == [tk.BLOCK, tk.SUMMARY]:
+        return (parts,)
+    return tuple((p,) for p in parts)
+
+
+def _grid_args(launch: tuple[Part, ...], n: int, heads: int, bh: int, block: int, keys: bool):
+    """Program count and the shared launch arguments of one launch (one part, or two that share
+    the query view: see :func:`_launches`)."""
+    first = launch[0]
+    summary = next((p for p in launch if p.mode == tk.SUMMARY), None)
+    cols = first.step
+    if summary is not None and keys:  # key tiles run over the longest head group's summary slots
+        rows = max(_summary_count(n, summary, u) for u in range(min(summary.distinct, heads)))
     else:
         rows = -(-n // cols)
     tiles = max(-(-rows // block), 1)
-    summary = part.summary if part.mode == tk.SUMMARY else 0
-    args = (n, heads, tiles, cols, part.step, part.width, part.stride, summary, part.distinct)
+    stride, count, distinct = (summary.stride, summary.summary, summary.distinct) if summary else (1, 0, 1)
+    args = (n, heads, tiles, cols, first.step, first.width, stride, count, distinct)
     return (tiles * cols * bh,), args
+
+
+def _modes(launch: tuple[Part, ...]) -> dict:
+    """The constexpr part arguments of a query-tiled launch."""
+    last = launch[-1]
+    return dict(MODE=launch[0].mode, DMIN=launch[0].dmin, MODE2=last.mode, DMIN2=last.dmin,
+                TWO_PARTS=len(launch) == 2)
 
 
 def _summary_count(n: int, part: Part, u: int) -> int:
@@ -121,14 +142,14 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, parts, scale: float, config: Kerne
     b, h, n, d = q.shape
     out = torch.empty_like(q)
     lse = torch.empty((b * h, n), device=q.device, dtype=torch.float32)
-    partial = torch.empty(q.shape, device=q.device, dtype=torch.float32) if len(parts) > 1 else out
-    for idx, part in enumerate(parts):
-        bm, bn, warps, stages = config.resolve(d, part)
-        grid, args = _grid_args(part, n, h, b * h, bm, keys=False)
-        target = out if idx == len(parts) - 1 else partial
-        tk._fwd_kernel[grid](q, k, v, target, lse, partial, *args, scale * LOG2E, MODE=part.mode,
-                             DMIN=part.dmin, MERGE=idx > 0, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn,
-                             UPCAST=_interpreting(), num_warps=warps, num_stages=stages)
+    for idx, launch in enumerate(_launches(parts)):
+        # A later launch continues from the earlier one's output in ``out`` (read, then overwritten,
+        # row by row in the same program) and its lse.
+        bm, bn, warps, stages = config.resolve(d, launch[-1])
+        grid, args = _grid_args(launch, n, h, b * h, bm, keys=False)
+        tk._fwd_kernel[grid](q, k, v, out, lse, out, *args, scale * LOG2E, **_modes(launch), MERGE=idx > 0,
+                             HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, UPCAST=_interpreting(), num_warps=warps,
+                             num_stages=stages)
     return out, lse
 
 
@@ -137,7 +158,6 @@ def _backward(q, k, v, out, lse, do, parts, scale: float, config: KernelConfig):
     delta = torch.empty_like(lse)
     rows = b * h * n
     tk._delta_kernel[(-(-rows // 128),)](out, do, delta, rows, HEAD_DIM=d, BLOCK_M=128)
-    dq = torch.empty_like(q)
     # Only a summary-only pattern leaves key positions no part writes.
     first_covers_all = parts[0].mode != tk.SUMMARY
     dk = torch.empty_like(k) if first_covers_all else torch.zeros_like(k)
@@ -145,15 +165,17 @@ def _backward(q, k, v, out, lse, do, parts, scale: float, config: KernelConfig):
     for idx, part in enumerate(parts):
         bm, bn, warps, stages = config.resolve(d, part, "dkdv")
         accumulate = idx > 0 or not first_covers_all
-        grid, args = _grid_args(part, n, h, b * h, bn, keys=True)
+        grid, args = _grid_args((part,), n, h, b * h, bn, keys=True)
         tk._dkdv_kernel[grid](q, k, v, do, dk, dv, lse, delta, *args, scale, scale * LOG2E, MODE=part.mode,
                               DMIN=part.dmin, ACCUMULATE=accumulate, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn,
                               UPCAST=_interpreting(), num_warps=warps, num_stages=stages)
-        bm, bn, warps, stages = config.resolve(d, part, "dq")
-        grid, args = _grid_args(part, n, h, b * h, bm, keys=False)
-        tk._dq_kernel[grid](q, k, v, do, dq, lse, delta, *args, scale, scale * LOG2E, MODE=part.mode,
-                            DMIN=part.dmin, ACCUMULATE=idx > 0, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn,
-                            UPCAST=_interpreting(), num_warps=warps, num_stages=stages)
+    dq = torch.empty_like(q)
+    for idx, launch in enumerate(_launches(parts)):
+        bm, bn, warps, stages = config.resolve(d, launch[-1], "dq")
+        grid, args = _grid_args(launch, n, h, b * h, bm, keys=False)
+        tk._dq_kernel[grid](q, k, v, do, dq, lse, delta, *args, scale, scale * LOG2E, **_modes(launch),
+                            ACCUMULATE=idx > 0, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, UPCAST=_interpreting(),
+                            num_warps=warps, num_stages=stages)
     return dq, dk, dv
 
 

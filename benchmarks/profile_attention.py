@@ -1,0 +1,52 @@
+"""Where the time of one forward+backward of our Triton kernels goes: CUDA time per kernel launch.
+
+    python benchmarks/profile_attention.py --pattern fixed --n 16384
+
+Same shapes as ``benchmarks/attention.py`` (bf16, H = 8, D = 64, B = tokens // N). Prints the
+profiler's table, sorted by CUDA time, for ``--repeats`` forward+backward passes after a warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from sparse_transformer import patterns as P
+from sparse_transformer.attention import sparse_attention
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pattern", choices=["strided", "fixed"], default="fixed")
+    parser.add_argument("--n", type=int, default=16384)
+    parser.add_argument("--tokens", type=int, default=65536)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=10)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise ValueError("profiling the kernels needs a CUDA GPU")
+    pattern = P.strided(128) if args.pattern == "strided" else P.fixed(128, 32)
+    batch = max(1, args.tokens // args.n)
+    q, k, v = (torch.randn(batch, args.heads, args.n, args.head_dim, device="cuda", dtype=torch.bfloat16,
+                           requires_grad=True) for _ in range(3))
+    grad = torch.randn_like(q)
+
+    def step():
+        sparse_attention(q, k, v, pattern, args.head_dim ** -0.5, backend="triton").backward(grad)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(args.repeats):
+            step()
+        torch.cuda.synchronize()
+    print(f"{pattern.name}, N = {args.n:,}, B = {batch}, {args.repeats} forward+backward passes")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
