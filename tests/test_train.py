@@ -3,6 +3,8 @@
 import dataclasses
 import json
 import math
+import os
+import signal
 
 import numpy as np
 import pytest
@@ -15,6 +17,7 @@ from sparse_transformer.model import SparseTransformer
 from sparse_transformer.train import checkpoint as ckpt
 from sparse_transformer.train import loop, train
 from sparse_transformer.train.metrics import read_metrics
+from sparse_transformer.train.stopping import StopRequest
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +66,50 @@ def test_stopped_and_resumed_run_gives_the_same_losses(text, tmp_path):
     a = SparseTransformer.from_pretrained(full.checkpoint)
     b = SparseTransformer.from_pretrained(second.checkpoint)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def _signal_at(stop, signum):
+    def hook(step, loss):
+        if step == stop:
+            os.kill(os.getpid(), signum)  # as a scheduler or `timeout` would, between two steps
+    return hook
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_stops_after_the_step_with_a_checkpoint_and_resumes_exactly(text, tmp_path, signum):
+    config = small(checkpoint_every=2)
+    full = train(config, tmp_path / "full", text, progress=False, final_eval=False)
+    first = train(config, tmp_path / "split", text, progress=False, final_eval=False, on_step=_signal_at(3, signum))
+    assert first.stopped == "interrupted" and first.step == 3 and first.checkpoint.name == "step-00000003"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is only there while training
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    second = train(config, tmp_path / "split", text, resume=True, progress=False, final_eval=False)
+    assert first.losses + second.losses == full.losses
+
+
+def test_a_second_ctrl_c_interrupts_at_once():
+    with StopRequest() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested and stop.name == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_resumed_run_sets_aside_the_metrics_rows_it_redoes(text, tmp_path):
+    config = small(checkpoint_every=2, schedule={"steps": 8})
+    full = train(config, tmp_path / "full", text, progress=False, final_eval=False)
+    train(config, tmp_path / "split", text, progress=False, final_eval=False, on_step=_signal_at(5, signal.SIGTERM))
+    # As if killed outright after step 5: its rows reach step 5, its last checkpoint is step 4.
+    latest = ckpt.list_checkpoints(tmp_path / "split")[-1]
+    assert latest.name == "step-00000005"
+    import shutil
+    shutil.rmtree(latest)
+    train(config, tmp_path / "split", text, resume=True, progress=False, final_eval=False)
+    rows = read_metrics(tmp_path / "split" / "metrics.jsonl")
+    assert [r["step"] for r in rows if r["split"] == "train"] == list(range(1, 9))
+    assert [r["loss"] for r in rows if r["split"] == "train"] == full.losses
+    dropped = read_metrics(tmp_path / "split" / "metrics.dropped.jsonl")
+    assert [r["step"] for r in dropped] == [5, 5]  # the train row and the summary of the redone step
 
 
 def test_checkpoints_keep_last_k_and_load_without_pickle(text, tmp_path):

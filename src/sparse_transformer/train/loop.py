@@ -32,6 +32,7 @@ from .checkpoint import checkpoint_dir
 from .evaluate import evaluate, sample_bytes
 from .metrics import Metrics, plot_metrics
 from .source import load_dataset
+from .stopping import StopRequest
 
 
 @dataclass
@@ -292,6 +293,8 @@ def _train(config, run_dir, dataset, resume, world: World, progress, final_eval,
     nonfinite, updating, tokens_seen = 0, False, 0
     wall0 = last = time.perf_counter()
     wrapped.train()
+    stop = StopRequest()
+    stop.install()
     try:
         while (reason := schedule.stop(step, elapsed)) is None:
             lr = schedule.lr(step, elapsed)
@@ -310,7 +313,9 @@ def _train(config, run_dir, dataset, resume, world: World, progress, final_eval,
                 loss = byte_loss(logits, micro)
                 scaler.scale(loss / config.grad_accum).backward()
                 total += loss.detach() / config.grad_accum
-            loss_value = all_reduce_mean(total, world).item()
+            # The stop request rides on the loss all-reduce, so every rank stops after the same step.
+            stop_flag = torch.tensor(float(stop.requested), device=world.device)
+            loss_value, stop_votes = all_reduce_mean(torch.stack([total, stop_flag]), world).tolist()
             problem = None if math.isfinite(loss_value) else "loss"
             if problem is None:
                 scaler.unscale_(optimizer)  # a no-op unless fp16
@@ -343,6 +348,11 @@ def _train(config, run_dir, dataset, resume, world: World, progress, final_eval,
                 break
             if on_step is not None:
                 on_step(step, loss_value)
+            if stop_votes > 0 or (stop.requested and not world.distributed):  # ranks: next step's vote
+                metrics.write(f"stop requested{' (' + stop.name + ')' if stop.name else ''}: "
+                              f"checkpointing after step {step}")
+                reason = "interrupted"
+                break
             if config.checkpoint_every and step % config.checkpoint_every == 0 and nonfinite == 0:
                 result.checkpoint = save()
             if config.eval_every and step % config.eval_every == 0:
@@ -351,6 +361,7 @@ def _train(config, run_dir, dataset, resume, world: World, progress, final_eval,
     except KeyboardInterrupt:
         reason = "interrupted"
     finally:
+        stop.restore()
         prefetch.close()
     result.step, result.stopped = step, reason
     run_summary = {"split": "summary", "step": step, "time": round(elapsed, 3), "stopped": reason}

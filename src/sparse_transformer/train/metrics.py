@@ -29,12 +29,31 @@ class Metrics:
         self.bar = None
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._set_aside_after(start_step)
             if bar:
                 total = int(max_time) if self.by_time else total_steps
                 initial = int(start_time) if self.by_time else start_step
                 self.bar = tqdm(total=total, initial=min(initial, total or initial), dynamic_ncols=True,
                                 unit="s" if self.by_time else "step", desc="train")
         self.shown_time = float(int(start_time))
+
+    def _set_aside_after(self, start_step: int) -> None:
+        """Rows of steps after ``start_step`` (a resumed run redoes them; a fresh run, all rows) move
+        to ``metrics.dropped.jsonl``, so ``metrics.jsonl`` is one timeline that never runs back."""
+        if not self.path.is_file():
+            return
+        lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+        kept = [start_step > 0 and json.loads(line).get("step", 0) <= start_step for line in lines]
+        if all(kept):
+            return
+        keep = [line for line, k in zip(lines, kept) if k]
+        dropped = [line for line, k in zip(lines, kept) if not k]
+        with open(self.path.with_name("metrics.dropped.jsonl"), "a") as f:
+            f.write("".join(line + "\n" for line in dropped))
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        tmp.replace(self.path)
+        self.write(f"{len(dropped)} metrics rows after step {start_step} moved to metrics.dropped.jsonl")
 
     def log(self, record: dict) -> None:
         """Append one JSON line (``split`` says train / validation / test)."""
