@@ -41,8 +41,8 @@ def one(name: str, device: str, batch_size: int, steps: int, backend: str, recom
     from sparse_transformer.data import load_stdlib
     from sparse_transformer.data.batches import TrainBatches
     from sparse_transformer.model import SparseTransformer, byte_loss
-    from sparse_transformer.parallel import (all_reduce_sum, autocast, close_world, init_world, parallelize,
-                                         resolve_precision)
+    from sparse_transformer.parallel import (all_reduce_sum, autocast, close_world, init_world, main_process_first,
+                                         parallelize, resolve_precision)
     from sparse_transformer.train.loop import build_optimizer, replace
 
     config = presets.get(name)
@@ -55,7 +55,8 @@ def one(name: str, device: str, batch_size: int, steps: int, backend: str, recom
     dev = world.device
     precision = resolve_precision("auto", dev)
     context = config.model.context
-    text = load_stdlib().train
+    with main_process_first(world):  # rank 0 prepares the embedded default's cache, the others read it
+        text = load_stdlib().train
     data = np.tile(text, -(-(context + 1) // len(text))) if len(text) <= context else text
     batches = TrainBatches(data, context, batch_size * world.world_size, seed=0, rank=world.rank,
                            world_size=world.world_size)
@@ -140,9 +141,20 @@ def measure(name: str, args: argparse.Namespace, sets: list[str]) -> dict:
     lines = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
     if lines:
         return json.loads(lines[-1][7:])
-    err = done.stderr.strip().splitlines()
-    oom = "out of memory" in done.stderr.lower()
-    return {"preset": name, "overrides": sets, "error": "out of memory" if oom else (err[-1] if err else "no output")}
+    return {"preset": name, "overrides": sets, "error": failure(done.stdout + done.stderr),
+            "log_tail": (done.stdout + done.stderr).splitlines()[-40:]}
+
+
+def failure(log: str) -> str:
+    """The line of a failed run's log that says why: out of memory, else the last exception of a
+    worker (torchrun ends with its own ChildFailedError and a banner, which say nothing)."""
+    if "out of memory" in log.lower():
+        return "out of memory"
+    exception = re.compile(r"\s*(\[rank\d+\]:\s*)?[\w.]*(Error|Exception)\b")  # torchrun prefixes [rankN]:
+    errors = [line.strip() for line in log.splitlines() if exception.match(line)]
+    lines = [line.strip() for line in log.splitlines() if line.strip()]
+    workers = [line for line in errors if line.startswith("[rank")]  # the cause, not the launcher's report
+    return (workers or errors or lines or ["no output"])[-1]
 
 
 def describe(record: dict) -> str:

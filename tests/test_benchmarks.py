@@ -90,3 +90,14 @@ def test_sampling_benchmark_saves_after_every_mode_and_keeps_other_presets(tmp_p
         for row in work["modes"]:  # the cache decodes faster than re-running the forward pass per byte
             assert row["cache_bytes"] > 0 and row["speedup_vs_rerun_full"] > 1
     assert "| enwik8: 2 x 256 | cudagraph |" in path.with_suffix(".md").read_text()
+
+
+def test_a_failed_preset_records_the_exception_not_torchruns_banner(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from presets import failure
+    log = ("[rank0]: Traceback (most recent call last):\n[rank0]: FileNotFoundError: manifest.json\n"
+           "torch.distributed.elastic.multiprocessing.errors.ChildFailedError:\n" + "=" * 60 + "\nFailures:\n")
+    assert failure(log) == "[rank0]: FileNotFoundError: manifest.json"
+    assert failure("ValueError: bad --set\n") == "ValueError: bad --set"
+    assert failure("RuntimeError: CUDA out of memory. Tried to allocate") == "out of memory"
+    assert failure("") == "no output"

@@ -157,3 +157,33 @@ def test_split_writer_leaves_nothing_behind_when_a_conversion_fails(tmp_path):
         writer.finish("set", "text", "fingerprint-1")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["set"]
     assert read_manifest(folder)["splits"]["train"]["bytes"] == 4
+
+
+def _fill(writer, value):
+    for split in ("train", "validation", "test"):
+        writer.write(split, np.full(4, value, dtype=np.uint8))
+
+
+def test_processes_preparing_one_cache_at_once_both_succeed(tmp_path):
+    """As under torchrun: both ranks convert; the first to finish publishes, the other finds the
+    same bytes and keeps them (once, one rank's temporary folder was deleted by the other's start)."""
+    folder = tmp_path / "set"
+    with SplitWriter(folder) as first, SplitWriter(folder) as second:
+        _fill(first, 1)
+        _fill(second, 1)
+        assert first.finish("set", "text", "fp") == folder
+        published = (folder / "train.bin").stat().st_ino
+        assert second.finish("set", "text", "fp") == folder
+    assert (folder / "train.bin").stat().st_ino == published  # the first copy stayed, readers undisturbed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["set"]
+
+
+def test_an_outdated_cache_is_replaced_whole(tmp_path):
+    folder = tmp_path / "set"
+    for value, fingerprint in ((1, "old source"), (2, "new source")):
+        with SplitWriter(folder) as writer:
+            _fill(writer, value)
+            writer.finish("set", "text", fingerprint)
+    assert read_manifest(folder)["fingerprint"] == "new source"
+    assert (folder / "train.bin").read_bytes() == bytes([2] * 4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["set"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import warnings
 from pathlib import Path
@@ -47,20 +48,37 @@ def files_fingerprint(files: list[Path], root: Optional[Path] = None) -> str:
     return h.hexdigest()[:16]
 
 
+def _identity(folder: Path) -> Optional[tuple[int, int]]:
+    """Which copy of a cache folder is there (its manifest's inode and change time), None if none."""
+    try:
+        st = (folder / MANIFEST).stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
+def _beside(folder: Path, what: str) -> Path:
+    """A name no other process will pick, next to ``folder`` (same file system: renames are atomic)."""
+    return folder.with_name(f"{folder.name}.{what}-{os.getpid()}-{secrets.token_hex(4)}")
+
+
 class SplitWriter:
     """Streams bytes into the three split files of a new cache folder, hashing as it goes.
 
-    Writes into ``<folder>.tmp`` and only renames it to ``folder`` in :meth:`finish`, so an interrupted
-    conversion never leaves a folder that looks prepared. Use it as a context manager: leaving the
-    ``with`` block without :meth:`finish` (an error, Ctrl-C) closes the files and removes the
-    temporary folder.
+    Writes into a temporary folder of its own beside ``folder`` and only renames it to ``folder`` in
+    :meth:`finish`, so an interrupted conversion never leaves a folder that looks prepared, and
+    several processes may prepare the same cache at once (each under torchrun, say): the first to
+    finish publishes it, the others find the same bytes there and discard theirs. Use it as a
+    context manager: leaving the ``with`` block without :meth:`finish` (an error, Ctrl-C) closes the
+    files and removes the temporary folder.
     """
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
-        self.tmp = self.folder.with_name(self.folder.name + ".tmp")
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        self.tmp.mkdir(parents=True)
+        self.folder.parent.mkdir(parents=True, exist_ok=True)
+        self.outdated = _identity(self.folder)  # what is there now is what the caller replaces
+        self.tmp = _beside(self.folder, "tmp")
+        self.tmp.mkdir()
         self.files = {s: open(self.tmp / f"{s}.bin", "wb") for s in SPLITS}
         self.hashes = {s: hashlib.sha256() for s in SPLITS}
         self.lengths = dict.fromkeys(SPLITS, 0)
@@ -87,10 +105,32 @@ class SplitWriter:
                     "splits": {s: {"bytes": self.lengths[s], "sha256": self.hashes[s].hexdigest()} for s in SPLITS},
                     **extra}
         (self.tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-        shutil.rmtree(self.folder, ignore_errors=True)
-        os.replace(self.tmp, self.folder)
+        self._publish(manifest)
         self.finished = True
         return self.folder
+
+    def _publish(self, manifest: dict) -> None:
+        """Rename the temporary folder to ``folder``: atomic, and refused while ``folder`` exists."""
+        while True:
+            try:
+                os.replace(self.tmp, self.folder)
+                return
+            except OSError:
+                if not self.folder.exists():
+                    raise
+            if _identity(self.folder) != self.outdated:  # published by another process since we began
+                try:
+                    theirs = read_manifest(self.folder)
+                except (OSError, ValueError):
+                    theirs = None
+                if theirs is not None and all(theirs.get(k) == manifest[k] for k in ("fingerprint", "splits")):
+                    shutil.rmtree(self.tmp, ignore_errors=True)  # the very bytes we wrote: keep theirs
+                    return
+            # An outdated or damaged cache: move it aside in one rename (a reader never sees half of
+            # it), then delete it.
+            stale = _beside(self.folder, "stale")
+            os.replace(self.folder, stale)
+            shutil.rmtree(stale, ignore_errors=True)
 
     def abort(self) -> None:
         for f in self.files.values():
