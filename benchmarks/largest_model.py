@@ -6,7 +6,7 @@ in its own subprocess, measured by ``benchmarks/presets.py`` (bf16, the preset's
 batch 1; one warm-up step and ``--steps`` timed ones). The search stops at the first shape that fails (out of memory, or slower than
 ``--timeout``). Every shape tried goes to the console and to a JSON file.
 
-    python benchmarks/largest_model.py                     # the default ladder, 152M to 4.8B parameters
+    python benchmarks/largest_model.py                     # the default ladder, 152M to 14.5B parameters
     python benchmarks/largest_model.py --shapes 48x1024 64x2048 --preset audio-65k
 """
 
@@ -20,7 +20,9 @@ from presets import describe, measure, parser, results_path
 # LxD: n_layer x d_model, heads of --head-width (32, as in audio-65k, whose shape is the first rung).
 # With 4d feed-forward, about 12 L D^2 parameters; AdamW with fp32 master weights needs 16 bytes
 # per parameter before activations.
-LADDER = ["48x512", "48x1024", "64x1536", "72x2048", "96x2048"]
+# The rungs past 96x2048 are there because on a 139 GiB H200 every rung up to it trained (4.84B
+# parameters, 113.8 GiB), so the search ended with the ladder instead of at the memory limit.
+LADDER = ["48x512", "48x1024", "64x1536", "48x2048", "64x2048", "72x2048", "96x2048", "96x2560", "128x3072"]
 
 
 def shape_overrides(shape: str, head_width: int = 32) -> list[str]:
