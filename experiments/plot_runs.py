@@ -9,17 +9,11 @@ time in seconds (evaluation and checkpoints excluded), as the trainer logs it.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-import matplotlib
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-
-def read(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+from sparse_transformer.train.metrics import read_metrics
 
 
 def main() -> int:
@@ -28,12 +22,13 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True, help="PNG to write")
     parser.add_argument("--title", default="")
     args = parser.parse_args()
-    fig, (train_ax, valid_ax) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    fig = Figure(figsize=(11, 4))  # no pyplot: no global backend or figure state
+    train_ax, valid_ax = fig.subplots(1, 2, sharey=True)
     for item in args.runs:
         label, sep, path = item.partition("=")
         if not sep:
             raise SystemExit(f"error: expected LABEL=METRICS, got {item!r}")
-        records = read(Path(path))
+        records = read_metrics(path)
         for ax, split in ((train_ax, "train"), (valid_ax, "validation")):
             rows = [r for r in records if r.get("split") == split]
             ax.plot([r["time"] for r in rows], [r["bits_per_byte"] for r in rows], label=label,
