@@ -1,6 +1,10 @@
 """Prepared caches (.bin splits + manifest), the stdlib default, split sizes, check_context, positions."""
 
 import json
+import os
+import socket
+import subprocess
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -9,6 +13,7 @@ import pytest
 import torch
 
 from sparse_transformer.data import ByteDataset, check_context, load, position_axes, positions, split_stream
+from sparse_transformer.data import store
 from sparse_transformer.data.dataset import split_files
 from sparse_transformer.data.stdlib import load_stdlib, stdlib_files
 from sparse_transformer.data.store import SplitWriter, load_splits, prepared, read_manifest, write_splits
@@ -187,3 +192,52 @@ def test_an_outdated_cache_is_replaced_whole(tmp_path):
     assert read_manifest(folder)["fingerprint"] == "new source"
     assert (folder / "train.bin").read_bytes() == bytes([2] * 4)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["set"]
+
+
+def test_a_writer_that_starts_after_another_published_keeps_that_copy(tmp_path):
+    folder = tmp_path / "set"
+    with SplitWriter(folder) as first:  # a rank that found no cache and built it quickly
+        _fill(first, 1)
+        first.finish("set", "text", "fp")
+    published = (folder / "train.bin").stat().st_ino
+    with SplitWriter(folder) as late:  # a rank that also found none, but read its sources for longer
+        _fill(late, 1)
+        late.finish("set", "text", "fp")
+    assert (folder / "train.bin").stat().st_ino == published
+
+
+def test_publishing_survives_another_process_moving_the_old_copy_away(tmp_path, monkeypatch):
+    folder = tmp_path / "set"
+    with SplitWriter(folder) as old:
+        _fill(old, 0)
+        old.finish("set", "text", "old source")
+    writer = SplitWriter(folder)
+    _fill(writer, 1)
+    real_replace, calls = os.replace, []
+
+    def replace(src, dst):  # our first publish fails; the other process then renames the old copy aside
+        calls.append(src)
+        if len(calls) == 1:
+            try:
+                return real_replace(src, dst)
+            finally:
+                real_replace(folder, tmp_path / "moved-by-the-other")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(store.os, "replace", replace)
+    assert writer.finish("set", "text", "new source") == folder
+    assert read_manifest(folder)["fingerprint"] == "new source"
+
+
+def test_temporary_folders_of_dead_processes_are_removed(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    orphan = tmp_path / f"set.tmp-{host}-{int(dead.stdout)}-0123abcd"
+    other_host = tmp_path / f"set.tmp-elsewhere-{int(dead.stdout)}-0123abcd"
+    running = tmp_path / f"set.tmp-{host}-{os.getpid()}-0123abcd"
+    for path in (orphan, other_host, running):
+        path.mkdir()
+    with SplitWriter(tmp_path / "set") as writer:
+        _fill(writer, 1)
+        writer.finish("set", "text", "fp")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["set", other_host.name, running.name])

@@ -104,12 +104,16 @@ def test_resumed_run_sets_aside_the_metrics_rows_it_redoes(text, tmp_path):
     assert latest.name == "step-00000005"
     import shutil
     shutil.rmtree(latest)
+    with open(tmp_path / "split" / "metrics.jsonl", "a") as f:
+        f.write('{"split": "train", "st')  # the last line, cut off by the kill
     train(config, tmp_path / "split", text, resume=True, progress=False, final_eval=False)
     rows = read_metrics(tmp_path / "split" / "metrics.jsonl")
     assert [r["step"] for r in rows if r["split"] == "train"] == list(range(1, 9))
     assert [r["loss"] for r in rows if r["split"] == "train"] == full.losses
-    dropped = read_metrics(tmp_path / "split" / "metrics.dropped.jsonl")
-    assert [r["step"] for r in dropped] == [5, 5]  # the train row and the summary of the redone step
+    assert [r["step"] for r in rows if r["split"] == "summary"] == [8]  # one summary: this run's
+    dropped = (tmp_path / "split" / "metrics.dropped.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in dropped[:2]] == [5, 5]  # the redone step's train row, summary
+    assert dropped[2] == '{"split": "train", "st'
 
 
 def test_checkpoints_keep_last_k_and_load_without_pickle(text, tmp_path):

@@ -62,7 +62,9 @@ class KernelConfig:
     override them in the two backward kernels, for every part: the dK/dV kernel holds ``BLOCK_N``
     keys and loops over ``BLOCK_M`` queries, the dQ kernel the other way round, so each may want
     its own shape (Triton's tutorial uses 32x128 and 128x32). ``None`` takes
-    :data:`triton_kernels.DEFAULT_CONFIG`."""
+    :data:`triton_kernels.DEFAULT_CONFIG`. A launch that runs two parts (the fixed pattern's
+    forward and dQ) takes the tiles of its second, ``global`` part; ``local`` then shapes only the
+    local part's dK/dV launch."""
 
     tiles: Optional[tuple[int, int, int, int]] = None
     local: Optional[tuple[int, int, int, int]] = None

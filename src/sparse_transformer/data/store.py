@@ -7,11 +7,13 @@ so a truncated, corrupted or stale cache is detected instead of silently trained
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
 import secrets
 import shutil
+import socket
 import warnings
 from pathlib import Path
 from typing import Callable, Optional
@@ -49,7 +51,7 @@ def files_fingerprint(files: list[Path], root: Optional[Path] = None) -> str:
 
 
 def _identity(folder: Path) -> Optional[tuple[int, int]]:
-    """Which copy of a cache folder is there (its manifest's inode and change time), None if none."""
+    """Which copy of a cache folder is there (its manifest's inode and modification time); None if none."""
     try:
         st = (folder / MANIFEST).stat()
     except OSError:
@@ -58,8 +60,43 @@ def _identity(folder: Path) -> Optional[tuple[int, int]]:
 
 
 def _beside(folder: Path, what: str) -> Path:
-    """A name no other process will pick, next to ``folder`` (same file system: renames are atomic)."""
-    return folder.with_name(f"{folder.name}.{what}-{os.getpid()}-{secrets.token_hex(4)}")
+    """A name no other process will pick, next to ``folder`` (same file system: renames are atomic):
+    ``<name>.<what>-<host>-<pid>-<random>``."""
+    return folder.with_name(f"{folder.name}.{what}-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def _remove_orphans(folder: Path) -> None:
+    """Delete temporary folders beside ``folder`` left by processes of this host that no longer run
+    (a conversion killed outright cannot clean up after itself; ImageNet's is gigabytes)."""
+    host = socket.gethostname()
+    for path in folder.parent.glob(f"{glob.escape(folder.name)}.*-{glob.escape(host)}-*-*"):
+        what, _, rest = path.name[len(folder.name) + 1:].partition(f"-{host}-")
+        pid = rest.split("-")[0]
+        if what not in ("tmp", "stale") or not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except PermissionError:  # running, as another user
+            pass
+
+
+def _discard(folder: Path, seen: Optional[tuple[int, int]]) -> None:
+    """Remove the copy of ``folder`` identified by ``seen``: moved aside in one rename (a reader never
+    sees half of it), then deleted. A copy another process put there meanwhile is moved back."""
+    stale = _beside(folder, "stale")
+    try:
+        os.replace(folder, stale)
+    except FileNotFoundError:
+        return
+    if _identity(stale) != seen:
+        try:
+            os.replace(stale, folder)  # not the copy we meant; give it back unless a newer one is there
+            return
+        except OSError:
+            pass
+    shutil.rmtree(stale, ignore_errors=True)
 
 
 class SplitWriter:
@@ -76,7 +113,7 @@ class SplitWriter:
     def __init__(self, folder: Path):
         self.folder = Path(folder)
         self.folder.parent.mkdir(parents=True, exist_ok=True)
-        self.outdated = _identity(self.folder)  # what is there now is what the caller replaces
+        _remove_orphans(self.folder)
         self.tmp = _beside(self.folder, "tmp")
         self.tmp.mkdir()
         self.files = {s: open(self.tmp / f"{s}.bin", "wb") for s in SPLITS}
@@ -109,28 +146,28 @@ class SplitWriter:
         self.finished = True
         return self.folder
 
-    def _publish(self, manifest: dict) -> None:
-        """Rename the temporary folder to ``folder``: atomic, and refused while ``folder`` exists."""
-        while True:
+    def _publish(self, manifest: dict, attempts: int = 5) -> None:
+        """Rename the temporary folder to ``folder``: atomic, and refused while ``folder`` exists.
+        There, a copy of the very bytes we wrote (another process published them first) is kept and
+        ours dropped; any other copy (another source) is replaced."""
+        for _ in range(attempts):
             try:
                 os.replace(self.tmp, self.folder)
                 return
-            except OSError:
-                if not self.folder.exists():
-                    raise
-            if _identity(self.folder) != self.outdated:  # published by another process since we began
-                try:
-                    theirs = read_manifest(self.folder)
-                except (OSError, ValueError):
-                    theirs = None
-                if theirs is not None and all(theirs.get(k) == manifest[k] for k in ("fingerprint", "splits")):
-                    shutil.rmtree(self.tmp, ignore_errors=True)  # the very bytes we wrote: keep theirs
-                    return
-            # An outdated or damaged cache: move it aside in one rename (a reader never sees half of
-            # it), then delete it.
-            stale = _beside(self.folder, "stale")
-            os.replace(self.folder, stale)
-            shutil.rmtree(stale, ignore_errors=True)
+            except OSError as err:
+                failure = err
+            seen = _identity(self.folder)
+            try:
+                theirs = read_manifest(self.folder)
+            except (OSError, ValueError):
+                theirs = None
+            if theirs is not None and all(theirs.get(k) == manifest[k] for k in ("fingerprint", "splits")):
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                return
+            _discard(self.folder, seen)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        raise OSError(f"could not publish the cache {self.folder} after {attempts} tries "
+                      f"(other processes keep replacing it): {failure}") from failure
 
     def abort(self) -> None:
         for f in self.files.values():
@@ -199,13 +236,23 @@ def prepared(folder: Path, fingerprint: str, build: Callable[[Path], object]) ->
     """Load ``folder`` if it holds a valid cache for ``fingerprint``; otherwise run ``build(folder)``
     (which must write it, e.g. with :class:`SplitWriter`) and load the result.
 
-    A cache that fails its checks is derived data: it is rebuilt from the source, with a warning.
+    A cache that fails its checks is derived data: it is removed and rebuilt from the source, with a
+    warning. Several processes may do this at once (see :class:`SplitWriter`).
     """
     folder = Path(folder)
-    if (folder / MANIFEST).is_file():
+    for _ in range(3):  # another process may replace the copy while we check it
+        seen = _identity(folder)
+        if seen is None:
+            break
         try:
             return load_splits(folder, fingerprint)
         except (ValueError, KeyError) as err:
+            if _identity(folder) != seen:
+                continue  # a new copy arrived meanwhile: check that one
             warnings.warn(f"rebuilding the cache: {err}", stacklevel=2)
+            # Removed now, so that whatever is at ``folder`` when the rebuild publishes is another
+            # process's fresh copy (see SplitWriter).
+            _discard(folder, seen)
+            break
     build(folder)
     return load_splits(folder, fingerprint)

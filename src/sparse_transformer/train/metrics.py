@@ -38,12 +38,14 @@ class Metrics:
         self.shown_time = float(int(start_time))
 
     def _set_aside_after(self, start_step: int) -> None:
-        """Rows of steps after ``start_step`` (a resumed run redoes them; a fresh run, all rows) move
-        to ``metrics.dropped.jsonl``, so ``metrics.jsonl`` is one timeline that never runs back."""
+        """Keep only the training and validation rows of steps up to ``start_step``, the resumed run's
+        past; the rest moves to ``metrics.dropped.jsonl``: steps a resumed run redoes, the earlier
+        segment's summary and test rows (the run writes its own), a line cut off by a crash, and on
+        a fresh run everything. So ``metrics.jsonl`` is one timeline that never runs back."""
         if not self.path.is_file():
             return
         lines = [line for line in self.path.read_text().splitlines() if line.strip()]
-        kept = [start_step > 0 and json.loads(line).get("step", 0) <= start_step for line in lines]
+        kept = [start_step > 0 and _in_past(line, start_step) for line in lines]
         if all(kept):
             return
         keep = [line for line, k in zip(lines, kept) if k]
@@ -53,7 +55,8 @@ class Metrics:
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text("".join(line + "\n" for line in keep))
         tmp.replace(self.path)
-        self.write(f"{len(dropped)} metrics rows after step {start_step} moved to metrics.dropped.jsonl")
+        self.write(f"{len(dropped)} metrics rows that are not this run's past (up to step {start_step}) "
+                   f"moved to metrics.dropped.jsonl")
 
     def log(self, record: dict) -> None:
         """Append one JSON line (``split`` says train / validation / test)."""
@@ -88,6 +91,15 @@ class Metrics:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+def _in_past(line: str, start_step: int) -> bool:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    return (isinstance(row, dict) and row.get("split") in ("train", "validation")
+            and isinstance(row.get("step"), int) and row["step"] <= start_step)
 
 
 def read_metrics(path: str | Path) -> list[dict]:
