@@ -266,8 +266,8 @@ class Decoder(nn.Module):
                 out = _attend(scores, values, plan.may_be_empty)  # (B, H, 1, dv)
             else:  # no key slot at all (a summary part whose slots lie past the context): zeros
                 out = torch.zeros(b, h, 1, v.shape[-1], device=x.device)
-            a = block.attn.proj(out.reshape(b, -1).to(x.dtype))  # (B, d)
-            x = x + a + block.ff(block.norm_ff(x + a))  # dropout is the identity when sampling
+            x = x + block.attn.proj(out.reshape(b, -1).to(x.dtype))  # (B, d)
+            x = x + block.ff(block.norm_ff(x))  # dropout is the identity when sampling
         return m.head(m.norm(x))
 
 
