@@ -313,9 +313,11 @@ def _train(config, run_dir, dataset, resume, world: World, progress, final_eval,
                 loss = byte_loss(logits, micro)
                 scaler.scale(loss / config.grad_accum).backward()
                 total += loss.detach() / config.grad_accum
-            # The stop request rides on the loss all-reduce, so every rank stops after the same step.
-            stop_flag = torch.tensor(float(stop.requested), device=world.device)
-            loss_value, stop_votes = all_reduce_mean(torch.stack([total, stop_flag]), world).tolist()
+            if world.distributed:  # the stop request rides on the loss all-reduce: all ranks stop together
+                votes = total.new_tensor(float(stop.requested))
+                loss_value, stop_votes = all_reduce_mean(torch.stack([total, votes]), world).tolist()
+            else:
+                loss_value = total.item()
             problem = None if math.isfinite(loss_value) else "loss"
             if problem is None:
                 scaler.unscale_(optimizer)  # a no-op unless fp16
@@ -348,7 +350,8 @@ def _train(config, run_dir, dataset, resume, world: World, progress, final_eval,
                 break
             if on_step is not None:
                 on_step(step, loss_value)
-            if stop_votes > 0 or (stop.requested and not world.distributed):  # ranks: next step's vote
+            # One process stops after this step; several after the step whose all-reduce carried the request.
+            if (stop_votes > 0) if world.distributed else stop.requested:
                 metrics.write(f"stop requested{' (' + stop.name + ')' if stop.name else ''}: "
                               f"checkpointing after step {step}")
                 reason = "interrupted"
