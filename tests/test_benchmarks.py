@@ -89,7 +89,12 @@ def test_sampling_benchmark_saves_after_every_mode_and_keeps_other_presets(tmp_p
     for work in report["workloads"]:
         for row in work["modes"]:  # the cache decodes faster than re-running the forward pass per byte
             assert row["cache_bytes"] > 0 and row["speedup_vs_rerun_full"] > 1
-    assert "| enwik8: 2 x 256 | cudagraph |" in path.with_suffix(".md").read_text()
+    assert "| enwik8: 2 x 256 | cudagraph (auto) |" in path.with_suffix(".md").read_text()
+    # Running both presets again replaces their rows (each preset once, in this run's order).
+    script("sampling.py", "--quick", "--modes", "eager", "--backends", "torch", "--out", out)
+    report = json.loads(path.read_text())
+    assert [(w["preset"], [(m["mode"], m["backend"]) for m in w["modes"]]) for w in report["workloads"]] == [
+        ("cifar10", [("eager", "torch")]), ("enwik8", [("eager", "torch")])]
 
 
 def test_a_failed_preset_records_the_exception_not_torchruns_banner(monkeypatch):

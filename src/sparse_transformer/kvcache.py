@@ -22,7 +22,9 @@ Scores, softmax and the value sum are fp32, as the paper did when sampling.
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -149,45 +151,99 @@ class KeyPlan(nn.Module):
                 for h in range(len(index))]
 
 
+DECODE_BACKENDS = ("auto", "torch", "triton")
+_PAD = 8  # the ones column and zeros: rows stay a multiple of 8 wide (16-byte aligned in bf16)
+_HIDDEN_ONE = 16.0  # gelu(16) == 16 in fp32, bf16 and fp16; a power of two, so b / 16 * 16 == b
+
+
+def _with_bias(linear: nn.Linear, bias_scale: float = 1.0) -> Tensor:
+    """``[W | b * bias_scale | 0]`` of shape ``[out, in + _PAD]``: a row ending in ``[1 / bias_scale,
+    0, ...]`` times its transpose is ``row W^T + b``."""
+    w, b = linear.weight.detach(), linear.bias.detach()
+    return torch.cat([w, b[:, None] * bias_scale, w.new_zeros(w.shape[0], _PAD - 1)], 1)
+
+
+def _decode_backend(backend: str, device: torch.device) -> str:
+    """``"auto"``: the Triton decode kernel on CUDA, PyTorch elsewhere. ``"triton"`` on the CPU
+    needs ``TRITON_INTERPRET=1`` (tests)."""
+    if backend not in DECODE_BACKENDS:
+        raise ValueError(f"backend must be one of {DECODE_BACKENDS}, got {backend!r}")
+    has_triton = importlib.util.find_spec("triton") is not None
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and has_triton else "torch"
+    if backend == "triton" and not (has_triton and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")):
+        raise ValueError(f"backend='triton' needs Triton and a CUDA device (or TRITON_INTERPRET=1 on the CPU); "
+                         f"the model is on {device}{'' if has_triton else ' and Triton is not installed'}")
+    return backend
+
+
 class Decoder(nn.Module):
     """A :class:`~sparse_transformer.model.SparseTransformer` plus a preallocated key/value cache
     for ``batch`` sequences: :meth:`prefill` runs the full forward pass over a prime and stores its
     keys and values; :meth:`forward` decodes one position with static shapes.
 
-    Cache per layer: keys ``[B, H, context, qk width / H]`` and values ``[B, H, context, d / H]``
-    in the model's dtype, plus, for fixed summaries, compact fp32 copies of the summary keys and
-    values (``[B, H, summary slots + 1, width]``). Layers with the same head patterns share one
-    :class:`KeyPlan`, evaluated once per step; each layer's q/k/v projections are one matmul.
+    Cache per layer, in the model's dtype: ``[B, H, context, dk + dv]``, each row a position's key
+    and value side by side (one write, one gather per slot), plus, for fixed summaries, a compact
+    copy of the summary rows (``[B, H, summary slots + 1, dk + dv]``). Layers with the same head
+    patterns share one :class:`KeyPlan`, evaluated once per step; each layer's q/k/v projection is
+    one matmul whose output rows are ordered ``[q | k_0 v_0 | k_1 v_1 | ...]`` so its key/value
+    part *is* the new cache row, and each output projection adds its bias and the residual in the
+    same matmul (``x.addmm_``: the bias rides on a constant column of the input row). ``backend`` computes the attention over the slots: ``"triton"``
+    (one fused kernel, see :mod:`~sparse_transformer.attention.triton_decode`), ``"torch"``
+    (gathers, matmuls and a softmax), or ``"auto"`` (Triton on CUDA). Both use fp32 scores.
     """
 
-    def __init__(self, model: nn.Module, batch: int):
+    def __init__(self, model: nn.Module, batch: int, backend: str = "auto"):
         super().__init__()
         config = model.config
         self.model = model
         self.batch, self.context, self.n_head = batch, config.context, config.n_head
         device, dtype = model.head.weight.device, model.head.weight.dtype
+        self.backend = _decode_backend(backend, device)
         plans: dict[tuple, int] = {}
         self.plan_of_layer: list[int] = []
         for block in model.blocks:
             self.plan_of_layer.append(plans.setdefault(tuple(block.attn.patterns), len(plans)))
         self.plans = nn.ModuleList(KeyPlan(patterns, config.n_head, config.context) for patterns in plans).to(device)
+        if self.backend == "triton":  # imported here: the CPU path never needs Triton
+            from .attention.triton_decode import decode_attention, decode_splits
+            self._kernel = decode_attention
+            processors = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+            self.splits = [decode_splits(batch * self.n_head, p.moving + p.fixed, processors) for p in self.plans]
         self.register_buffer("heads", torch.arange(config.n_head, device=device)[:, None], persistent=False)
-        self.widths: list[tuple[int, int, int]] = []
+        h = self.n_head
+        attn = model.blocks[0].attn
+        self.dk, self.dv, self.qk_width = attn.qk_width // h, config.d_model // h, attn.qk_width
+        self.scale = 1.0 / math.sqrt(self.dk)
         self.cache_names: list[str] = []
+        # The attention output row, followed by a ones column: x.addmm_(rows, [W | b]^T) adds the
+        # output projection, its bias and the residual in one kernel.
+        attn_rows = torch.zeros(batch, config.d_model + _PAD, dtype=dtype, device=device)
+        attn_rows[:, config.d_model] = 1
+        self.register_buffer("attn_rows", attn_rows, persistent=False)
         for i, block in enumerate(model.blocks):
             attn, plan = block.attn, self.plans[self.plan_of_layer[i]]
-            self.widths.append((attn.qk_width, attn.qk_width, config.d_model))
+
+            def rows(q: Tensor, k: Tensor, v: Tensor) -> Tensor:  # [q | k_0 v_0 | k_1 v_1 | ...]
+                kv = torch.cat([k.reshape(h, self.dk, *k.shape[1:]), v.reshape(h, self.dv, *v.shape[1:])], 1)
+                return torch.cat([q, kv.flatten(0, 1)]).detach()
+
             # Detached copies: a decoder is built per generate() call, after training has changed the weights.
-            self.register_buffer(f"qkv_w{i}", torch.cat([attn.query.weight, attn.key.weight, attn.value.weight]).detach(),
+            self.register_buffer(f"qkv_w{i}", rows(attn.query.weight, attn.key.weight, attn.value.weight),
                                  persistent=False)
-            self.register_buffer(f"qkv_b{i}", torch.cat([attn.query.bias, attn.key.bias, attn.value.bias]).detach(),
+            self.register_buffer(f"qkv_b{i}", rows(attn.query.bias, attn.key.bias, attn.value.bias), persistent=False)
+            self.register_buffer(f"proj_w{i}", _with_bias(attn.proj), persistent=False)
+            # The feed-forward hidden row ends in gelu(16) = 16 (exactly, in every float dtype), so
+            # its output projection adds 16 * b / 16 = b (exact: a power of two) with the residual.
+            fc, proj = block.ff.fc, block.ff.proj
+            self.register_buffer(f"fc_w{i}", torch.cat([fc.weight, fc.weight.new_zeros(_PAD, fc.in_features)]).detach(),
                                  persistent=False)
-            for name, width in (("k", attn.qk_width), ("v", config.d_model)):
-                shape = (batch, self.n_head, config.context, width // self.n_head)
-                self._cache(f"{name}{i}", torch.zeros(shape, dtype=dtype, device=device))
-                if plan.fixed and not plan.whole_cache:
-                    shape = (batch, self.n_head, plan.fixed + 1, width // self.n_head)
-                    self._cache(f"f{name}{i}", torch.zeros(shape, dtype=torch.float32, device=device))
+            self.register_buffer(f"fc_b{i}", torch.cat([fc.bias, fc.bias.new_tensor([_HIDDEN_ONE] + [0.0] * (_PAD - 1))]).detach(), persistent=False)
+            self.register_buffer(f"ff_w{i}", _with_bias(proj, 1 / _HIDDEN_ONE), persistent=False)
+            self._cache(f"kv{i}", torch.zeros(batch, h, config.context, self.dk + self.dv, dtype=dtype, device=device))
+            if plan.fixed and not plan.whole_cache:
+                self._cache(f"fkv{i}", torch.zeros(batch, h, plan.fixed + 1, self.dk + self.dv, dtype=dtype,
+                                                   device=device))
 
     def _cache(self, name: str, tensor: Tensor) -> None:
         self.register_buffer(name, tensor, persistent=False)
@@ -205,30 +261,32 @@ class Decoder(nn.Module):
         token is only a placeholder: it is never an input).
         """
         b, n = tokens.shape
-        captured: dict[str, Tensor] = {}
+        captured: dict[tuple[int, str], Tensor] = {}
 
-        def capture(name):
+        def capture(key):
             def hook(module, inputs, output):
-                captured[name] = output
+                captured[key] = output
             return hook
 
         handles = []
         for i, block in enumerate(self.model.blocks):
-            handles.append(block.attn.key.register_forward_hook(capture(f"k{i}")))
-            handles.append(block.attn.value.register_forward_hook(capture(f"v{i}")))
+            handles.append(block.attn.key.register_forward_hook(capture((i, "k"))))
+            handles.append(block.attn.value.register_forward_hook(capture((i, "v"))))
         try:
             logits = self.model(tokens)
         finally:
             for handle in handles:
                 handle.remove()
-        for name, out in captured.items():  # (B, N, w) -> (B, H, N, w / H)
-            cache = getattr(self, name)
-            cache[:, :, :n] = out.view(b, n, self.n_head, -1).transpose(1, 2).to(cache.dtype)
-            if hasattr(self, "f" + name):  # compact summary copy; unwritten positions stay invalid until decoded
-                plan = self.plans[self.plan_of_layer[int(name[1:])]]
-                getattr(self, "f" + name)[:, :, :plan.fixed] = cache[:, self.heads, plan.positions.clamp(max=n - 1)]
+        for i in range(len(self.model.blocks)):
+            cache = getattr(self, f"kv{i}")
+            for columns, out in ((slice(0, self.dk), captured[i, "k"]), (slice(self.dk, None), captured[i, "v"])):
+                cache[:, :, :n, columns] = out.view(b, n, self.n_head, -1).transpose(1, 2).to(cache.dtype)
+            if hasattr(self, f"fkv{i}"):  # compact summary copy; unwritten positions stay invalid until decoded
+                plan = self.plans[self.plan_of_layer[i]]
+                getattr(self, f"fkv{i}")[:, :, :plan.fixed] = cache[:, self.heads, plan.positions.clamp(max=n - 1)]
         return logits
 
+    @torch.no_grad()
     def forward(self, token: Tensor, t: Tensor) -> Tensor:
         """Logits ``[B, V]`` at position ``t`` (0-dim long tensor, ``t >= 1``) whose input is
         ``token [B]``, the byte at ``t - 1``; positions before ``t`` must be cached."""
@@ -241,49 +299,49 @@ class Decoder(nn.Module):
         per_plan = [(plan, *plan(t), plan.slot_of.index_select(0, t1).view(1, h, 1, 1)) for plan in self.plans]
         for i, block in enumerate(m.blocks):
             plan, index, moving_bias, fixed_bias, slot = per_plan[self.plan_of_layer[i]]
-            y = block.norm_attn(x)
-            q, k, v = F.linear(y, getattr(self, f"qkv_w{i}"), getattr(self, f"qkv_b{i}")).split(self.widths[i], -1)
-            q = q.view(b, h, 1, -1).float() * (1.0 / math.sqrt(q.shape[-1] // h))  # fp32 scores, as in the paper
-            k, v = k.view(b, h, 1, -1), v.view(b, h, 1, -1)
-            k_cache, v_cache = getattr(self, f"k{i}"), getattr(self, f"v{i}")
-            k_cache.index_copy_(2, t1, k.to(k_cache.dtype))
-            v_cache.index_copy_(2, t1, v.to(v_cache.dtype))
-            scores, values = [], []
-            if plan.moving:  # gathered from the cache: O(keys per query)
-                scores.append(q @ k_cache[:, self.heads, index].float().transpose(-1, -2) + moving_bias[:, None])
-                values.append(v_cache[:, self.heads, index])
-            if plan.fixed:
-                if plan.whole_cache:  # dense or custom: every position, read in place
-                    fk, fv = k_cache, v_cache
-                else:  # compact summary copy: a non-summary position writes the scratch slot
-                    fk, fv = getattr(self, f"fk{i}"), getattr(self, f"fv{i}")
-                    fk.scatter_(2, slot.expand(b, h, 1, fk.shape[-1]), k.float())
-                    fv.scatter_(2, slot.expand(b, h, 1, fv.shape[-1]), v.float())
-                    fk, fv = fk[:, :, :plan.fixed], fv[:, :, :plan.fixed]
-                scores.append(q @ fk.float().transpose(-1, -2) + fixed_bias[:, None])
-                values.append(fv)
-            if scores:
-                out = _attend(scores, values, plan.may_be_empty)  # (B, H, 1, dv)
-            else:  # no key slot at all (a summary part whose slots lie past the context): zeros
-                out = torch.zeros(b, h, 1, v.shape[-1], device=x.device)
-            x = x + block.attn.proj(out.reshape(b, -1).to(x.dtype))  # (B, d)
-            x = x + block.ff(block.norm_ff(x))  # dropout is the identity when sampling
+            qkv = F.linear(block.norm_attn(x), getattr(self, f"qkv_w{i}"), getattr(self, f"qkv_b{i}"))
+            q = qkv[:, :self.qk_width].view(b, h, self.dk)
+            row = qkv[:, self.qk_width:].view(b, h, 1, self.dk + self.dv)  # this position's [k | v] per head
+            kv = getattr(self, f"kv{i}")
+            kv.index_copy_(2, t1, row)
+            fixed_kv = kv
+            if hasattr(self, f"fkv{i}"):  # compact summary copy: a non-summary position writes the scratch slot
+                fixed_kv = getattr(self, f"fkv{i}")
+                fixed_kv.scatter_(2, slot.expand(b, h, 1, row.shape[-1]), row)
+            attn_out = self.attn_rows[:, :-_PAD].view(b, h, self.dv)  # (B, H, dv), then a ones column
+            if self.backend == "triton":
+                self._kernel(q, kv, fixed_kv, index, moving_bias, fixed_bias, self.scale,
+                             self.splits[self.plan_of_layer[i]], attn_out)
+            else:
+                attn_out.copy_(self._attend(plan, q, kv, fixed_kv, index, moving_bias, fixed_bias))
+            x.addmm_(self.attn_rows, getattr(self, f"proj_w{i}").t())  # x + out W^T + b, one kernel
+            hidden = F.gelu(F.linear(block.norm_ff(x), getattr(self, f"fc_w{i}"), getattr(self, f"fc_b{i}")))
+            x.addmm_(hidden, getattr(self, f"ff_w{i}").t())  # dropout is the identity when sampling
         return m.head(m.norm(x))
 
-
-def _attend(scores: list[Tensor], values: list[Tensor], may_be_empty: bool) -> Tensor:
-    """One softmax over the concatenated slot scores ``[B, H, 1, K_i]``, then the weighted sum of
-    the matching ``values`` ``[B, H, K_i, dv]``; fp32 ``[B, H, 1, dv]``."""
-    scores = torch.cat(scores, -1) if len(scores) > 1 else scores[0]  # (B, H, 1, K)
-    if may_be_empty:  # a query with no admissible key gets zeros, as in sparse_attention
-        top = scores.amax(-1, keepdim=True)
-        weights = torch.exp(scores - torch.where(torch.isfinite(top), top, torch.zeros_like(top)))
-        total = weights.sum(-1, keepdim=True)
-        weights = weights / torch.where(total > 0, total, torch.ones_like(total))
-    else:
-        weights = torch.softmax(scores, -1)
-    parts = weights.split([vals.shape[-2] for vals in values], -1) if len(values) > 1 else [weights]
-    out = parts[0] @ values[0].float()
-    if len(values) > 1:
-        out = out + parts[1] @ values[1].float()
-    return out
+    def _attend(self, plan: KeyPlan, q: Tensor, kv: Tensor, fixed_kv: Tensor, index: Tensor, moving_bias: Tensor,
+                fixed_bias: Tensor) -> Tensor:
+        """The PyTorch path: one softmax over the gathered moving slots and the fixed slots;
+        fp32 ``[B, H, dv]``."""
+        b, h, dk = q.shape
+        q = q.view(b, h, 1, dk).float() * self.scale  # fp32 scores, as in the paper
+        rows, biases = [], []
+        if plan.moving:  # gathered from the cache: O(keys per query)
+            rows.append(kv[:, self.heads, index])
+            biases.append(moving_bias)
+        if plan.fixed:  # the compact summary copy, or the whole cache (dense, custom) read in place
+            rows.append(fixed_kv[:, :, :plan.fixed])
+            biases.append(fixed_bias)
+        if not rows:  # no key slot at all (a summary part whose slots lie past the context): zeros
+            return q.new_zeros(b, h, self.dv)
+        scores = torch.cat([q @ r[..., :dk].float().transpose(-1, -2) + bias[:, None]
+                            for r, bias in zip(rows, biases)], -1)  # (B, H, 1, K)
+        if plan.may_be_empty:  # a query with no admissible key gets zeros, as in sparse_attention
+            top = scores.amax(-1, keepdim=True)
+            weights = torch.exp(scores - torch.where(torch.isfinite(top), top, torch.zeros_like(top)))
+            total = weights.sum(-1, keepdim=True)
+            weights = weights / torch.where(total > 0, total, torch.ones_like(total))
+        else:
+            weights = torch.softmax(scores, -1)
+        parts = weights.split([r.shape[-2] for r in rows], -1)
+        return sum(p @ r[..., dk:].float() for p, r in zip(parts, rows)).view(b, h, -1)

@@ -143,7 +143,8 @@ class _Clock:
 @torch.no_grad()
 def generate(model: nn.Module, prime: Tensor, steps: int, temperature: float = 1.0, top_k: Optional[int] = None,
              top_p: Optional[float] = None, generator: Optional[torch.Generator] = None, *,
-             compile: Union[bool, str] = False, progress: bool = False, timings: Optional[dict] = None) -> Tensor:
+             compile: Union[bool, str] = False, backend: str = "auto", progress: bool = False,
+             timings: Optional[dict] = None) -> Tensor:
     """Continue ``prime`` by ``steps`` bytes with a sparse key/value cache.
 
     Args:
@@ -155,6 +156,8 @@ def generate(model: nn.Module, prime: Tensor, steps: int, temperature: float = 1
         generator: a ``torch.Generator`` on the model's device, for reproducible draws.
         compile: False (eager), True / ``"reduce-overhead"`` (torch.compile + CUDA graphs) or
             ``"cudagraph"`` (capture the eager step); GPU only, the CPU path is always eager.
+        backend: attention over the cached keys: ``"triton"`` (one fused kernel per layer),
+            ``"torch"``, or ``"auto"`` (Triton on CUDA, else PyTorch); see :class:`Decoder`.
         progress: show a tqdm bar in bytes per second.
         timings: if a dict, filled with ``prefill_s``, ``setup_s`` (CUDA graph capture), ``first_step_s``
             (includes compilation), ``steps_s`` (the other steps) and ``cache_bytes``; the device is
@@ -173,7 +176,7 @@ def generate(model: nn.Module, prime: Tensor, steps: int, temperature: float = 1
     with eval_mode(model):
         out = torch.empty(b, p + steps, dtype=torch.long, device=device)
         out[:, :p] = prime.to(device)
-        decoder = Decoder(model, b)
+        decoder = Decoder(model, b, backend)
         # Positions 0..P: the last one's input is the last prime byte (the placeholder is never read).
         logits = decoder.prefill(torch.cat([out[:, :p], out.new_zeros(b, 1)], dim=1))[:, -1]
         token = sample_next(logits, temperature, top_k, top_p, generator)

@@ -35,7 +35,9 @@ def add_parser(sub) -> None:
     p.add_argument("--out", default="samples", help="output folder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
-    p.add_argument("--compile", action="store_true", help="GPU: compile the decode step (torch.compile + CUDA graphs)")
+    p.add_argument("--decode", default="cudagraph", choices=("eager", "cudagraph", "compile"),
+                   help="GPU decode step: captured as a CUDA graph (default, fastest), torch.compile + CUDA graphs "
+                        "(slow to compile), or eager; the CPU always runs eagerly")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
@@ -119,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
     originals = _test_images(args, train_config, shape, args.complete_images) if args.complete_images else None
     generator = torch.Generator(device=device).manual_seed(args.seed)
     options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=generator,
-                   compile=args.compile, progress=not args.no_progress)
+                   compile={"eager": False, "cudagraph": "cudagraph", "compile": True}[args.decode], progress=not args.no_progress)
     out.mkdir(parents=True, exist_ok=True)
 
     if args.n:
