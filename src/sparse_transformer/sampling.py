@@ -4,8 +4,8 @@ One byte at a time, each new byte computing attention only over the keys its pat
 (see :mod:`sparse_transformer.kvcache`). The prime is run once through the full forward pass,
 which fills the cache; every later byte is one static-shape decode step. On a GPU that step can be
 compiled (``compile=True``: ``torch.compile(mode="reduce-overhead")``, which fuses it and replays it
-as a CUDA graph) or captured as a plain CUDA graph (``compile="cudagraph"``); on the CPU it runs
-eagerly whatever ``compile`` says.
+as a CUDA graph) or captured as a plain CUDA graph (``compile="cudagraph"``, the default and the
+fastest); on the CPU it runs eagerly whatever ``compile`` says.
 """
 
 from __future__ import annotations
@@ -143,7 +143,7 @@ class _Clock:
 @torch.no_grad()
 def generate(model: nn.Module, prime: Tensor, steps: int, temperature: float = 1.0, top_k: Optional[int] = None,
              top_p: Optional[float] = None, generator: Optional[torch.Generator] = None, *,
-             compile: Union[bool, str] = False, backend: str = "auto", progress: bool = False,
+             compile: Union[bool, str] = "cudagraph", backend: str = "auto", progress: bool = False,
              timings: Optional[dict] = None) -> Tensor:
     """Continue ``prime`` by ``steps`` bytes with a sparse key/value cache.
 
@@ -154,8 +154,9 @@ def generate(model: nn.Module, prime: Tensor, steps: int, temperature: float = 1
         temperature: divides the logits; 0 means greedy (argmax; ``top_k``/``top_p`` then do nothing).
         top_k: keep only the k most likely bytes. top_p: nucleus sampling, in (0, 1].
         generator: a ``torch.Generator`` on the model's device, for reproducible draws.
-        compile: False (eager), True / ``"reduce-overhead"`` (torch.compile + CUDA graphs) or
-            ``"cudagraph"`` (capture the eager step); GPU only, the CPU path is always eager.
+        compile: ``"cudagraph"`` (default: capture the step as a CUDA graph, the fastest), False
+            (eager), or True / ``"reduce-overhead"`` (torch.compile + CUDA graphs: slow to compile);
+            GPU only, the CPU path is always eager.
         backend: attention over the cached keys: ``"triton"`` (one fused kernel per layer),
             ``"torch"``, or ``"auto"`` (Triton on CUDA, else PyTorch); see :class:`Decoder`.
         progress: show a tqdm bar in bytes per second.

@@ -65,5 +65,6 @@ def sample_bytes(model: nn.Module, length: int, prompt: bytes = b"", temperature
     length = min(length, context - len(prompt))
     generator = torch.Generator(device=device).manual_seed(seed)
     prime = torch.tensor([list(prompt)], dtype=torch.long, device=device).reshape(1, len(prompt))
-    out = generate(model, prime, length, temperature=temperature, generator=generator)
+    # Eager: a short sample between training steps is not worth a CUDA graph's capture and memory pool.
+    out = generate(model, prime, length, temperature=temperature, generator=generator, compile=False)
     return bytes(out[0, len(prompt):].tolist())
