@@ -15,8 +15,11 @@ per-(query, key) condition from their positions (``MODE``):
                with ``lo`` from the head group (fixed summary); ``DMIN = 1`` keeps only keys of
                earlier blocks (merged with the local part), else keys at positions ``<= i``.
 
-Each kernel splits its loop into masked edge tiles and unmasked interior tiles, so the common
-case pays no mask arithmetic. Scores live in the log2 domain (``scale * log2(e)`` folded in);
+Each kernel runs one loop over a part's tiles and evaluates the part's condition only on the
+edge tiles (a uniform branch per tile), so interior tiles pay no mask arithmetic. One loop, not
+one per kind of tile: the software pipeliner prefetches across all of a program's tiles, and
+local parts have only two or three of them (three loops of one tile each waited on memory three
+times; one loop made strided 23% and fixed 10% faster at 16,384 on an H200). Scores live in the log2 domain (``scale * log2(e)`` folded in);
 the saved log-sum-exp is base 2 too. A forward launch with ``MERGE`` starts its online softmax
 from a previous part's (output, lse): parts on disjoint key sets merge exactly, as one softmax.
 With ``TWO_PARTS`` the forward and dQ kernels run a second part (``MODE2``) over the same query
@@ -126,7 +129,7 @@ def _queries_of(j_lo, j_hi, len_q, W, L, C, lo, MODE: tl.constexpr, DMIN: tl.con
 
 @triton.jit
 def _split(start, full_lo, full_hi, end, BLOCK_SIZE: tl.constexpr):
-    """Tile boundaries: masked ``[first, a)``, unmasked ``[a, b)``, masked ``[b, end)``."""
+    """Tile boundaries: tiles in ``[first, a)`` and ``[b, end)`` need the mask, ``[a, b)`` do not."""
     first = (start // BLOCK_SIZE) * BLOCK_SIZE
     a = tl.minimum(tl.maximum((full_lo + BLOCK_SIZE - 1) // BLOCK_SIZE * BLOCK_SIZE, first), end)
     b = tl.maximum(a, (full_hi // BLOCK_SIZE) * BLOCK_SIZE)
@@ -174,49 +177,29 @@ DEFAULT_CONFIG = {
 
 # ----------------------------------------------------------------------------- forward
 @triton.jit
-def _fwd_tiles(acc, l_i, m_i, q, Kb, Vb, first, stop, offs_m, offs_n, offs_d, col, STEP, len_q, len_k,
-               W, L, C, lo, scale2, MODE: tl.constexpr, DMIN: tl.constexpr, MASKED: tl.constexpr,
-               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
-    for t in range(first, stop, BLOCK_N):
+def _fwd_part(acc, l_i, m_i, q, Kb, Vb, i_lo, i_hi, offs_m, offs_n, offs_d, col, STEP, len_q, len_k, W, L, C, lo,
+              scale2, MODE: tl.constexpr, DMIN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+              UPCAST: tl.constexpr):
+    """One part's keys for the query rows ``[i_lo, i_hi]``, continuing the online softmax."""
+    start, full_lo, full_hi, end = _keys_of(i_lo, i_hi, W, L, C, lo, MODE, DMIN)
+    first, a, b = _split(start, full_lo, full_hi, end, BLOCK_N)
+    for t in range(first, end, BLOCK_N):
         j = t + offs_n
         pos = _position(j, col, STEP, L, C, lo, MODE == 2)
-        if MASKED:
-            k = tl.load(Kb + pos[:, None] * HEAD_DIM + offs_d[None, :], mask=(j < len_k)[:, None], other=0.0)
-            v = tl.load(Vb + pos[:, None] * HEAD_DIM + offs_d[None, :], mask=(j < len_k)[:, None], other=0.0)
-        else:
-            k = tl.load(Kb + pos[:, None] * HEAD_DIM + offs_d[None, :])
-            v = tl.load(Vb + pos[:, None] * HEAD_DIM + offs_d[None, :])
+        k = tl.load(Kb + pos[:, None] * HEAD_DIM + offs_d[None, :], mask=(j < len_k)[:, None], other=0.0)
+        v = tl.load(Vb + pos[:, None] * HEAD_DIM + offs_d[None, :], mask=(j < len_k)[:, None], other=0.0)
         s = _dot(q, tl.trans(k), None, UPCAST) * scale2
-        if MASKED:
-            ok = _allowed(offs_m[:, None], j[None, :], len_q, len_k, W, L, C, lo, MODE, DMIN)
-            s = tl.where(ok, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet: no NaN
-        else:
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_use = m_new
+        if (t < a) | (t >= b):  # an edge tile
+            s = tl.where(_allowed(offs_m[:, None], j[None, :], len_q, len_k, W, L, C, lo, MODE, DMIN), s,
+                         float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet: no NaN
         p = tl.math.exp2(s - m_use[:, None])
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         acc = _dot(p.to(v.dtype), v, acc, UPCAST)
         m_i = m_new
-    return acc, l_i, m_i
-
-
-@triton.jit
-def _fwd_part(acc, l_i, m_i, q, Kb, Vb, i_lo, i_hi, offs_m, offs_n, offs_d, col, STEP, len_q, len_k, W, L, C, lo,
-              scale2, MODE: tl.constexpr, DMIN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-              UPCAST: tl.constexpr):
-    """One part's keys for the query rows ``[i_lo, i_hi]``: masked edge, unmasked interior, masked edge."""
-    start, full_lo, full_hi, end = _keys_of(i_lo, i_hi, W, L, C, lo, MODE, DMIN)
-    first, a, b = _split(start, full_lo, full_hi, end, BLOCK_N)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, Kb, Vb, first, a, offs_m, offs_n, offs_d, col, STEP, len_q,
-                               len_k, W, L, C, lo, scale2, MODE, DMIN, True, HEAD_DIM, BLOCK_N, UPCAST)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, Kb, Vb, a, b, offs_m, offs_n, offs_d, col, STEP, len_q,
-                               len_k, W, L, C, lo, scale2, MODE, DMIN, False, HEAD_DIM, BLOCK_N, UPCAST)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, Kb, Vb, b, end, offs_m, offs_n, offs_d, col, STEP, len_q,
-                               len_k, W, L, C, lo, scale2, MODE, DMIN, True, HEAD_DIM, BLOCK_N, UPCAST)
     return acc, l_i, m_i
 
 
@@ -279,40 +262,22 @@ def _delta_kernel(O, DO, DELTA, rows, HEAD_DIM: tl.constexpr, BLOCK_M: tl.conste
 
 
 @triton.jit
-def _dq_tiles(dq, q, do, lse, delta, Kb, Vb, first, stop, offs_m, offs_n, offs_d, col, STEP, len_q, len_k,
-              W, L, C, lo, scale2, MODE: tl.constexpr, DMIN: tl.constexpr, MASKED: tl.constexpr,
-              HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
-    for t in range(first, stop, BLOCK_N):
-        j = t + offs_n
-        pos = _position(j, col, STEP, L, C, lo, MODE == 2)
-        if MASKED:
-            k = tl.load(Kb + pos[:, None] * HEAD_DIM + offs_d[None, :], mask=(j < len_k)[:, None], other=0.0)
-            v = tl.load(Vb + pos[:, None] * HEAD_DIM + offs_d[None, :], mask=(j < len_k)[:, None], other=0.0)
-        else:
-            k = tl.load(Kb + pos[:, None] * HEAD_DIM + offs_d[None, :])
-            v = tl.load(Vb + pos[:, None] * HEAD_DIM + offs_d[None, :])
-        p = tl.math.exp2(_dot(q, tl.trans(k), None, UPCAST) * scale2 - lse[:, None])
-        if MASKED:
-            ok = _allowed(offs_m[:, None], j[None, :], len_q, len_k, W, L, C, lo, MODE, DMIN)
-            p = tl.where(ok, p, 0.0)
-        dp = _dot(do, tl.trans(v), None, UPCAST)
-        ds = p * (dp - delta[:, None])
-        dq = _dot(ds.to(k.dtype), k, dq, UPCAST)
-    return dq
-
-
-@triton.jit
 def _dq_part(dq, q, do, lse, delta, Kb, Vb, i_lo, i_hi, offs_m, offs_n, offs_d, col, STEP, len_q, len_k, W, L, C,
              lo, scale2, MODE: tl.constexpr, DMIN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
              UPCAST: tl.constexpr):
     start, full_lo, full_hi, end = _keys_of(i_lo, i_hi, W, L, C, lo, MODE, DMIN)
     first, a, b = _split(start, full_lo, full_hi, end, BLOCK_N)
-    dq = _dq_tiles(dq, q, do, lse, delta, Kb, Vb, first, a, offs_m, offs_n, offs_d, col, STEP, len_q, len_k,
-                   W, L, C, lo, scale2, MODE, DMIN, True, HEAD_DIM, BLOCK_N, UPCAST)
-    dq = _dq_tiles(dq, q, do, lse, delta, Kb, Vb, a, b, offs_m, offs_n, offs_d, col, STEP, len_q, len_k,
-                   W, L, C, lo, scale2, MODE, DMIN, False, HEAD_DIM, BLOCK_N, UPCAST)
-    dq = _dq_tiles(dq, q, do, lse, delta, Kb, Vb, b, end, offs_m, offs_n, offs_d, col, STEP, len_q, len_k,
-                   W, L, C, lo, scale2, MODE, DMIN, True, HEAD_DIM, BLOCK_N, UPCAST)
+    for t in range(first, end, BLOCK_N):
+        j = t + offs_n
+        pos = _position(j, col, STEP, L, C, lo, MODE == 2)
+        k = tl.load(Kb + pos[:, None] * HEAD_DIM + offs_d[None, :], mask=(j < len_k)[:, None], other=0.0)
+        v = tl.load(Vb + pos[:, None] * HEAD_DIM + offs_d[None, :], mask=(j < len_k)[:, None], other=0.0)
+        p = tl.math.exp2(_dot(q, tl.trans(k), None, UPCAST) * scale2 - lse[:, None])
+        if (t < a) | (t >= b):  # an edge tile
+            p = tl.where(_allowed(offs_m[:, None], j[None, :], len_q, len_k, W, L, C, lo, MODE, DMIN), p, 0.0)
+        dp = _dot(do, tl.trans(v), None, UPCAST)
+        ds = p * (dp - delta[:, None])
+        dq = _dot(ds.to(k.dtype), k, dq, UPCAST)
     return dq
 
 
@@ -354,39 +319,12 @@ def _dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, N, H, n_tiles, NCOLS, STEP, W, L, C,
 
 
 @triton.jit
-def _dkdv_tiles(dk, dv, k, v, Qb, DOb, LSEb, DELTAb, first, stop, offs_m, offs_n, offs_d, col, STEP,
-                len_q, len_k, W, L, C, lo, scale2, MODE: tl.constexpr, DMIN: tl.constexpr,
-                MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, UPCAST: tl.constexpr):
-    for t in range(first, stop, BLOCK_M):
-        i = t + offs_m
-        q_pos = col + i * STEP
-        if MASKED:
-            ok_i = i < len_q
-            q = tl.load(Qb + q_pos[:, None] * HEAD_DIM + offs_d[None, :], mask=ok_i[:, None], other=0.0)
-            do = tl.load(DOb + q_pos[:, None] * HEAD_DIM + offs_d[None, :], mask=ok_i[:, None], other=0.0)
-            lse = tl.load(LSEb + q_pos, mask=ok_i, other=float("inf"))
-            delta = tl.load(DELTAb + q_pos, mask=ok_i, other=0.0)
-        else:
-            q = tl.load(Qb + q_pos[:, None] * HEAD_DIM + offs_d[None, :])
-            do = tl.load(DOb + q_pos[:, None] * HEAD_DIM + offs_d[None, :])
-            lse = tl.load(LSEb + q_pos)
-            delta = tl.load(DELTAb + q_pos)
-        lse = tl.where(lse == float("-inf"), float("inf"), lse)
-        pT = tl.math.exp2(_dot(k, tl.trans(q), None, UPCAST) * scale2 - lse[None, :])  # [BN, BM]
-        if MASKED:
-            ok = _allowed(i[None, :], offs_n[:, None], len_q, len_k, W, L, C, lo, MODE, DMIN)
-            pT = tl.where(ok, pT, 0.0)
-        dv = _dot(pT.to(do.dtype), do, dv, UPCAST)
-        dpT = _dot(v, tl.trans(do), None, UPCAST)
-        dsT = pT * (dpT - delta[None, :])
-        dk = _dot(dsT.to(q.dtype), q, dk, UPCAST)
-    return dk, dv
-
-
-@triton.jit
 def _dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, N, H, n_tiles, NCOLS, STEP, W, L, C, DISTINCT, scale, scale2,
                  MODE: tl.constexpr, DMIN: tl.constexpr, ACCUMULATE: tl.constexpr,
                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
+    """dK, dV of one key tile, looping over the query tiles that see it. dQ has its own kernel:
+    accumulating it here with fp32 atomics (FlashAttention-2's way, two matmuls fewer) was measured
+    slower on an H200 (fixed, 16,384: 3.55 -> 4.07 ms fwd+bwd; dense 11.9 -> 13.6)."""
     tile, col, bh, lo = _program(n_tiles, NCOLS, H, L, C, DISTINCT, True)
     len_q = (N - col + STEP - 1) // STEP
     len_k = _key_count(N, len_q, L, C, lo, MODE)
@@ -409,12 +347,22 @@ def _dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, N, H, n_tiles, NCOLS, STEP, W,
     DOb = DO + base
     LSEb = LSE + bh.to(tl.int64) * N
     DELTAb = DELTA + bh.to(tl.int64) * N
-    dk, dv = _dkdv_tiles(dk, dv, k, v, Qb, DOb, LSEb, DELTAb, first, a, offs_m, offs_n, offs_d, col, STEP,
-                         len_q, len_k, W, L, C, lo, scale2, MODE, DMIN, True, HEAD_DIM, BLOCK_M, UPCAST)
-    dk, dv = _dkdv_tiles(dk, dv, k, v, Qb, DOb, LSEb, DELTAb, a, b, offs_m, offs_n, offs_d, col, STEP,
-                         len_q, len_k, W, L, C, lo, scale2, MODE, DMIN, False, HEAD_DIM, BLOCK_M, UPCAST)
-    dk, dv = _dkdv_tiles(dk, dv, k, v, Qb, DOb, LSEb, DELTAb, b, end, offs_m, offs_n, offs_d, col, STEP,
-                         len_q, len_k, W, L, C, lo, scale2, MODE, DMIN, True, HEAD_DIM, BLOCK_M, UPCAST)
+    for t in range(first, end, BLOCK_M):
+        i = t + offs_m
+        q_pos = col + i * STEP
+        ok_i = i < len_q
+        q = tl.load(Qb + q_pos[:, None] * HEAD_DIM + offs_d[None, :], mask=ok_i[:, None], other=0.0)
+        do = tl.load(DOb + q_pos[:, None] * HEAD_DIM + offs_d[None, :], mask=ok_i[:, None], other=0.0)
+        lse = tl.load(LSEb + q_pos, mask=ok_i, other=float("inf"))
+        delta = tl.load(DELTAb + q_pos, mask=ok_i, other=0.0)
+        lse = tl.where(lse == float("-inf"), float("inf"), lse)  # empty rows: p = 0, never NaN
+        pT = tl.math.exp2(_dot(k, tl.trans(q), None, UPCAST) * scale2 - lse[None, :])  # [BN, BM]
+        if (t < a) | (t >= b):  # an edge tile
+            pT = tl.where(_allowed(i[None, :], offs_n[:, None], len_q, len_k, W, L, C, lo, MODE, DMIN), pT, 0.0)
+        dv = _dot(pT.to(do.dtype), do, dv, UPCAST)
+        dpT = _dot(v, tl.trans(do), None, UPCAST)
+        dsT = pT * (dpT - delta[None, :])
+        dk = _dot(dsT.to(q.dtype), q, dk, UPCAST)
     dk = dk * scale
     if ACCUMULATE:
         dk += tl.load(DK + k_off, mask=key_ok[:, None], other=0.0).to(tl.float32)
