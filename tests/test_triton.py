@@ -115,14 +115,14 @@ def test_triton_backward_with_its_own_tile_shapes(pattern):
 @needs_triton
 @needs_interpreter
 @pytest.mark.parametrize("pattern,n,tiles", [
-    (P.strided(4), 256, (16, 16, 1, 1)),  # columns of 64 rows: every tile in one column (aligned addressing)
-    (P.strided(5), 318, (16, 16, 1, 1)),  # aligned, and a ragged last row: columns 3 and 4 are one row shorter
-    (P.strided(4), 384, (64, 64, 4, 2)),  # columns of 96 rows: tiles straddle two columns
-    (P.strided(7, "column"), 100, (16, 16, 1, 1)),  # columns of 15 rows, several in a tile, ragged
+    (P.strided(4), 256, (16, 16, 1, 1)),  # columns of 64 rows, four tiles each
+    (P.strided(5), 318, (16, 16, 1, 1)),  # a ragged last row: columns 3 and 4 are one row shorter
+    (P.strided(4), 384, (64, 64, 4, 2)),  # columns of 96 rows: one full tile and one half tile
+    (P.strided(7, "column"), 100, (16, 16, 1, 1)),  # columns of 15 rows (and 14), shorter than a tile
 ], ids=str)
 def test_triton_strided_column_tiles(pattern, n, tiles):
-    """The column part reads the sequence column by column: tiles within one column, tiles that
-    hold several columns or straddle two, and columns one row short."""
+    """The column part over the [N/stride, stride] view: whole tiles, partial tiles and columns one
+    row short."""
     from sparse_transformer.attention.triton_sparse import KernelConfig
 
     check_triton_config(pattern, KernelConfig(tiles=tiles), (1, 2, n, 16), torch.float16, seed=n)

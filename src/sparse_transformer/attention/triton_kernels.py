@@ -3,17 +3,14 @@
 Order as in Triton's fused-attention tutorial: jit helpers, configs, forward kernel, backward
 kernels. The autograd.Function that chains the parts lives in ``triton_sparse.py``.
 
-A part is causal-ish attention of queries over one list of rows, with a per-(query, key)
-condition on their row numbers (``MODE``). The rows are the sequence itself, or with
-``TRANSPOSED`` the sequence read column by column as the ``[W, STEP]`` matrix (``W`` rows of
-``STEP``): row ``r`` is position ``(r % W) * STEP + r // W``, so each column of the ``[N/stride,
-stride]`` view is a contiguous run of ``W`` rows, reached in place (no copy), and a tile of 64 rows
-holds several short columns (rows at positions >= N, in a ragged last row, are never loaded):
+A part is causal-ish attention of queries over one contiguous list of key rows, with a
+per-(query, key) condition from their positions (``MODE``):
 
-- ``BAND``:    ``DMIN <= i - j < W`` (strided row: ``W = stride``; dense: ``W = N``).
-- ``BLOCK``:   ``i // W == j // W`` and ``DMIN <= i - j`` (fixed local: ``W = stride``; strided
-               column on the transposed rows: ``W = ceil(N / stride)``, ``DMIN = 1`` when merged
-               with the row part).
+- ``BAND``:    rows of a *view* of the sequence, ``DMIN <= i - j < W``. The view is either the
+               sequence itself (strided row: ``W = stride``; dense: ``W = N``) or one column of the
+               ``[N/stride, stride]`` matrix, reached with a row step of ``stride`` and no copy
+               (strided column: ``W = N``, ``DMIN = 1`` when merged with the row part).
+- ``BLOCK``:   ``i // W == j // W`` and ``j <= i`` (fixed local).
 - ``SUMMARY``: key row ``g`` is the g-th summary slot, at position ``(g // C) * L + lo + g % C``
                with ``lo`` from the head group (fixed summary); ``DMIN = 1`` keeps only keys of
                earlier blocks (merged with the local part), else keys at positions ``<= i``.
@@ -54,30 +51,12 @@ def _summary_count(x, L, C, lo):
 
 
 @triton.jit
-def _row_position(start, offs, W, STEP, TRANSPOSED: tl.constexpr, ALIGNED: tl.constexpr):
-    """Sequence positions of the rows ``start + offs`` of a tile: the rows themselves, or read column
-    by column from the ``[W, STEP]`` matrix. ``ALIGNED`` (``W`` a multiple of the tile): the tile lies
-    in one column, so its column and first row are scalars and the rows are ``STEP`` apart."""
-    if TRANSPOSED:
-        if ALIGNED:
-            pos = (start % W + offs) * STEP + start // W
-        else:
-            r = start + offs
-            pos = (r % W) * STEP + r // W
-    else:
-        pos = start + offs
-    return pos
-
-
-@triton.jit
-def _position(start, offs, W, STEP, L, C, lo, IS_SUMMARY: tl.constexpr, TRANSPOSED: tl.constexpr,
-              ALIGNED: tl.constexpr):
-    """Sequence positions of the key rows ``start + offs`` (summary slots of a SUMMARY part)."""
+def _position(j, col, STEP, L, C, lo, IS_SUMMARY: tl.constexpr):
+    """Sequence position of row ``j`` of a view (or of summary slot ``j``)."""
     if IS_SUMMARY:
-        j = start + offs
         pos = (j // C) * L + lo + j % C
     else:
-        pos = _row_position(start, offs, W, STEP, TRANSPOSED, ALIGNED)
+        pos = col + j * STEP
     return pos
 
 
@@ -88,7 +67,7 @@ def _allowed(i, j, len_q, len_k, W, L, C, lo, MODE: tl.constexpr, DMIN: tl.const
         d = i - j
         ok = (d >= DMIN) & (d < W)
     elif MODE == 1:
-        ok = (i - j >= DMIN) & (i // W == j // W)
+        ok = (j <= i) & (i // W == j // W)
     else:
         pos = (j // C) * L + lo + j % C
         if DMIN == 1:
@@ -108,9 +87,9 @@ def _keys_of(i_lo, i_hi, W, L, C, lo, MODE: tl.constexpr, DMIN: tl.constexpr):
         full_hi = i_lo - DMIN + 1
     elif MODE == 1:
         start = (i_lo // W) * W
-        end = i_hi - DMIN + 1
+        end = i_hi + 1
         full_lo = start
-        full_hi = tl.where(i_hi // W == i_lo // W, i_lo - DMIN + 1, start)
+        full_hi = tl.where(i_hi // W == i_lo // W, i_lo + 1, start)
     else:
         start = i_lo * 0
         full_lo = start
@@ -132,10 +111,10 @@ def _queries_of(j_lo, j_hi, len_q, W, L, C, lo, MODE: tl.constexpr, DMIN: tl.con
         full_lo = j_hi + DMIN
         full_hi = tl.minimum(j_lo + W, len_q)
     elif MODE == 1:
-        start = j_lo + DMIN
+        start = j_lo
         end = tl.minimum((j_hi // W + 1) * W, len_q)
-        full_lo = j_hi + DMIN
-        full_hi = tl.where(j_hi // W == j_lo // W, tl.minimum((j_lo // W + 1) * W, len_q), full_lo)
+        full_lo = j_hi
+        full_hi = tl.where(j_hi // W == j_lo // W, tl.minimum((j_lo // W + 1) * W, len_q), j_hi)
     else:
         end = len_q + j_lo * 0
         full_hi = end
@@ -158,8 +137,8 @@ def _split(start, full_lo, full_hi, end, BLOCK_SIZE: tl.constexpr):
 
 
 @triton.jit
-def _program(n_tiles, H, L, C, DISTINCT, KEY_TILES: tl.constexpr):
-    """Decode a 1-D program id into (tile, batch*head, summary offset ``lo``).
+def _program(n_tiles, NCOLS, H, L, C, DISTINCT, KEY_TILES: tl.constexpr):
+    """Decode a 1-D program id into (tile, view column, batch*head, summary offset ``lo``).
 
     Longest work first, for load balance in causal parts: the last query tile sees the most keys,
     the first key tile is seen by the most queries."""
@@ -168,24 +147,16 @@ def _program(n_tiles, H, L, C, DISTINCT, KEY_TILES: tl.constexpr):
         tile = pid % n_tiles
     else:
         tile = n_tiles - 1 - pid % n_tiles
-    bh = pid // n_tiles
+    rest = pid // n_tiles
+    col = rest % NCOLS
+    bh = rest // NCOLS
     lo = L - ((bh % H) % DISTINCT + 1) * C
-    return tile, bh, lo
-
-
-@triton.jit
-def _row_count(N, W, STEP, TRANSPOSED: tl.constexpr):
-    """Number of rows: the sequence's, or the ``[W, STEP]`` matrix's (a ragged last row included)."""
-    if TRANSPOSED:
-        count = W * STEP
-    else:
-        count = N
-    return count
+    return tile, col, bh, lo
 
 
 @triton.jit
 def _key_count(N, len_q, L, C, lo, MODE: tl.constexpr):
-    """Length of a part's list of key rows: the summary slots, else the rows themselves."""
+    """Length of a part's list of key rows: the summary slots, else the view itself."""
     if MODE == 2:
         count = _summary_count(N, L, C, lo)
     else:
@@ -208,18 +179,17 @@ DEFAULT_CONFIG = {
 
 # ----------------------------------------------------------------------------- forward
 @triton.jit
-def _fwd_part(acc, l_i, m_i, q, Kb, Vb, i_lo, i_hi, offs_m, offs_n, offs_d, N, STEP, len_q, len_k, W, L, C, lo,
-              scale2, MODE: tl.constexpr, DMIN: tl.constexpr, TRANSPOSED: tl.constexpr, ALIGNED: tl.constexpr,
-              HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
+def _fwd_part(acc, l_i, m_i, q, Kb, Vb, i_lo, i_hi, offs_m, offs_n, offs_d, col, STEP, len_q, len_k, W, L, C, lo,
+              scale2, MODE: tl.constexpr, DMIN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+              UPCAST: tl.constexpr):
     """One part's keys for the query rows ``[i_lo, i_hi]``, continuing the online softmax."""
     start, full_lo, full_hi, end = _keys_of(i_lo, i_hi, W, L, C, lo, MODE, DMIN)
     first, a, b = _split(start, full_lo, full_hi, end, BLOCK_N)
     for t in range(first, end, BLOCK_N):
         j = t + offs_n
-        pos = _position(t, offs_n, W, STEP, L, C, lo, MODE == 2, TRANSPOSED, ALIGNED)
-        kv_ok = (j < len_k) & (pos < N)
-        k = tl.load(Kb + pos[:, None] * HEAD_DIM + offs_d[None, :], mask=kv_ok[:, None], other=0.0)
-        v = tl.load(Vb + pos[:, None] * HEAD_DIM + offs_d[None, :], mask=kv_ok[:, None], other=0.0)
+        pos = _position(j, col, STEP, L, C, lo, MODE == 2)
+        k = tl.load(Kb + pos[:, None] * HEAD_DIM + offs_d[None, :], mask=(j < len_k)[:, None], other=0.0)
+        v = tl.load(Vb + pos[:, None] * HEAD_DIM + offs_d[None, :], mask=(j < len_k)[:, None], other=0.0)
         s = _dot(q, tl.trans(k), None, UPCAST) * scale2
         if (t < a) | (t >= b):  # an edge tile
             s = tl.where(_allowed(offs_m[:, None], j[None, :], len_q, len_k, W, L, C, lo, MODE, DMIN), s,
@@ -236,20 +206,20 @@ def _fwd_part(acc, l_i, m_i, q, Kb, Vb, i_lo, i_hi, offs_m, offs_n, offs_d, N, S
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE, O_PREV, N, H, n_tiles, STEP, W, L, C, DISTINCT, scale2,
+def _fwd_kernel(Q, K, V, O, LSE, O_PREV, N, H, n_tiles, NCOLS, STEP, W, L, C, DISTINCT, scale2,
                 MODE: tl.constexpr, DMIN: tl.constexpr, MODE2: tl.constexpr, DMIN2: tl.constexpr,
-                TWO_PARTS: tl.constexpr, MERGE: tl.constexpr, TRANSPOSED: tl.constexpr, ALIGNED: tl.constexpr,
+                TWO_PARTS: tl.constexpr, MERGE: tl.constexpr,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
     """One part (``MODE``), or with ``TWO_PARTS`` a second one (``MODE2``) over the same query view
     in the same online softmax; with ``MERGE``, continue from an earlier launch's output and lse."""
-    tile, bh, lo = _program(n_tiles, H, L, C, DISTINCT, False)
-    len_q = _row_count(N, W, STEP, TRANSPOSED)
+    tile, col, bh, lo = _program(n_tiles, NCOLS, H, L, C, DISTINCT, False)
+    len_q = (N - col + STEP - 1) // STEP
     base = bh.to(tl.int64) * N * HEAD_DIM
     offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    q_pos = _row_position(tile * BLOCK_M, tl.arange(0, BLOCK_M), W, STEP, TRANSPOSED, ALIGNED)
-    row_ok = (offs_m < len_q) & (q_pos < N)
+    row_ok = offs_m < len_q
+    q_pos = col + offs_m * STEP
     q_off = base + q_pos[:, None] * HEAD_DIM + offs_d[None, :]
     q = tl.load(Q + q_off, mask=row_ok[:, None], other=0.0)
     lse_ptr = LSE + bh.to(tl.int64) * N + q_pos
@@ -265,13 +235,13 @@ def _fwd_kernel(Q, K, V, O, LSE, O_PREV, N, H, n_tiles, STEP, W, L, C, DISTINCT,
     i_hi = tl.minimum(i_lo + BLOCK_M, len_q) - 1
     Kb = K + base
     Vb = V + base
-    acc, l_i, m_i = _fwd_part(acc, l_i, m_i, q, Kb, Vb, i_lo, i_hi, offs_m, offs_n, offs_d, N, STEP, len_q,
-                              _key_count(N, len_q, L, C, lo, MODE), W, L, C, lo, scale2, MODE, DMIN, TRANSPOSED,
-                              ALIGNED, HEAD_DIM, BLOCK_N, UPCAST)
+    acc, l_i, m_i = _fwd_part(acc, l_i, m_i, q, Kb, Vb, i_lo, i_hi, offs_m, offs_n, offs_d, col, STEP, len_q,
+                              _key_count(N, len_q, L, C, lo, MODE), W, L, C, lo, scale2, MODE, DMIN, HEAD_DIM,
+                              BLOCK_N, UPCAST)
     if TWO_PARTS:
-        acc, l_i, m_i = _fwd_part(acc, l_i, m_i, q, Kb, Vb, i_lo, i_hi, offs_m, offs_n, offs_d, N, STEP, len_q,
+        acc, l_i, m_i = _fwd_part(acc, l_i, m_i, q, Kb, Vb, i_lo, i_hi, offs_m, offs_n, offs_d, col, STEP, len_q,
                                   _key_count(N, len_q, L, C, lo, MODE2), W, L, C, lo, scale2, MODE2, DMIN2,
-                                  TRANSPOSED, ALIGNED, HEAD_DIM, BLOCK_N, UPCAST)
+                                  HEAD_DIM, BLOCK_N, UPCAST)
     empty = l_i == 0.0  # no admissible key: output 0, lse -inf
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
@@ -294,17 +264,16 @@ def _delta_kernel(O, DO, DELTA, rows, HEAD_DIM: tl.constexpr, BLOCK_M: tl.conste
 
 
 @triton.jit
-def _dq_part(dq, q, do, lse, delta, Kb, Vb, i_lo, i_hi, offs_m, offs_n, offs_d, N, STEP, len_q, len_k, W, L, C,
-             lo, scale2, MODE: tl.constexpr, DMIN: tl.constexpr, TRANSPOSED: tl.constexpr, ALIGNED: tl.constexpr,
-             HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
+def _dq_part(dq, q, do, lse, delta, Kb, Vb, i_lo, i_hi, offs_m, offs_n, offs_d, col, STEP, len_q, len_k, W, L, C,
+             lo, scale2, MODE: tl.constexpr, DMIN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+             UPCAST: tl.constexpr):
     start, full_lo, full_hi, end = _keys_of(i_lo, i_hi, W, L, C, lo, MODE, DMIN)
     first, a, b = _split(start, full_lo, full_hi, end, BLOCK_N)
     for t in range(first, end, BLOCK_N):
         j = t + offs_n
-        pos = _position(t, offs_n, W, STEP, L, C, lo, MODE == 2, TRANSPOSED, ALIGNED)
-        kv_ok = (j < len_k) & (pos < N)
-        k = tl.load(Kb + pos[:, None] * HEAD_DIM + offs_d[None, :], mask=kv_ok[:, None], other=0.0)
-        v = tl.load(Vb + pos[:, None] * HEAD_DIM + offs_d[None, :], mask=kv_ok[:, None], other=0.0)
+        pos = _position(j, col, STEP, L, C, lo, MODE == 2)
+        k = tl.load(Kb + pos[:, None] * HEAD_DIM + offs_d[None, :], mask=(j < len_k)[:, None], other=0.0)
+        v = tl.load(Vb + pos[:, None] * HEAD_DIM + offs_d[None, :], mask=(j < len_k)[:, None], other=0.0)
         p = tl.math.exp2(_dot(q, tl.trans(k), None, UPCAST) * scale2 - lse[:, None])
         if (t < a) | (t >= b):  # an edge tile
             p = tl.where(_allowed(offs_m[:, None], j[None, :], len_q, len_k, W, L, C, lo, MODE, DMIN), p, 0.0)
@@ -315,18 +284,18 @@ def _dq_part(dq, q, do, lse, delta, Kb, Vb, i_lo, i_hi, offs_m, offs_n, offs_d, 
 
 
 @triton.jit
-def _dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, N, H, n_tiles, STEP, W, L, C, DISTINCT, scale, scale2,
+def _dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, N, H, n_tiles, NCOLS, STEP, W, L, C, DISTINCT, scale, scale2,
                MODE: tl.constexpr, DMIN: tl.constexpr, MODE2: tl.constexpr, DMIN2: tl.constexpr,
-               TWO_PARTS: tl.constexpr, ACCUMULATE: tl.constexpr, TRANSPOSED: tl.constexpr, ALIGNED: tl.constexpr,
+               TWO_PARTS: tl.constexpr, ACCUMULATE: tl.constexpr,
                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
-    tile, bh, lo = _program(n_tiles, H, L, C, DISTINCT, False)
-    len_q = _row_count(N, W, STEP, TRANSPOSED)
+    tile, col, bh, lo = _program(n_tiles, NCOLS, H, L, C, DISTINCT, False)
+    len_q = (N - col + STEP - 1) // STEP
     base = bh.to(tl.int64) * N * HEAD_DIM
     offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    q_pos = _row_position(tile * BLOCK_M, tl.arange(0, BLOCK_M), W, STEP, TRANSPOSED, ALIGNED)
-    row_ok = (offs_m < len_q) & (q_pos < N)
+    row_ok = offs_m < len_q
+    q_pos = col + offs_m * STEP
     q_off = base + q_pos[:, None] * HEAD_DIM + offs_d[None, :]
     q = tl.load(Q + q_off, mask=row_ok[:, None], other=0.0)
     do = tl.load(DO + q_off, mask=row_ok[:, None], other=0.0)
@@ -339,13 +308,12 @@ def _dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, N, H, n_tiles, STEP, W, L, C, DISTIN
     i_hi = tl.minimum(i_lo + BLOCK_M, len_q) - 1
     Kb = K + base
     Vb = V + base
-    dq = _dq_part(dq, q, do, lse, delta, Kb, Vb, i_lo, i_hi, offs_m, offs_n, offs_d, N, STEP, len_q,
-                  _key_count(N, len_q, L, C, lo, MODE), W, L, C, lo, scale2, MODE, DMIN, TRANSPOSED, ALIGNED,
-                  HEAD_DIM, BLOCK_N, UPCAST)
+    dq = _dq_part(dq, q, do, lse, delta, Kb, Vb, i_lo, i_hi, offs_m, offs_n, offs_d, col, STEP, len_q,
+                  _key_count(N, len_q, L, C, lo, MODE), W, L, C, lo, scale2, MODE, DMIN, HEAD_DIM, BLOCK_N, UPCAST)
     if TWO_PARTS:
-        dq = _dq_part(dq, q, do, lse, delta, Kb, Vb, i_lo, i_hi, offs_m, offs_n, offs_d, N, STEP, len_q,
-                      _key_count(N, len_q, L, C, lo, MODE2), W, L, C, lo, scale2, MODE2, DMIN2, TRANSPOSED, ALIGNED,
-                      HEAD_DIM, BLOCK_N, UPCAST)
+        dq = _dq_part(dq, q, do, lse, delta, Kb, Vb, i_lo, i_hi, offs_m, offs_n, offs_d, col, STEP, len_q,
+                      _key_count(N, len_q, L, C, lo, MODE2), W, L, C, lo, scale2, MODE2, DMIN2, HEAD_DIM, BLOCK_N,
+                      UPCAST)
     dq = dq * scale
     if ACCUMULATE:  # an earlier part (separate launch) already wrote its share
         dq += tl.load(DQ + q_off, mask=row_ok[:, None], other=0.0).to(tl.float32)
@@ -353,22 +321,21 @@ def _dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, N, H, n_tiles, STEP, W, L, C, DISTIN
 
 
 @triton.jit
-def _dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, N, H, n_tiles, STEP, W, L, C, DISTINCT, scale, scale2,
-                 MODE: tl.constexpr, DMIN: tl.constexpr, ACCUMULATE: tl.constexpr, TRANSPOSED: tl.constexpr,
-                 ALIGNED: tl.constexpr,
+def _dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, N, H, n_tiles, NCOLS, STEP, W, L, C, DISTINCT, scale, scale2,
+                 MODE: tl.constexpr, DMIN: tl.constexpr, ACCUMULATE: tl.constexpr,
                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
     """dK, dV of one key tile, looping over the query tiles that see it. dQ has its own kernel:
     accumulating it here with fp32 atomics (FlashAttention-2's way, two matmuls fewer) was measured
     slower on an H200 (fixed, 16,384: 3.55 -> 4.07 ms fwd+bwd; dense 11.9 -> 13.6)."""
-    tile, bh, lo = _program(n_tiles, H, L, C, DISTINCT, True)
-    len_q = _row_count(N, W, STEP, TRANSPOSED)
+    tile, col, bh, lo = _program(n_tiles, NCOLS, H, L, C, DISTINCT, True)
+    len_q = (N - col + STEP - 1) // STEP
     len_k = _key_count(N, len_q, L, C, lo, MODE)
     base = bh.to(tl.int64) * N * HEAD_DIM
     offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)  # this program's key rows
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    k_pos = _position(tile * BLOCK_N, tl.arange(0, BLOCK_N), W, STEP, L, C, lo, MODE == 2, TRANSPOSED, ALIGNED)
-    key_ok = (offs_n < len_k) & (k_pos < N)
+    key_ok = offs_n < len_k
+    k_pos = _position(offs_n, col, STEP, L, C, lo, MODE == 2)
     k_off = base + k_pos[:, None] * HEAD_DIM + offs_d[None, :]
     k = tl.load(K + k_off, mask=key_ok[:, None], other=0.0)
     v = tl.load(V + k_off, mask=key_ok[:, None], other=0.0)
@@ -384,8 +351,8 @@ def _dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, N, H, n_tiles, STEP, W, L, C, 
     DELTAb = DELTA + bh.to(tl.int64) * N
     for t in range(first, end, BLOCK_M):
         i = t + offs_m
-        q_pos = _row_position(t, offs_m, W, STEP, TRANSPOSED, ALIGNED)
-        ok_i = (i < len_q) & (q_pos < N)
+        q_pos = col + i * STEP
+        ok_i = i < len_q
         q = tl.load(Qb + q_pos[:, None] * HEAD_DIM + offs_d[None, :], mask=ok_i[:, None], other=0.0)
         do = tl.load(DOb + q_pos[:, None] * HEAD_DIM + offs_d[None, :], mask=ok_i[:, None], other=0.0)
         lse = tl.load(LSEb + q_pos, mask=ok_i, other=float("inf"))

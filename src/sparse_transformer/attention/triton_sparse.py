@@ -3,9 +3,8 @@
 
 - dense:     one causal band of width N
 - strided:   band of width ``stride`` (each query block sees at most two key blocks) plus the
-             column part as causal attention along the columns of the [N/stride, stride] view:
-             the sequence read column by column (no transpose copy) is block-diagonal causal
-             attention with blocks of ``ceil(N/stride)`` rows, so short columns share a tile
+             column part as causal attention along the columns of the [N/stride, stride] view,
+             addressed with a row step of ``stride`` (no transpose copy)
 - fixed:     block-diagonal local part plus the summary slots of the head's group
              (``u = h % distinct``), addressed in place as a contiguous list of key rows
 
@@ -38,8 +37,7 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 @dataclass(frozen=True)
 class Part:
     """One launch: ``mode`` (BAND, BLOCK, SUMMARY), ``dmin`` (1: exclude ``j = i`` / own block),
-    ``width`` (W of BAND/BLOCK), ``step`` (> 1: the rows are the sequence read column by column
-    from the ``[width, step]`` matrix, the strided column part; else 1),
+    ``width`` (W of BAND/BLOCK), ``step`` (view row step: the column view's stride, else 1),
     ``stride``/``summary``/``distinct`` (SUMMARY's L, C, V). ``kind`` picks the tile config:
     ``local`` (a narrow band or block: few keys per query) or ``global`` (causal over a whole view
     or over the summary keys: dense-like work)."""
@@ -52,10 +50,6 @@ class Part:
     stride: int = 1
     summary: int = 0
     distinct: int = 1
-
-    @property
-    def transposed(self) -> bool:
-        return self.step > 1
 
 
 KERNELS = ("forward", "dkdv", "dq")
@@ -92,8 +86,7 @@ def plan(pattern: Pattern, n: int) -> tuple[Part, ...]:
     if isinstance(pattern, Strided):
         row = Part(tk.BAND, width=pattern.stride)
         # stride >= n leaves only j = i in a column, as with stride = n.
-        step = min(pattern.stride, n)
-        column = Part(tk.BLOCK, "global", dmin=int(pattern.part is None), width=-(-n // step), step=step)
+        column = Part(tk.BAND, "global", dmin=int(pattern.part is None), width=n, step=min(pattern.stride, n))
         return {"row": (row,), "column": (column,), None: (row, column)}[pattern.part]
     if isinstance(pattern, Fixed):
         local = Part(tk.BLOCK, width=pattern.stride)
@@ -124,27 +117,22 @@ def _grid_args(launch: tuple[Part, ...], n: int, heads: int, bh: int, block: int
     the query view: see :func:`_launches`)."""
     first = launch[0]
     summary = next((p for p in launch if p.mode == tk.SUMMARY), None)
+    cols = first.step
     if summary is not None and keys:  # key tiles run over the longest head group's summary slots
         rows = max(_summary_count(n, summary, u) for u in range(min(summary.distinct, heads)))
     else:
-        rows = first.width * first.step if first.transposed else n
+        rows = -(-n // cols)
     tiles = max(-(-rows // block), 1)
     stride, count, distinct = (summary.stride, summary.summary, summary.distinct) if summary else (1, 0, 1)
-    args = (n, heads, tiles, first.step, first.width, stride, count, distinct)
-    return (tiles * bh,), args
+    args = (n, heads, tiles, cols, first.step, first.width, stride, count, distinct)
+    return (tiles * cols * bh,), args
 
 
-def _modes(launch: tuple[Part, ...], bm: int, bn: int) -> dict:
-    """The constexpr part arguments of a query-tiled launch with ``bm x bn`` tiles."""
+def _modes(launch: tuple[Part, ...]) -> dict:
+    """The constexpr part arguments of a query-tiled launch."""
     last = launch[-1]
     return dict(MODE=launch[0].mode, DMIN=launch[0].dmin, MODE2=last.mode, DMIN2=last.dmin,
-                TWO_PARTS=len(launch) == 2, **_view(launch[0], bm, bn))
-
-
-def _view(part: Part, bm: int, bn: int) -> dict:
-    """How rows map to positions: transposed (the strided column part), and then whether every
-    ``bm``- and ``bn``-row tile lies in one column (cheaper addressing; see ``_row_position``)."""
-    return dict(TRANSPOSED=part.transposed, ALIGNED=part.width % bm == 0 and part.width % bn == 0)
+                TWO_PARTS=len(launch) == 2)
 
 
 def _summary_count(n: int, part: Part, u: int) -> int:
@@ -161,7 +149,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, parts, scale: float, config: Kerne
         # row by row in the same program) and its lse.
         bm, bn, warps, stages = config.resolve(d, launch[-1])
         grid, args = _grid_args(launch, n, h, b * h, bm, keys=False)
-        tk._fwd_kernel[grid](q, k, v, out, lse, out, *args, scale * LOG2E, **_modes(launch, bm, bn), MERGE=idx > 0,
+        tk._fwd_kernel[grid](q, k, v, out, lse, out, *args, scale * LOG2E, **_modes(launch), MERGE=idx > 0,
                              HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, UPCAST=_interpreting(), num_warps=warps,
                              num_stages=stages)
     return out, lse
@@ -181,14 +169,13 @@ def _backward(q, k, v, out, lse, do, parts, scale: float, config: KernelConfig):
         accumulate = idx > 0 or not first_covers_all
         grid, args = _grid_args((part,), n, h, b * h, bn, keys=True)
         tk._dkdv_kernel[grid](q, k, v, do, dk, dv, lse, delta, *args, scale, scale * LOG2E, MODE=part.mode,
-                              DMIN=part.dmin, ACCUMULATE=accumulate, **_view(part, bm, bn), HEAD_DIM=d,
-                              BLOCK_M=bm, BLOCK_N=bn,
+                              DMIN=part.dmin, ACCUMULATE=accumulate, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn,
                               UPCAST=_interpreting(), num_warps=warps, num_stages=stages)
     dq = torch.empty_like(q)
     for idx, launch in enumerate(_launches(parts)):
         bm, bn, warps, stages = config.resolve(d, launch[-1], "dq")
         grid, args = _grid_args(launch, n, h, b * h, bm, keys=False)
-        tk._dq_kernel[grid](q, k, v, do, dq, lse, delta, *args, scale, scale * LOG2E, **_modes(launch, bm, bn),
+        tk._dq_kernel[grid](q, k, v, do, dq, lse, delta, *args, scale, scale * LOG2E, **_modes(launch),
                             ACCUMULATE=idx > 0, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, UPCAST=_interpreting(),
                             num_warps=warps, num_stages=stages)
     return dq, dk, dv
