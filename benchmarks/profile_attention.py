@@ -3,7 +3,9 @@
     python benchmarks/profile_attention.py --pattern fixed --n 16384
 
 Same shapes as ``benchmarks/attention.py`` (bf16, H = 8, D = 64, B = tokens // N). Prints the
-profiler's table, sorted by CUDA time, for ``--repeats`` forward+backward passes after a warm-up.
+profiler's table, sorted by CUDA time, for ``--repeats`` forward+backward passes after a warm-up,
+then each launch of one pass in launch order (the table adds up launches of the same kernel:
+strided's row and column parts are two launches of each).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ def main(argv=None) -> int:
     grad = torch.randn_like(q)
 
     def step():
+        q.grad = k.grad = v.grad = None
         sparse_attention(q, k, v, pattern, args.head_dim ** -0.5, backend="triton").backward(grad)
 
     for _ in range(3):
@@ -45,6 +48,12 @@ def main(argv=None) -> int:
         torch.cuda.synchronize()
     print(f"{pattern.name}, N = {args.n:,}, B = {batch}, {args.repeats} forward+backward passes")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12))
+    launches = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    per_pass = len(launches) // args.repeats
+    print(f"per launch, average of {args.repeats} passes ({per_pass} launches a pass):")
+    for i in range(per_pass):
+        us = sum(e.device_time for e in launches[i::per_pass]) / args.repeats
+        print(f"  {i:2d} {launches[i].name[:48]:48s} {us:9.1f} us")
     return 0
 
 

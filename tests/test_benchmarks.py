@@ -106,3 +106,26 @@ def test_a_failed_preset_records_the_exception_not_torchruns_banner(monkeypatch)
     assert failure("ValueError: bad --set\n") == "ValueError: bad --set"
     assert failure("RuntimeError: CUDA out of memory. Tried to allocate") == "out of memory"
     assert failure("") == "no output"
+
+
+def test_kernel_scripts_need_a_gpu():
+    """Without CUDA the kernel sweep and the profile stop with a clear error, not a traceback deep in Triton."""
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present (test_kernel_scripts_on_the_gpu runs them)")
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    for name, args in (("kernel_sweep.py", ["strided", "1024"]), ("profile_attention.py", ["--n", "1024"])):
+        done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / name), *args], env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode != 0 and "needs a CUDA GPU" in done.stderr, done.stderr[-2000:]
+
+
+@pytest.mark.gpu
+def test_kernel_scripts_on_the_gpu():
+    out = script("kernel_sweep.py", "strided", 4096, "local:64,64,4,3")
+    rows = [line.split() for line in out.splitlines() if "fwd+bwd" in line]
+    assert [r[2] for r in rows] == ["default", "local:64,64,4,3"]
+    assert all(float(r[-1]) > 0 for r in rows)
+    out = script("profile_attention.py", "--pattern", "strided", "--n", 4096, "--repeats", 2)
+    per_launch = out.split("per launch")[1]
+    assert per_launch.count("_dkdv_kernel") == 2 and per_launch.count("_fwd_kernel") == 2  # row and column parts
