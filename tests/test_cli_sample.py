@@ -1,5 +1,6 @@
 """``sparse-transformer sample`` on tiny saved models: text, image grids, completions, audio."""
 
+import argparse
 import json
 
 import matplotlib.image
@@ -161,3 +162,23 @@ def test_eval_on_other_pictures_keeps_the_runs_tile(tmp_path, capsys, monkeypatc
                  "--split", "test"]) == 0
     # 4x4 tiles of the run, not the default 32x32: the 256 tiles of c.png, every byte scored
     assert "bits per dim on tiles4x4 (all 12,288 bytes scored)" in capsys.readouterr().out
+
+
+def test_help_states_each_default_once():
+    """A flag whose help already says its default, or whose default is None, gets no second
+    '(default: ...)' from the formatter; other flags still show theirs."""
+    from sparse_transformer.cli import build_parser
+
+    def commands(parser, name="sparse-transformer"):
+        yield name, parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub_name, sub in action.choices.items():
+                    yield from commands(sub, f"{name} {sub_name}")
+
+    helps = {name: parser.format_help() for name, parser in commands(build_parser())}
+    assert "sparse-transformer data prepare" in helps and "sparse-transformer bench attention" in helps
+    text = helps["sparse-transformer sample"]
+    assert "(default: fill the context)" in text and "(default: 16)" in text  # --steps, --n
+    for name, text in helps.items():
+        assert "(default: None)" not in text, name

@@ -23,3 +23,14 @@ positive_int = _int_at_least(1)
 
 nonnegative_int = _int_at_least(0)
 """An int >= 0 (0: none)."""
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, except where its help already says it or the default is None
+    (``--steps ... (default: fill the context) (default: None)`` read twice)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "(default:" in text or action.default is None:
+            return text
+        return super()._get_help_string(action)

@@ -6,16 +6,16 @@ import argparse
 from pathlib import Path
 
 from ..data import NAMES, load
-from .arguments import positive_int
+from .arguments import DefaultsHelpFormatter, positive_int
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("data", help="prepare a dataset (download or --from a local copy) or print its splits",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=DefaultsHelpFormatter)
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     for action, text in (("prepare", "download (or read --from), verify, convert once into the cache"),
                          ("info", "print split sizes (prepares the dataset first if needed)")):
-        a = actions.add_parser(action, help=text, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        a = actions.add_parser(action, help=text, formatter_class=DefaultsHelpFormatter)
         a.add_argument("name", choices=NAMES, metavar="NAME", help=f"one of: {', '.join(NAMES)}")
         a.add_argument("--from", dest="source", type=Path, default=None,
                        help="local file or folder instead of downloading (required for imagenet64, audio, "

@@ -6,12 +6,12 @@ import argparse
 import json
 from pathlib import Path
 
-from .arguments import positive_int
+from .arguments import DefaultsHelpFormatter, positive_int
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("eval", help="bits per byte of a checkpoint on the validation or test split",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=DefaultsHelpFormatter)
     p.add_argument("--checkpoint", required=True,
                    help="a checkpoint or save_pretrained folder, or a run folder (its latest good checkpoint)")
     p.add_argument("--split", default="test", choices=("validation", "test"))

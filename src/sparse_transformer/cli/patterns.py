@@ -6,11 +6,12 @@ import argparse
 
 from ..layout import cost
 from ..patterns import by_name
+from .arguments import DefaultsHelpFormatter
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("patterns", help="draw an attention pattern and print keys per query and density",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=DefaultsHelpFormatter)
     p.add_argument("--pattern", choices=("dense", "strided", "fixed"), default="strided")
     p.add_argument("--stride", type=int, default=4, help="l: block / row length")
     p.add_argument("--summary", type=int, default=1, help="c: summary positions per block (fixed)")

@@ -8,12 +8,12 @@ import math
 import sys
 from pathlib import Path
 
-from .arguments import nonnegative_int, positive_int
+from .arguments import DefaultsHelpFormatter, nonnegative_int, positive_int
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("sample", help="generate text, images or audio from a checkpoint (sparse KV cache)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       formatter_class=DefaultsHelpFormatter,
                        description="Sample from a trained model. What comes out follows the model's training "
                                    "data: text (stdout and samples.txt), images (samples.png, and completions.png "
                                    "with --complete-images) or audio (sample-<i>.wav, mu-law decoded).")

@@ -6,12 +6,13 @@ import argparse
 import os
 
 from .. import presets
+from .arguments import DefaultsHelpFormatter
 from ..config import override
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("train", help="train a preset (then print test bits per byte and a sample)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       formatter_class=DefaultsHelpFormatter,
                        description="Train a Sparse Transformer. Under `torchrun --nproc-per-node N -m "
                                    "sparse_transformer train ...` each process takes a slice of the global batch.")
     p.add_argument("--preset", default="tiny", choices=presets.names())
