@@ -129,3 +129,21 @@ def test_kernel_scripts_on_the_gpu():
     out = script("profile_attention.py", "--pattern", "strided", "--n", 4096, "--repeats", 2)
     per_launch = out.split("per launch")[1]
     assert per_launch.count("_dkdv_kernel") == 2 and per_launch.count("_fwd_kernel") == 2  # row and column parts
+
+
+def test_kernel_resources_compiles_every_launch_for_hopper_without_a_gpu():
+    """benchmarks/kernel_resources.py records the launches of one fwd+bwd and compiles each for sm_90."""
+    import importlib.util
+    spec = importlib.util.find_spec("triton")
+    if spec is None or not (Path(spec.origin).parent / "backends" / "nvidia" / "bin" / "cuobjdump").exists():
+        pytest.skip("needs Triton's CUDA backend (ptxas and cuobjdump ship in its wheel)")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT / "src")
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_resources.py"), "--pattern", "dense",
+                           "--n", "256", "--tokens", "512"], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line.split() for line in done.stdout.splitlines() if "registers" in line]
+    # dense: one forward launch, delta, one dK/dV and one dQ launch
+    assert [r[1] for r in rows] == ["_fwd_kernel", "_delta_kernel", "_dkdv_kernel", "_dq_kernel"]
+    assert all(0 < int(r[r.index("registers") + 1]) <= 255 for r in rows)
+    assert rows[0][-1] == "64"  # programs: 4 query tiles of 64 x 2 sequences x 8 heads
