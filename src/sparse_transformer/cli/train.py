@@ -6,8 +6,8 @@ import argparse
 import os
 
 from .. import presets
-from .arguments import DefaultsHelpFormatter
 from ..config import override
+from .arguments import DefaultsHelpFormatter
 
 
 def add_parser(sub) -> None:
