@@ -21,13 +21,11 @@ from unittest import mock
 
 import torch
 
-from sparse_transformer import patterns as P
 from sparse_transformer.attention import triton_kernels as tk
 from sparse_transformer.attention import triton_sparse as ts
-from sparse_transformer.benchmark.attention import parse_config
+from sparse_transformer.benchmark.attention import PATTERNS, parse_config
 
 KERNELS = ("_fwd_kernel", "_delta_kernel", "_dkdv_kernel", "_dq_kernel")
-PATTERNS = {"strided": lambda: P.strided(128), "fixed": lambda: P.fixed(128, 32), "dense": P.dense}
 TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
 
 
@@ -101,7 +99,7 @@ def main(argv=None) -> int:
     for text in ["default"] + args.configs:
         config = ts.KernelConfig() if text == "default" else parse_config(text)
         print(f"{args.pattern}, N = {args.n:,}, {text}, sm_{args.arch}:")
-        launches = record_launches(PATTERNS[args.pattern](), args.n, config, batch=max(1, args.tokens // args.n))
+        launches = record_launches(PATTERNS[args.pattern], args.n, config, batch=max(1, args.tokens // args.n))
         for i, (name, grid, launch_args, kwargs) in enumerate(launches):
             tiles = f"{kwargs.get('BLOCK_M')}x{kwargs['BLOCK_N']}" if "BLOCK_N" in kwargs else f"{kwargs['BLOCK_M']}"
             r = resources(name, launch_args, kwargs, args.arch)

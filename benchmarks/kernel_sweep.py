@@ -15,11 +15,8 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from sparse_transformer import patterns as P
 from sparse_transformer.attention.triton_sparse import KernelConfig, triton_attention
-from sparse_transformer.benchmark.attention import _time, parse_config
-
-PATTERNS = {"strided": lambda: P.strided(128), "fixed": lambda: P.fixed(128, 32), "dense": P.dense}
+from sparse_transformer.benchmark.attention import PATTERNS, _time, parse_config
 
 
 def main(argv=None) -> int:
@@ -31,7 +28,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise ValueError("the kernel sweep needs a CUDA GPU")
-    pattern = PATTERNS[args.pattern]()
+    pattern = PATTERNS[args.pattern]
     batch = max(1, args.tokens // args.n)
     g = torch.Generator(device="cuda").manual_seed(args.n)
     q, k, v = (torch.randn(batch, 8, args.n, 64, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()

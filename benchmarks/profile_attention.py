@@ -14,8 +14,8 @@ import argparse
 
 import torch
 
-from sparse_transformer import patterns as P
 from sparse_transformer.attention import sparse_attention
+from sparse_transformer.benchmark.attention import PATTERNS
 
 
 def main(argv=None) -> int:
@@ -29,7 +29,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise ValueError("profiling the kernels needs a CUDA GPU")
-    pattern = P.strided(128) if args.pattern == "strided" else P.fixed(128, 32)
+    pattern = PATTERNS[args.pattern]
     batch = max(1, args.tokens // args.n)
     q, k, v = (torch.randn(batch, args.heads, args.n, args.head_dim, device="cuda", dtype=torch.bfloat16,
                            requires_grad=True) for _ in range(3))

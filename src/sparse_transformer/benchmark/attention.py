@@ -25,6 +25,9 @@ from ..attention.triton_sparse import KernelConfig
 from ..layout import cost
 from . import flex_forms
 
+# The patterns every kernel benchmark times (issue 4's settings): name -> pattern.
+PATTERNS = {"strided": P.strided(128), "fixed": P.fixed(128, 32), "dense": P.dense()}
+
 
 @dataclass
 class Row:
@@ -103,7 +106,7 @@ def run(ns, tokens=65536, heads=8, head_dim=64, dtype=torch.bfloat16, pattern_na
                                 n, batch, dense_pairs, heads, head_dim, grad, inputs))
             log(rows[-1])
         for name in pattern_names:
-            pattern = P.strided(128) if name == "strided" else P.fixed(128, 32)
+            pattern = PATTERNS[name]
             pairs = cost(pattern, n).pairs
             for i, config in enumerate(configs):
                 method = "triton" if len(configs) == 1 else f"triton_cfg{i}"
