@@ -73,12 +73,12 @@ def test_triton_matches_reference(pattern, n, d, dtype):
     check_against_reference("triton", pattern, (1, 2, n, d), dtype, seed=n + d)
 
 
-def check_triton_config(pattern, config, shape, dtype, seed):
+def check_triton_config(pattern, config, shape, dtype, seed, scale=None):
     """The triton backend with kernel ``config`` against the float64 reference, outputs and grads."""
     from sparse_transformer.attention.triton_sparse import triton_attention
 
     q, k, v = qkv(shape, dtype, seed)
-    scale = shape[-1] ** -0.5
+    scale = shape[-1] ** -0.5 if scale is None else scale
     out = triton_attention(q, k, v, pattern, scale, config)
     grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
     out.backward(grad)
@@ -126,6 +126,65 @@ def test_triton_strided_column_tiles(pattern, n, tiles):
     from sparse_transformer.attention.triton_sparse import KernelConfig
 
     check_triton_config(pattern, KernelConfig(tiles=tiles), (1, 2, n, 16), torch.float16, seed=n)
+
+
+@needs_triton
+@needs_interpreter
+@pytest.mark.parametrize("pattern,n,tiles", [
+    (P.dense(), 150, (16, 16, 1, 1)),  # row views: any N, the tail zero-padded by the copy engine
+    (P.strided(8), 160, (16, 16, 1, 1)),  # the column view: N a multiple of the stride
+    (P.fixed(16, 4, distinct=2), 150, (16, 16, 1, 1)),  # C divides the tile: 4 sub-blocks a tile
+    (P.fixed(16, 4, distinct=2), 160, (16, 16, 1, 1)),  # N whole blocks: the summary view too
+    (P.fixed(64, 32, distinct=2), 192, (16, 16, 1, 1)),  # the tile divides C: half a sub-block a tile
+    (P.fixed(8, 2, distinct=3, part="summary"), 72, (64, 64, 4, 2)),  # 32 sub-blocks a tile, 9 there
+], ids=str)
+def test_triton_tma_descriptors_match_reference(pattern, n, tiles, monkeypatch):
+    """``KernelConfig(tma=True)``: the loops load through tensor descriptors where they fit."""
+    from sparse_transformer.attention import triton_kernels as tk
+    from sparse_transformer.attention.triton_sparse import KernelConfig
+
+    launched = []
+
+    class Spy:  # records each launch's TMA flag, then launches
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launched.append(kwargs["TMA"])
+                return self.kernel[grid](*args, **kwargs)
+            return launch
+
+    for name in ("_fwd_kernel", "_dkdv_kernel", "_dq_kernel"):
+        monkeypatch.setattr(tk, name, Spy(getattr(tk, name)))
+    check_triton_config(pattern, KernelConfig(tiles=tiles, tma=True), (1, 2, n, 16), torch.float16, seed=n)
+    assert any(launched)
+    # Only the fixed summary view needs N whole blocks; everything else always fits.
+    assert all(launched) == (n % getattr(pattern, "stride", 1) == 0 or not isinstance(pattern, P.Fixed))
+
+
+def test_tma_fits_only_views_a_descriptor_reaches_exactly():
+    from sparse_transformer.attention.triton_sparse import plan, tma_fits
+
+    row, column = plan(P.strided(8), 160)
+    assert tma_fits(row, 150, 64, keys=True) and tma_fits(column, 160, 64, keys=True)
+    assert not tma_fits(column, 150, 64, keys=True)  # the [N/8, 8] view needs 8 | N
+    local, summary = plan(P.fixed(16, 4), 160)
+    assert tma_fits(local, 150, 64, keys=True) and tma_fits(summary, 160, 64, keys=True)
+    assert tma_fits(summary, 150, 64, keys=False)  # the summary part's queries are plain rows
+    assert not tma_fits(summary, 150, 64, keys=True)  # N not whole blocks
+    assert not tma_fits(plan(P.fixed(16, 3), 160)[1], 160, 64, keys=True)  # C not a power of two
+    assert tma_fits(plan(P.fixed(256, 128), 512)[1], 512, 64, keys=True)  # the tile divides C
+
+
+@needs_triton
+@needs_interpreter
+@pytest.mark.parametrize("scale", [-0.3, 0.0])
+def test_triton_nonpositive_scale(scale):
+    """The forward kernel needs scale > 0 (row maxima before scaling): other scales are rewritten."""
+    from sparse_transformer.attention.triton_sparse import KernelConfig
+
+    check_triton_config(P.fixed(16, 4), KernelConfig(), (1, 2, 70, 16), torch.float16, seed=9, scale=scale)
 
 
 @needs_triton
@@ -197,3 +256,6 @@ def test_benchmark_kernel_config_strings():
         parse_config("middle:64,64,4,3")
     with pytest.raises(ValueError, match="BLOCK_M,BLOCK_N,WARPS,STAGES"):
         parse_config("64,64")
+    assert parse_config("dq:64,32,4,3/tma:0") == KernelConfig(dq=(64, 32, 4, 3), tma=False)
+    with pytest.raises(ValueError, match="tma takes 0 or 1"):
+        parse_config("tma:yes")

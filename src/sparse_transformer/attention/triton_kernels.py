@@ -20,7 +20,10 @@ edge tiles (a uniform branch per tile), so interior tiles pay no mask arithmetic
 one per kind of tile: the software pipeliner prefetches across all of a program's tiles, and
 local parts have only two or three of them (three loops of one tile each waited on memory three
 times; one loop took 22% off strided and 10% off fixed at 16,384 on an H200). Scores live in the
-log2 domain (``scale * log2(e)`` folded in); the saved log-sum-exp is base 2 too. A forward launch
+log2 domain (``scale * log2(e)`` folded in); the saved log-sum-exp is base 2 too. The forward takes
+the row max of the unscaled scores, so ``scale > 0`` (``triton_sparse`` rewrites other scales).
+With ``TMA`` the loops load their tiles through tensor descriptors (the copy engine; see
+``_load_rows``), else through pointers. A forward launch
 with ``MERGE`` starts its online softmax from a previous part's (output, lse): parts on disjoint
 key sets merge exactly, as one softmax. With ``TWO_PARTS`` the forward and dQ kernels run a second
 part (``MODE2``) over the same query rows in the same program (the fixed pattern's local and
@@ -59,6 +62,26 @@ def _position(j, col, STEP, L, C, lo, IS_SUMMARY: tl.constexpr):
     else:
         pos = col + j * STEP
     return pos
+
+
+@triton.jit
+def _load_rows(desc, ptr, bh, r0, col, STEP, L, C, lo, len_rows, offs_r, offs_d, HEAD_DIM: tl.constexpr,
+               BLOCK: tl.constexpr, IS_SUMMARY: tl.constexpr, TMA: tl.constexpr):
+    """Rows ``r0 + offs_r`` of a view (or summary slots ``r0 + offs_r``) as a [BLOCK, HEAD_DIM] tile,
+    zero past ``len_rows``. With ``TMA``, one copy-engine load through ``desc``: a view is
+    ``[B*H, N / STEP, STEP * D]`` (the tile at column ``col * D``), the summary slots
+    ``[B*H, N / L, L, D]`` (``BLOCK // C`` blocks of ``C`` slots from ``lo``). Else a pointer gather
+    from ``ptr``, the batch-head's base."""
+    if TMA:
+        if IS_SUMMARY:
+            x = tl.reshape(desc.load([bh, r0 // C, lo + r0 % C, 0]), [BLOCK, HEAD_DIM])
+        else:
+            x = tl.reshape(desc.load([bh, r0, col * HEAD_DIM]), [BLOCK, HEAD_DIM])
+    else:
+        rows = r0 + offs_r
+        pos = _position(rows, col, STEP, L, C, lo, IS_SUMMARY)
+        x = tl.load(ptr + pos[:, None] * HEAD_DIM + offs_d[None, :], mask=(rows < len_rows)[:, None], other=0.0)
+    return x
 
 
 @triton.jit
@@ -180,24 +203,23 @@ DEFAULT_CONFIG = {
 
 # ----------------------------------------------------------------------------- forward
 @triton.jit
-def _fwd_part(acc, l_i, m_i, q, Kb, Vb, i_lo, i_hi, offs_m, offs_n, offs_d, col, STEP, len_q, len_k, W, L, C, lo,
-              scale2, MODE: tl.constexpr, DMIN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-              UPCAST: tl.constexpr):
+def _fwd_part(acc, l_i, m_i, q, Kb, Vb, KD, VD, bh, i_lo, i_hi, offs_m, offs_n, offs_d, col, STEP, len_q, len_k, W,
+              L, C, lo, scale2, MODE: tl.constexpr, DMIN: tl.constexpr, HEAD_DIM: tl.constexpr,
+              BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr):
     """One part's keys for the query rows ``[i_lo, i_hi]``, continuing the online softmax."""
     start, full_lo, full_hi, end = _keys_of(i_lo, i_hi, W, L, C, lo, MODE, DMIN)
     first, a, b = _split(start, full_lo, full_hi, end, BLOCK_N)
     for t in range(first, end, BLOCK_N):
         j = t + offs_n
-        pos = _position(j, col, STEP, L, C, lo, MODE == 2)
-        k = tl.load(Kb + pos[:, None] * HEAD_DIM + offs_d[None, :], mask=(j < len_k)[:, None], other=0.0)
-        v = tl.load(Vb + pos[:, None] * HEAD_DIM + offs_d[None, :], mask=(j < len_k)[:, None], other=0.0)
-        s = _dot(q, tl.trans(k), None, UPCAST) * scale2
+        k = _load_rows(KD, Kb, bh, t, col, STEP, L, C, lo, len_k, offs_n, offs_d, HEAD_DIM, BLOCK_N, MODE == 2, TMA)
+        v = _load_rows(VD, Vb, bh, t, col, STEP, L, C, lo, len_k, offs_n, offs_d, HEAD_DIM, BLOCK_N, MODE == 2, TMA)
+        s = _dot(q, tl.trans(k), None, UPCAST)  # unscaled: the scale folds into one FMA below (needs scale > 0)
         if (t < a) | (t >= b):  # an edge tile
             s = tl.where(_allowed(offs_m[:, None], j[None, :], len_q, len_k, W, L, C, lo, MODE, DMIN), s,
                          float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * scale2)
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet: no NaN
-        p = tl.math.exp2(s - m_use[:, None])
+        p = tl.math.exp2(s * scale2 - m_use[:, None])
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
@@ -207,12 +229,14 @@ def _fwd_part(acc, l_i, m_i, q, Kb, Vb, i_lo, i_hi, offs_m, offs_n, offs_d, col,
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE, O_PREV, N, H, n_tiles, NCOLS, STEP, W, L, C, DISTINCT, scale2,
+def _fwd_kernel(Q, K, V, O, LSE, O_PREV, KD, VD, KD2, VD2, N, H, n_tiles, NCOLS, STEP, W, L, C, DISTINCT, scale2,
                 MODE: tl.constexpr, DMIN: tl.constexpr, MODE2: tl.constexpr, DMIN2: tl.constexpr,
-                TWO_PARTS: tl.constexpr, MERGE: tl.constexpr,
-                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
+                TWO_PARTS: tl.constexpr, MERGE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr):
     """One part (``MODE``), or with ``TWO_PARTS`` a second one (``MODE2``) over the same query view
-    in the same online softmax; with ``MERGE``, continue from an earlier launch's output and lse."""
+    in the same online softmax; with ``MERGE``, continue from an earlier launch's output and lse.
+    With ``TMA``, keys and values come through the descriptors ``KD, VD`` (``KD2, VD2``: the second
+    part's) instead of pointers (see ``_load_rows``)."""
     tile, col, bh, lo = _program(n_tiles, NCOLS, H, L, C, DISTINCT, False)
     len_q = (N - col + STEP - 1) // STEP
     base = bh.to(tl.int64) * N * HEAD_DIM
@@ -236,13 +260,13 @@ def _fwd_kernel(Q, K, V, O, LSE, O_PREV, N, H, n_tiles, NCOLS, STEP, W, L, C, DI
     i_hi = tl.minimum(i_lo + BLOCK_M, len_q) - 1
     Kb = K + base
     Vb = V + base
-    acc, l_i, m_i = _fwd_part(acc, l_i, m_i, q, Kb, Vb, i_lo, i_hi, offs_m, offs_n, offs_d, col, STEP, len_q,
-                              _key_count(N, len_q, L, C, lo, MODE), W, L, C, lo, scale2, MODE, DMIN, HEAD_DIM,
-                              BLOCK_N, UPCAST)
+    acc, l_i, m_i = _fwd_part(acc, l_i, m_i, q, Kb, Vb, KD, VD, bh, i_lo, i_hi, offs_m, offs_n, offs_d, col, STEP,
+                              len_q, _key_count(N, len_q, L, C, lo, MODE), W, L, C, lo, scale2, MODE, DMIN,
+                              HEAD_DIM, BLOCK_N, UPCAST, TMA)
     if TWO_PARTS:
-        acc, l_i, m_i = _fwd_part(acc, l_i, m_i, q, Kb, Vb, i_lo, i_hi, offs_m, offs_n, offs_d, col, STEP, len_q,
-                                  _key_count(N, len_q, L, C, lo, MODE2), W, L, C, lo, scale2, MODE2, DMIN2,
-                                  HEAD_DIM, BLOCK_N, UPCAST)
+        acc, l_i, m_i = _fwd_part(acc, l_i, m_i, q, Kb, Vb, KD2, VD2, bh, i_lo, i_hi, offs_m, offs_n, offs_d, col,
+                                  STEP, len_q, _key_count(N, len_q, L, C, lo, MODE2), W, L, C, lo, scale2, MODE2,
+                                  DMIN2, HEAD_DIM, BLOCK_N, UPCAST, TMA)
     empty = l_i == 0.0  # no admissible key: output 0, lse -inf
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
@@ -265,30 +289,30 @@ def _delta_kernel(O, DO, DELTA, rows, HEAD_DIM: tl.constexpr, BLOCK_M: tl.conste
 
 
 @triton.jit
-def _dq_part(dq, q, do, lse, delta, Kb, Vb, i_lo, i_hi, offs_m, offs_n, offs_d, col, STEP, len_q, len_k, W, L, C,
-             lo, scale2, MODE: tl.constexpr, DMIN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-             UPCAST: tl.constexpr):
+def _dq_part(dq, q, do, lse, delta, Kb, Vb, KD, VD, bh, i_lo, i_hi, offs_m, offs_n, offs_d, col, STEP, len_q, len_k,
+             W, L, C, lo, scale2, MODE: tl.constexpr, DMIN: tl.constexpr, HEAD_DIM: tl.constexpr,
+             BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr):
     start, full_lo, full_hi, end = _keys_of(i_lo, i_hi, W, L, C, lo, MODE, DMIN)
     first, a, b = _split(start, full_lo, full_hi, end, BLOCK_N)
     for t in range(first, end, BLOCK_N):
         j = t + offs_n
-        pos = _position(j, col, STEP, L, C, lo, MODE == 2)
-        k = tl.load(Kb + pos[:, None] * HEAD_DIM + offs_d[None, :], mask=(j < len_k)[:, None], other=0.0)
-        v = tl.load(Vb + pos[:, None] * HEAD_DIM + offs_d[None, :], mask=(j < len_k)[:, None], other=0.0)
-        p = tl.math.exp2(_dot(q, tl.trans(k), None, UPCAST) * scale2 - lse[:, None])
+        k = _load_rows(KD, Kb, bh, t, col, STEP, L, C, lo, len_k, offs_n, offs_d, HEAD_DIM, BLOCK_N, MODE == 2, TMA)
+        v = _load_rows(VD, Vb, bh, t, col, STEP, L, C, lo, len_k, offs_n, offs_d, HEAD_DIM, BLOCK_N, MODE == 2, TMA)
+        qk = _dot(q, tl.trans(k), None, UPCAST)
+        dp = _dot(do, tl.trans(v), None, UPCAST)  # issued before the exp, which then overlaps it
+        p = tl.math.exp2(qk * scale2 - lse[:, None])
         if (t < a) | (t >= b):  # an edge tile
             p = tl.where(_allowed(offs_m[:, None], j[None, :], len_q, len_k, W, L, C, lo, MODE, DMIN), p, 0.0)
-        dp = _dot(do, tl.trans(v), None, UPCAST)
         ds = p * (dp - delta[:, None])
         dq = _dot(ds.to(k.dtype), k, dq, UPCAST)
     return dq
 
 
 @triton.jit
-def _dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, N, H, n_tiles, NCOLS, STEP, W, L, C, DISTINCT, scale, scale2,
-               MODE: tl.constexpr, DMIN: tl.constexpr, MODE2: tl.constexpr, DMIN2: tl.constexpr,
-               TWO_PARTS: tl.constexpr, ACCUMULATE: tl.constexpr,
-               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
+def _dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, KD, VD, KD2, VD2, N, H, n_tiles, NCOLS, STEP, W, L, C, DISTINCT, scale,
+               scale2, MODE: tl.constexpr, DMIN: tl.constexpr, MODE2: tl.constexpr, DMIN2: tl.constexpr,
+               TWO_PARTS: tl.constexpr, ACCUMULATE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr):
     tile, col, bh, lo = _program(n_tiles, NCOLS, H, L, C, DISTINCT, False)
     len_q = (N - col + STEP - 1) // STEP
     base = bh.to(tl.int64) * N * HEAD_DIM
@@ -309,12 +333,13 @@ def _dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, N, H, n_tiles, NCOLS, STEP, W, L, C,
     i_hi = tl.minimum(i_lo + BLOCK_M, len_q) - 1
     Kb = K + base
     Vb = V + base
-    dq = _dq_part(dq, q, do, lse, delta, Kb, Vb, i_lo, i_hi, offs_m, offs_n, offs_d, col, STEP, len_q,
-                  _key_count(N, len_q, L, C, lo, MODE), W, L, C, lo, scale2, MODE, DMIN, HEAD_DIM, BLOCK_N, UPCAST)
+    dq = _dq_part(dq, q, do, lse, delta, Kb, Vb, KD, VD, bh, i_lo, i_hi, offs_m, offs_n, offs_d, col, STEP, len_q,
+                  _key_count(N, len_q, L, C, lo, MODE), W, L, C, lo, scale2, MODE, DMIN, HEAD_DIM, BLOCK_N, UPCAST,
+                  TMA)
     if TWO_PARTS:
-        dq = _dq_part(dq, q, do, lse, delta, Kb, Vb, i_lo, i_hi, offs_m, offs_n, offs_d, col, STEP, len_q,
-                      _key_count(N, len_q, L, C, lo, MODE2), W, L, C, lo, scale2, MODE2, DMIN2, HEAD_DIM, BLOCK_N,
-                      UPCAST)
+        dq = _dq_part(dq, q, do, lse, delta, Kb, Vb, KD2, VD2, bh, i_lo, i_hi, offs_m, offs_n, offs_d, col, STEP,
+                      len_q, _key_count(N, len_q, L, C, lo, MODE2), W, L, C, lo, scale2, MODE2, DMIN2, HEAD_DIM,
+                      BLOCK_N, UPCAST, TMA)
     dq = dq * scale
     if ACCUMULATE:  # an earlier part (separate launch) already wrote its share
         dq += tl.load(DQ + q_off, mask=row_ok[:, None], other=0.0).to(tl.float32)
@@ -322,9 +347,9 @@ def _dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, N, H, n_tiles, NCOLS, STEP, W, L, C,
 
 
 @triton.jit
-def _dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, N, H, n_tiles, NCOLS, STEP, W, L, C, DISTINCT, scale, scale2,
-                 MODE: tl.constexpr, DMIN: tl.constexpr, ACCUMULATE: tl.constexpr,
-                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
+def _dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, QD, DOD, N, H, n_tiles, NCOLS, STEP, W, L, C, DISTINCT, scale,
+                 scale2, MODE: tl.constexpr, DMIN: tl.constexpr, ACCUMULATE: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr):
     """dK, dV of one key tile, looping over the query tiles that see it. dQ has its own kernel:
     accumulating it here with fp32 atomics (FlashAttention-2's way, two matmuls fewer) was measured
     slower on an H200 (fixed, 16,384: 3.55 -> 4.07 ms fwd+bwd; dense 11.9 -> 13.6)."""
@@ -354,16 +379,17 @@ def _dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, N, H, n_tiles, NCOLS, STEP, W,
         i = t + offs_m
         q_pos = col + i * STEP
         ok_i = i < len_q
-        q = tl.load(Qb + q_pos[:, None] * HEAD_DIM + offs_d[None, :], mask=ok_i[:, None], other=0.0)
-        do = tl.load(DOb + q_pos[:, None] * HEAD_DIM + offs_d[None, :], mask=ok_i[:, None], other=0.0)
+        q = _load_rows(QD, Qb, bh, t, col, STEP, L, C, lo, len_q, offs_m, offs_d, HEAD_DIM, BLOCK_M, False, TMA)
+        do = _load_rows(DOD, DOb, bh, t, col, STEP, L, C, lo, len_q, offs_m, offs_d, HEAD_DIM, BLOCK_M, False, TMA)
         lse = tl.load(LSEb + q_pos, mask=ok_i, other=float("inf"))
         delta = tl.load(DELTAb + q_pos, mask=ok_i, other=0.0)
         lse = tl.where(lse == float("-inf"), float("inf"), lse)  # empty rows: p = 0, never NaN
-        pT = tl.math.exp2(_dot(k, tl.trans(q), None, UPCAST) * scale2 - lse[None, :])  # [BN, BM]
+        qkT = _dot(k, tl.trans(q), None, UPCAST)
+        dpT = _dot(v, tl.trans(do), None, UPCAST)  # issued before the exp, which then overlaps it
+        pT = tl.math.exp2(qkT * scale2 - lse[None, :])  # [BN, BM]
         if (t < a) | (t >= b):  # an edge tile
             pT = tl.where(_allowed(i[None, :], offs_n[:, None], len_q, len_k, W, L, C, lo, MODE, DMIN), pT, 0.0)
         dv = _dot(pT.to(do.dtype), do, dv, UPCAST)
-        dpT = _dot(v, tl.trans(do), None, UPCAST)
         dsT = pT * (dpT - delta[None, :])
         dk = _dot(dsT.to(q.dtype), q, dk, UPCAST)
     dk = dk * scale

@@ -64,13 +64,17 @@ class KernelConfig:
     its own shape (Triton's tutorial uses 32x128 and 128x32). ``None`` takes
     :data:`triton_kernels.DEFAULT_CONFIG`. A launch that runs two parts (the fixed pattern's
     forward and dQ) takes the tiles of its second, ``global`` part; ``local`` then shapes only the
-    local part's dK/dV launch."""
+    local part's dK/dV launch. ``tma``: load the loops' tiles through tensor descriptors (Hopper's
+    copy engine) where the shapes allow it (:func:`tma_fits`); ``None``: where it pays (see
+    :func:`_use_tma`), on GPUs of compute capability 9 or more (the CPU interpreter runs it when
+    asked)."""
 
     tiles: Optional[tuple[int, int, int, int]] = None
     local: Optional[tuple[int, int, int, int]] = None
     global_: Optional[tuple[int, int, int, int]] = None
     dkdv: Optional[tuple[int, int, int, int]] = None
     dq: Optional[tuple[int, int, int, int]] = None
+    tma: Optional[bool] = None
 
     def resolve(self, head_dim: int, part: "Part", kernel: str = "forward") -> tuple[int, int, int, int]:
         """The launch settings of ``kernel`` (one of :data:`KERNELS`) for ``part``."""
@@ -140,6 +144,54 @@ def _summary_count(n: int, part: Part, u: int) -> int:
     return (n // part.stride) * part.summary + min(max(n % part.stride - lo, 0), part.summary)
 
 
+def tma_fits(part: Part, n: int, block: int, keys: bool) -> bool:
+    """Whether a tensor descriptor reaches ``part``'s rows exactly: the ``[N/step, step]`` view needs
+    ``step`` to divide N; the summary slots (``keys``) need N a whole number of blocks and ``C`` a
+    power of two that divides the tile's rows or is divided by them, so a tile is whole sub-blocks."""
+    if keys and part.mode == tk.SUMMARY:
+        c = part.summary
+        return n % part.stride == 0 and c & (c - 1) == 0 and (block % c == 0 or c % block == 0)
+    return n % part.step == 0
+
+
+def _use_tma(config: KernelConfig, x: Tensor, launch: tuple[Part, ...]) -> bool:
+    """Descriptors where they pay: ``config.tma`` if set, else on Hopper or newer for launches with a
+    global part over contiguous rows (dense, fixed summary). Their loops are long, and TMA took
+    5-10% off them (H200); the strided parts gained 3% on the GPU but lost more on the host (each
+    descriptor is built per launch: about 0.3 ms more CPU time a fwd+bwd pass, which at N = 16,384
+    exceeds the GPU time)."""
+    if config.tma is not None:
+        return config.tma
+    return any(p.kind == "global" and p.step == 1 for p in launch) and _hopper(x)
+
+
+def _hopper(x: Tensor) -> bool:
+    """Whether ``x`` lives on a GPU with a tensor copy engine (compute capability 9 or more)."""
+    return x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9
+
+
+def _descriptor(x: Tensor, part: Part, block: int, keys: bool):
+    """A TMA descriptor of ``x`` [B, H, N, D] over ``part``'s rows, ``block`` rows a tile (see
+    ``triton_kernels._load_rows``). Rows past a head's view are zero (the copy engine's padding)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    b, h, n, d = x.shape
+    if keys and part.mode == tk.SUMMARY:
+        l, c = part.stride, part.summary
+        return TensorDescriptor(x, [b * h, n // l, l, d], [n * d, l * d, d, 1], [1, max(block // c, 1), min(c, block), d])
+    step = part.step
+    return TensorDescriptor(x, [b * h, n // step, step * d], [n * d, step * d, 1], [1, block, d])
+
+
+def _key_descriptors(k: Tensor, v: Tensor, launch: tuple[Part, ...], n: int, block: int, tma: bool):
+    """``(use TMA, KD, VD, KD2, VD2)`` of a query-tiled launch: each part's key and value rows."""
+    if not (tma and all(tma_fits(p, n, block, keys=True) for p in launch)):
+        return False, None, None, None, None
+    first, last = launch[0], launch[-1]
+    return (True, _descriptor(k, first, block, True), _descriptor(v, first, block, True),
+            _descriptor(k, last, block, True), _descriptor(v, last, block, True))
+
+
 def _forward(q: Tensor, k: Tensor, v: Tensor, parts, scale: float, config: KernelConfig):
     b, h, n, d = q.shape
     out = torch.empty_like(q)
@@ -149,9 +201,10 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, parts, scale: float, config: Kerne
         # row by row in the same program) and its lse.
         bm, bn, warps, stages = config.resolve(d, launch[-1])
         grid, args = _grid_args(launch, n, h, b * h, bm, keys=False)
-        tk._fwd_kernel[grid](q, k, v, out, lse, out, *args, scale * LOG2E, **_modes(launch), MERGE=idx > 0,
-                             HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, UPCAST=_interpreting(), num_warps=warps,
-                             num_stages=stages)
+        tma, *descriptors = _key_descriptors(k, v, launch, n, bn, _use_tma(config, q, launch))
+        tk._fwd_kernel[grid](q, k, v, out, lse, out, *descriptors, *args, scale * LOG2E, **_modes(launch),
+                             MERGE=idx > 0, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, UPCAST=_interpreting(), TMA=tma,
+                             num_warps=warps, num_stages=stages)
     return out, lse
 
 
@@ -168,16 +221,19 @@ def _backward(q, k, v, out, lse, do, parts, scale: float, config: KernelConfig):
         bm, bn, warps, stages = config.resolve(d, part, "dkdv")
         accumulate = idx > 0 or not first_covers_all
         grid, args = _grid_args((part,), n, h, b * h, bn, keys=True)
-        tk._dkdv_kernel[grid](q, k, v, do, dk, dv, lse, delta, *args, scale, scale * LOG2E, MODE=part.mode,
-                              DMIN=part.dmin, ACCUMULATE=accumulate, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn,
-                              UPCAST=_interpreting(), num_warps=warps, num_stages=stages)
+        tma = _use_tma(config, q, (part,)) and tma_fits(part, n, bm, keys=False)  # loops over query rows
+        qd, dod = (_descriptor(q, part, bm, False), _descriptor(do, part, bm, False)) if tma else (None, None)
+        tk._dkdv_kernel[grid](q, k, v, do, dk, dv, lse, delta, qd, dod, *args, scale, scale * LOG2E,
+                              MODE=part.mode, DMIN=part.dmin, ACCUMULATE=accumulate, HEAD_DIM=d, BLOCK_M=bm,
+                              BLOCK_N=bn, UPCAST=_interpreting(), TMA=tma, num_warps=warps, num_stages=stages)
     dq = torch.empty_like(q)
     for idx, launch in enumerate(_launches(parts)):
         bm, bn, warps, stages = config.resolve(d, launch[-1], "dq")
         grid, args = _grid_args(launch, n, h, b * h, bm, keys=False)
-        tk._dq_kernel[grid](q, k, v, do, dq, lse, delta, *args, scale, scale * LOG2E, **_modes(launch),
-                            ACCUMULATE=idx > 0, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, UPCAST=_interpreting(),
-                            num_warps=warps, num_stages=stages)
+        tma, *descriptors = _key_descriptors(k, v, launch, n, bn, _use_tma(config, q, launch))
+        tk._dq_kernel[grid](q, k, v, do, dq, lse, delta, *descriptors, *args, scale, scale * LOG2E,
+                            **_modes(launch), ACCUMULATE=idx > 0, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn,
+                            UPCAST=_interpreting(), TMA=tma, num_warps=warps, num_stages=stages)
     return dq, dk, dv
 
 
@@ -207,6 +263,8 @@ def triton_attention(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, scale: f
         raise ValueError(f"the triton backend needs head dim D in {SUPPORTED_HEAD_DIMS}, got {d}")
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
+    if scale <= 0:  # the forward kernel takes row maxima before scaling, so it needs scale > 0
+        q, scale = (-q, -scale) if scale < 0 else (q * 0, 1.0)
     parts = plan(pattern, q.shape[2])
     q, k, v = (x.contiguous() for x in (q, k, v))
     return _SparseAttention.apply(q, k, v, parts, scale, config or KernelConfig())

@@ -195,7 +195,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--configs", nargs="*", default=[],
                         help="extra kernel configs to compare, each BLOCK_M,BLOCK_N,WARPS,STAGES for every part, "
                              "or KEY:BM,BN,W,S items joined by / with KEY local or global (a kind of part) or "
-                             "dkdv or dq (a backward kernel), e.g. global:128,64,8,3/dkdv:32,128,4,3/dq:128,32,4,3")
+                             "dkdv or dq (a backward kernel), and tma:0 or tma:1 (pointer loads or tensor descriptors), "
+                             "e.g. global:128,64,8,3/dkdv:32,128,4,3/dq:128,32,4,3/tma:0")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for <gpu>.json/.md")
 
 
@@ -204,10 +205,16 @@ CONFIG_KEYS = {"": "tiles", "local": "local", "global": "global_", "dkdv": "dkdv
 
 def parse_config(text: str) -> KernelConfig:
     """``BM,BN,W,S`` (every part and kernel), or items ``KEY:BM,BN,W,S`` joined by ``/`` with KEY
-    ``local`` / ``global`` (a kind of part) or ``dkdv`` / ``dq`` (a backward kernel)."""
+    ``local`` / ``global`` (a kind of part) or ``dkdv`` / ``dq`` (a backward kernel), and
+    ``tma:0`` / ``tma:1`` (pointer loads or tensor descriptors)."""
     fields = {}
     for item in text.split("/"):
         key, _, tiles = item.rpartition(":")
+        if key == "tma":
+            if tiles not in ("0", "1"):
+                raise ValueError(f"--configs: tma takes 0 or 1, got {tiles!r} in {text!r}")
+            fields["tma"] = tiles == "1"
+            continue
         if key not in CONFIG_KEYS:
             raise ValueError(f"--configs: unknown key {key!r} in {text!r}; expected local, global, dkdv or dq")
         values = tuple(int(x) for x in tiles.split(","))
