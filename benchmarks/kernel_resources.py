@@ -3,11 +3,15 @@
     python benchmarks/kernel_resources.py --pattern strided --n 16384 --configs local:64,64,4,3
 
 Records the launches of one forward and one backward pass (``triton_sparse``'s own launch code, run
-on meta tensors, so nothing executes), compiles each for Hopper (``--arch 90``) with the installed
-Triton, and reads ``cuobjdump -res-usage`` (ptxas and cuobjdump ship in Triton's wheel). A kernel
-at the 255-register cap with stack bytes is spilling to local memory, and its occupancy is two or
-three programs per SM: read this before spending GPU time on a tile config. Register allocation
-changes between Triton versions, so compare configs with one version.
+on meta tensors as if on a Hopper GPU, so nothing executes), compiles each for Hopper (``--arch 90``)
+with the installed Triton, specialized as its JIT would specialize the launch (16-byte aligned
+pointers and integers divisible by 16 marked so: without that, no load is vectorized or pipelined
+and every kernel looks like it spills), and reads ``cuobjdump -res-usage`` (ptxas and cuobjdump ship
+in Triton's wheel). ``loads`` counts the loop loads in the kernel's IR: ``tma`` through descriptors,
+``async`` pipelined copies (cp.async); a kernel with neither is not software-pipelined. A kernel at
+the 255-register cap with stack bytes is spilling to local memory: read this before spending GPU
+time on a tile config. Register allocation changes between Triton versions, so compare configs
+with one version.
 """
 
 from __future__ import annotations
@@ -26,7 +30,6 @@ from sparse_transformer.attention import triton_sparse as ts
 from sparse_transformer.benchmark.attention import PATTERNS, parse_config
 
 KERNELS = ("_fwd_kernel", "_delta_kernel", "_dkdv_kernel", "_dq_kernel")
-TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
 
 
 class _Recorder:
@@ -45,34 +48,35 @@ def record_launches(pattern, n: int, config: ts.KernelConfig, batch: int = 1, he
     q, k, v = (torch.empty(batch, heads, n, head_dim, dtype=dtype, device="meta") for _ in range(3))
     parts = ts.plan(pattern, n)
     calls: list = []
-    with mock.patch.multiple(tk, **{name: _Recorder(name, calls) for name in KERNELS}):
+    with mock.patch.multiple(tk, **{name: _Recorder(name, calls) for name in KERNELS}), \
+            mock.patch.object(ts, "_hopper", lambda x: True):
         out, lse = ts._forward(q, k, v, parts, head_dim ** -0.5, config)
         ts._backward(q, k, v, out, lse, torch.empty_like(q), parts, head_dim ** -0.5, config)
     return calls
 
 
-def _arg_type(value) -> str:
-    if isinstance(value, torch.Tensor):
-        return TYPES[value.dtype]
-    if isinstance(value, bool):
-        return "i1"
-    return "fp32" if isinstance(value, float) else "i32"
+def compile_like_jit(kernel, args: tuple, kwargs: dict, arch: int = 90):
+    """Compile one launch for ``sm_<arch>`` as ``kernel[grid](*args, **kwargs)`` would on such a GPU:
+    the JIT's own binder picks the specialization (constexprs, divisibility by 16, descriptors)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
+    return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__)
 
 
 def resources(name: str, args: tuple, kwargs: dict, arch: int = 90) -> dict:
-    """Compile one recorded launch for ``sm_<arch>``: registers, stack (spill) bytes, shared memory."""
+    """Compile one recorded launch for ``sm_<arch>``: registers, stack (spill) bytes, shared memory,
+    and the loop loads by kind in its IR."""
     import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
-    kernel = getattr(tk, name)
-    options = {key: kwargs[key] for key in ("num_warps", "num_stages") if key in kwargs}
-    constexprs = {key: value for key, value in kwargs.items() if key not in options}
-    runtime = [arg for arg in kernel.arg_names if arg not in constexprs]
-    signature = {arg: "constexpr" if arg in constexprs else _arg_type(args[runtime.index(arg)])
-                 for arg in kernel.arg_names}
-    compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", arch, 32),
-                              options=options)
+    compiled = compile_like_jit(getattr(tk, name), args, kwargs, arch)
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, f"{name}.cubin")
@@ -82,8 +86,10 @@ def resources(name: str, args: tuple, kwargs: dict, arch: int = 90) -> dict:
     found = re.search(r"REG:(\d+) STACK:(\d+)", usage)
     if found is None:
         raise RuntimeError(f"cuobjdump printed no register count for {name}: {usage[-500:]}")
+    ir = compiled.asm["ttgir"]
     return dict(registers=int(found[1]), stack_bytes=int(found[2]), shared_kib=compiled.metadata.shared / 1024,
-                warps=options.get("num_warps", 4), stages=options.get("num_stages", 3))
+                warps=kwargs.get("num_warps", 4), stages=kwargs.get("num_stages", 3),
+                tma_loads=ir.count("async_tma_copy_global_to_local"), async_loads=ir.count("async_copy_global_to_local"))
 
 
 def main(argv=None) -> int:
@@ -105,7 +111,8 @@ def main(argv=None) -> int:
             r = resources(name, launch_args, kwargs, args.arch)
             print(f"  {i} {name:14s} mode {kwargs.get('MODE', '-')!s:2s} tiles {tiles:7s} warps {r['warps']} "
                   f"stages {r['stages']}  registers {r['registers']:3d}  stack {r['stack_bytes']:4d} B  "
-                  f"shared {r['shared_kib']:5.1f} KiB  programs {grid[0]:,}", flush=True)
+                  f"shared {r['shared_kib']:5.1f} KiB  loads tma {r['tma_loads']:2d} async {r['async_loads']:2d}  "
+                  f"programs {grid[0]:,}", flush=True)
     return 0
 
 

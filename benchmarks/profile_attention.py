@@ -14,8 +14,8 @@ import argparse
 
 import torch
 
-from sparse_transformer.attention import sparse_attention
-from sparse_transformer.benchmark.attention import PATTERNS
+from sparse_transformer.attention.triton_sparse import KernelConfig, triton_attention
+from sparse_transformer.benchmark.attention import PATTERNS, parse_config
 
 
 def main(argv=None) -> int:
@@ -26,10 +26,12 @@ def main(argv=None) -> int:
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--config", default=None, help="a kernel config string, as benchmarks/attention.py --configs")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise ValueError("profiling the kernels needs a CUDA GPU")
     pattern = PATTERNS[args.pattern]
+    config = parse_config(args.config) if args.config else KernelConfig()
     batch = max(1, args.tokens // args.n)
     q, k, v = (torch.randn(batch, args.heads, args.n, args.head_dim, device="cuda", dtype=torch.bfloat16,
                            requires_grad=True) for _ in range(3))
@@ -37,7 +39,7 @@ def main(argv=None) -> int:
 
     def step():
         q.grad = k.grad = v.grad = None
-        sparse_attention(q, k, v, pattern, args.head_dim ** -0.5, backend="triton").backward(grad)
+        triton_attention(q, k, v, pattern, args.head_dim ** -0.5, config).backward(grad)
 
     for _ in range(3):
         step()
@@ -46,7 +48,8 @@ def main(argv=None) -> int:
         for _ in range(args.repeats):
             step()
         torch.cuda.synchronize()
-    print(f"{pattern.name}, N = {args.n:,}, B = {batch}, {args.repeats} forward+backward passes")
+    print(f"{pattern.name}, N = {args.n:,}, B = {batch}, {args.config or 'default config'}, "
+          f"{args.repeats} forward+backward passes")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12))
     launches = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     per_pass = len(launches) // args.repeats

@@ -114,7 +114,9 @@ def test_kernel_scripts_need_a_gpu():
     if torch.cuda.is_available():
         pytest.skip("a GPU is present (test_kernel_scripts_on_the_gpu runs them)")
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
-    for name, args in (("kernel_sweep.py", ["strided", "1024"]), ("profile_attention.py", ["--n", "1024"])):
+    kernels = str(ROOT / "src" / "sparse_transformer" / "attention" / "triton_kernels.py")
+    for name, args in (("kernel_sweep.py", ["strided", "1024"]), ("profile_attention.py", ["--n", "1024"]),
+                       ("kernel_ab.py", [f"A={kernels}"])):
         done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / name), *args], env=env,
                               capture_output=True, text=True, timeout=120)
         assert done.returncode != 0 and "needs a CUDA GPU" in done.stderr, done.stderr[-2000:]
@@ -129,6 +131,11 @@ def test_kernel_scripts_on_the_gpu():
     out = script("profile_attention.py", "--pattern", "strided", "--n", 4096, "--repeats", 2)
     per_launch = out.split("per launch")[1]
     assert per_launch.count("_dkdv_kernel") == 2 and per_launch.count("_fwd_kernel") == 2  # row and column parts
+    kernels = ROOT / "src" / "sparse_transformer" / "attention" / "triton_kernels.py"
+    out = script("kernel_ab.py", "--rounds", 1, "--cases", "strided:4096", f"A={kernels}", f"T={kernels}@tma:1")
+    assert "T differs from A by" in out
+    rows = [line.split() for line in out.splitlines() if "fwd+bwd" in line]
+    assert [r[2] for r in rows] == ["A", "T"] and all(float(r[r.index("fwd+bwd") + 1]) > 0 for r in rows)
 
 
 def test_kernel_resources_compiles_every_launch_for_hopper_without_a_gpu():
