@@ -49,7 +49,7 @@ def record_launches(pattern, n: int, config: ts.KernelConfig, batch: int = 1, he
     parts = ts.plan(pattern, n)
     calls: list = []
     with mock.patch.multiple(tk, **{name: _Recorder(name, calls) for name in KERNELS}), \
-            mock.patch.object(ts, "_hopper", lambda x: True):
+            mock.patch.object(ts, "_has_tma", lambda x: True):
         out, lse = ts._forward(q, k, v, parts, head_dim ** -0.5, config)
         ts._backward(q, k, v, out, lse, torch.empty_like(q), parts, head_dim ** -0.5, config)
     return calls

@@ -157,15 +157,15 @@ def tma_fits(part: Part, n: int, block: int, keys: bool) -> bool:
 def _use_tma(config: KernelConfig, x: Tensor, launch: tuple[Part, ...]) -> bool:
     """Descriptors where they pay: ``config.tma`` if set, else on Hopper or newer for launches with a
     global part over contiguous rows (dense, fixed summary). Their loops are long, and TMA took
-    5-10% off them (H200); the strided parts gained 3% on the GPU but lost more on the host (each
-    descriptor is built per launch: about 0.3 ms more CPU time a fwd+bwd pass, which at N = 16,384
-    exceeds the GPU time)."""
+    6-8% off them (H200); the strided parts gained 3% on the GPU but lost more on the host (each
+    descriptor is built per launch: 0.3 ms more CPU time a fwd+bwd pass, which at N = 16,384 made
+    the pass as long on the host, 1.04 ms, as on the GPU)."""
     if config.tma is not None:
         return config.tma
-    return any(p.kind == "global" and p.step == 1 for p in launch) and _hopper(x)
+    return any(p.kind == "global" and p.step == 1 for p in launch) and _has_tma(x)
 
 
-def _hopper(x: Tensor) -> bool:
+def _has_tma(x: Tensor) -> bool:
     """Whether ``x`` lives on a GPU with a tensor copy engine (compute capability 9 or more)."""
     return x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9
 
@@ -178,7 +178,8 @@ def _descriptor(x: Tensor, part: Part, block: int, keys: bool):
     b, h, n, d = x.shape
     if keys and part.mode == tk.SUMMARY:
         l, c = part.stride, part.summary
-        return TensorDescriptor(x, [b * h, n // l, l, d], [n * d, l * d, d, 1], [1, max(block // c, 1), min(c, block), d])
+        box = [1, max(block // c, 1), min(c, block), d]
+        return TensorDescriptor(x, [b * h, n // l, l, d], [n * d, l * d, d, 1], box)
     step = part.step
     return TensorDescriptor(x, [b * h, n // step, step * d], [n * d, step * d, 1], [1, block, d])
 
