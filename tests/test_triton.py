@@ -163,6 +163,21 @@ def test_triton_tma_descriptors_match_reference(pattern, n, tiles, monkeypatch):
     assert all(launched) == (n % getattr(pattern, "stride", 1) == 0 or not isinstance(pattern, P.Fixed))
 
 
+@needs_triton
+@needs_interpreter
+def test_triton_tma_falls_back_to_pointers_for_unaligned_inputs():
+    """A contiguous view that starts 2 bytes into its storage cannot feed the copy engine."""
+    from sparse_transformer.attention.triton_sparse import KernelConfig, triton_attention
+
+    q, k, v = qkv((1, 2, 64, 16), torch.float16, seed=4)
+    shifted = torch.empty(k.numel() + 1, dtype=k.dtype)[1:].view(k.shape)
+    shifted.copy_(k.detach())
+    assert shifted.is_contiguous() and shifted.data_ptr() % 16 != 0
+    out = triton_attention(q, shifted, v, P.dense(), 0.25, KernelConfig(tma=True))
+    ref = BACKENDS["reference"].load()(q.double(), k.double(), v.double(), P.dense(), 0.25)
+    assert_close_norm(out, ref, torch.float16)
+
+
 def test_tma_fits_only_views_a_descriptor_reaches_exactly():
     from sparse_transformer.attention.triton_sparse import plan, tma_fits
 

@@ -184,9 +184,14 @@ def _descriptor(x: Tensor, part: Part, block: int, keys: bool):
     return TensorDescriptor(x, [b * h, n // step, step * d], [n * d, step * d, 1], [1, block, d])
 
 
+def _aligned(*tensors: Tensor) -> bool:
+    """The copy engine reads from 16-byte aligned addresses only (a view may start anywhere)."""
+    return all(t.data_ptr() % 16 == 0 for t in tensors)
+
+
 def _key_descriptors(k: Tensor, v: Tensor, launch: tuple[Part, ...], n: int, block: int, tma: bool):
     """``(use TMA, KD, VD, KD2, VD2)`` of a query-tiled launch: each part's key and value rows."""
-    if not (tma and all(tma_fits(p, n, block, keys=True) for p in launch)):
+    if not (tma and _aligned(k, v) and all(tma_fits(p, n, block, keys=True) for p in launch)):
         return False, None, None, None, None
     first, last = launch[0], launch[-1]
     return (True, _descriptor(k, first, block, True), _descriptor(v, first, block, True),
@@ -222,7 +227,7 @@ def _backward(q, k, v, out, lse, do, parts, scale: float, config: KernelConfig):
         bm, bn, warps, stages = config.resolve(d, part, "dkdv")
         accumulate = idx > 0 or not first_covers_all
         grid, args = _grid_args((part,), n, h, b * h, bn, keys=True)
-        tma = _use_tma(config, q, (part,)) and tma_fits(part, n, bm, keys=False)  # loops over query rows
+        tma = _use_tma(config, q, (part,)) and _aligned(q, do) and tma_fits(part, n, bm, keys=False)  # query rows
         qd, dod = (_descriptor(q, part, bm, False), _descriptor(do, part, bm, False)) if tma else (None, None)
         tk._dkdv_kernel[grid](q, k, v, do, dk, dv, lse, delta, qd, dod, *args, scale, scale * LOG2E,
                               MODE=part.mode, DMIN=part.dmin, ACCUMULATE=accumulate, HEAD_DIM=d, BLOCK_M=bm,
