@@ -194,8 +194,10 @@ def _key_descriptors(k: Tensor, v: Tensor, launch: tuple[Part, ...], n: int, blo
     if not (tma and _aligned(k, v) and all(tma_fits(p, n, block, keys=True) for p in launch)):
         return False, None, None, None, None
     first, last = launch[0], launch[-1]
-    return (True, _descriptor(k, first, block, True), _descriptor(v, first, block, True),
-            _descriptor(k, last, block, True), _descriptor(v, last, block, True))
+    kd, vd = _descriptor(k, first, block, True), _descriptor(v, first, block, True)
+    if last is first:  # one part: each descriptor costs host time on every launch, so build it once
+        return True, kd, vd, kd, vd
+    return True, kd, vd, _descriptor(k, last, block, True), _descriptor(v, last, block, True)
 
 
 def _forward(q: Tensor, k: Tensor, v: Tensor, parts, scale: float, config: KernelConfig):
