@@ -25,7 +25,7 @@ import torch
 
 from sparse_transformer.attention import triton_sparse
 from sparse_transformer.attention.triton_sparse import KernelConfig, triton_attention
-from sparse_transformer.benchmark.attention import PATTERNS, _time, parse_config
+from sparse_transformer.benchmark.attention import PATTERNS, _time, inputs_for, parse_config
 
 
 def load_variant(path: str, name: str):
@@ -87,11 +87,7 @@ def main(argv=None) -> int:
 
 
 def run_case(pattern, label: str, n: int, variants, rounds: int, tokens: int) -> None:
-    batch = max(1, tokens // n)
-    g = torch.Generator(device="cuda").manual_seed(n)
-    q, k, v = (torch.randn(batch, 8, n, 64, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
-               for _ in range(3))
-    grad = torch.randn(q.shape, device="cuda", dtype=torch.bfloat16, generator=g)
+    q, k, v, grad = inputs_for(n, tokens)
     first = None
     for name, module, config in variants:  # agreement with the first variant
         triton_sparse.tk = module

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from sparse_transformer.attention.triton_sparse import KernelConfig, triton_attention
-from sparse_transformer.benchmark.attention import PATTERNS, _time, parse_config
+from sparse_transformer.benchmark.attention import PATTERNS, _time, inputs_for, parse_config
 
 
 def main(argv=None) -> int:
@@ -29,11 +29,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         raise ValueError("the kernel sweep needs a CUDA GPU")
     pattern = PATTERNS[args.pattern]
-    batch = max(1, args.tokens // args.n)
-    g = torch.Generator(device="cuda").manual_seed(args.n)
-    q, k, v = (torch.randn(batch, 8, args.n, 64, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
-               for _ in range(3))
-    grad = torch.randn(q.shape, device="cuda", dtype=torch.bfloat16, generator=g)
+    q, k, v, grad = inputs_for(args.n, args.tokens)
     runs = []
     if args.pattern == "dense":
         runs.append(("sdpa", lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)))

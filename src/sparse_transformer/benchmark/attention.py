@@ -83,6 +83,15 @@ def measure(label: str, method: str, fn, n, batch, pairs_per_head, heads, d, gra
     return Row(label, n, batch, method, t_f, t_b, t_fb, flops / (t_fb * 1e-3) / 1e12, peak, note)
 
 
+def inputs_for(n: int, tokens: int = 65536, heads: int = 8, head_dim: int = 64, dtype=torch.bfloat16):
+    """The timed call's q, k, v (requiring grad) and output gradient: ``[tokens // N (at least 1),
+    heads, N, head_dim]`` on CUDA, seeded by N so every script times the same numbers."""
+    shape = (max(1, tokens // n), heads, n, head_dim)
+    g = torch.Generator(device="cuda").manual_seed(n)
+    q, k, v = (torch.randn(shape, device="cuda", dtype=dtype, generator=g).requires_grad_() for _ in range(3))
+    return q, k, v, torch.randn(shape, device="cuda", dtype=dtype, generator=g)
+
+
 def run(ns, tokens=65536, heads=8, head_dim=64, dtype=torch.bfloat16, pattern_names=("strided", "fixed"),
         baseline_max_n=65536, configs=(KernelConfig(),), log=print) -> list[Row]:
     # Every (N, mask) is a new specialization of the compiled flex_attention; past dynamo's default
@@ -92,11 +101,8 @@ def run(ns, tokens=65536, heads=8, head_dim=64, dtype=torch.bfloat16, pattern_na
             setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 256))
     rows = []
     for n in ns:
-        batch = max(1, tokens // n)
-        g = torch.Generator(device="cuda").manual_seed(n)
-        q, k, v = (torch.randn(batch, heads, n, head_dim, device="cuda", dtype=dtype, generator=g).requires_grad_()
-                   for _ in range(3))
-        grad = torch.randn(batch, heads, n, head_dim, device="cuda", dtype=dtype, generator=g)
+        q, k, v, grad = inputs_for(n, tokens, heads, head_dim, dtype)
+        batch = q.shape[0]
         inputs = (q, k, v)
         scale = head_dim ** -0.5
         dense_pairs = n * (n + 1) // 2
