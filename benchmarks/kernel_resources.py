@@ -29,7 +29,7 @@ from sparse_transformer.attention import triton_kernels as tk
 from sparse_transformer.attention import triton_sparse as ts
 from sparse_transformer.benchmark.attention import PATTERNS, parse_config
 
-KERNELS = ("_fwd_kernel", "_delta_kernel", "_dkdv_kernel", "_dq_kernel")
+KERNELS = ("_fwd_kernel", "_dkdv_kernel", "_dq_kernel")
 
 
 class _Recorder:

@@ -277,18 +277,6 @@ def _fwd_kernel(Q, K, V, O, LSE, O_PREV, KD, VD, KD2, VD2, N, H, n_tiles, NCOLS,
 
 # ----------------------------------------------------------------------------- backward
 @triton.jit
-def _delta_kernel(O, DO, DELTA, rows, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
-    """delta = rowsum(dO * O), the softmax backward's correction term (shared by all parts)."""
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    ok = offs_m < rows
-    off = offs_m.to(tl.int64)[:, None] * HEAD_DIM + offs_d[None, :]
-    o = tl.load(O + off, mask=ok[:, None], other=0.0).to(tl.float32)
-    do = tl.load(DO + off, mask=ok[:, None], other=0.0).to(tl.float32)
-    tl.store(DELTA + offs_m, tl.sum(o * do, 1), mask=ok)
-
-
-@triton.jit
 def _dq_part(dq, q, do, lse, delta, Kb, Vb, KD, VD, bh, i_lo, i_hi, offs_m, offs_n, offs_d, col, STEP, len_q, len_k,
              W, L, C, lo, scale2, MODE: tl.constexpr, DMIN: tl.constexpr, HEAD_DIM: tl.constexpr,
              BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr):
@@ -309,10 +297,14 @@ def _dq_part(dq, q, do, lse, delta, Kb, Vb, KD, VD, bh, i_lo, i_hi, offs_m, offs
 
 
 @triton.jit
-def _dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, KD, VD, KD2, VD2, N, H, n_tiles, NCOLS, STEP, W, L, C, DISTINCT, scale,
-               scale2, MODE: tl.constexpr, DMIN: tl.constexpr, MODE2: tl.constexpr, DMIN2: tl.constexpr,
-               TWO_PARTS: tl.constexpr, ACCUMULATE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr):
+def _dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, KD, VD, KD2, VD2, N, H, n_tiles, NCOLS, STEP, W, L, C, DISTINCT,
+               scale, scale2, MODE: tl.constexpr, DMIN: tl.constexpr, MODE2: tl.constexpr, DMIN2: tl.constexpr,
+               TWO_PARTS: tl.constexpr, ACCUMULATE: tl.constexpr, WRITE_DELTA: tl.constexpr, HEAD_DIM: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr):
+    """dQ of one query tile over one part (or two, as the forward). With ``WRITE_DELTA`` it also
+    computes delta = rowsum(dO * O), the softmax backward's correction term, and stores it for the
+    dK/dV launches: the first dQ launch covers every query row once, so no launch of its own
+    computes delta (a launch costs the host about as much as the delta kernel cost the GPU)."""
     tile, col, bh, lo = _program(n_tiles, NCOLS, H, L, C, DISTINCT, False)
     len_q = (N - col + STEP - 1) // STEP
     base = bh.to(tl.int64) * N * HEAD_DIM
@@ -327,7 +319,12 @@ def _dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, KD, VD, KD2, VD2, N, H, n_tiles, NCO
     row_off = bh.to(tl.int64) * N + q_pos
     lse = tl.load(LSE + row_off, mask=row_ok, other=float("inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse)  # empty rows: p = 0, never NaN
-    delta = tl.load(DELTA + row_off, mask=row_ok, other=0.0)
+    if WRITE_DELTA:
+        o = tl.load(O + q_off, mask=row_ok[:, None], other=0.0)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        tl.store(DELTA + row_off, delta, mask=row_ok)
+    else:
+        delta = tl.load(DELTA + row_off, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     i_lo = tile * BLOCK_M
     i_hi = tl.minimum(i_lo + BLOCK_M, len_q) - 1

@@ -11,8 +11,8 @@
 Forward: fixed runs both parts in one launch (they share the query rows), so there is one online
 softmax. Strided's two parts tile the queries differently (rows, then columns), so its second
 launch continues the first one's online softmax from its output and lse: the log-sum-exp merge,
-fused into the kernel. Backward: every part uses the merged lse and ``delta = rowsum(dO * O)``,
-so each part's probabilities are those of the one softmax; a later launch adds to the gradients
+fused into the kernel. Backward: every part uses the merged lse and ``delta = rowsum(dO * O)``
+(which the first dQ launch computes), so each part's probabilities are those of the one softmax; a later launch adds to the gradients
 an earlier one wrote (dQ of fixed is one launch).
 """
 
@@ -218,9 +218,17 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, parts, scale: float, config: Kerne
 
 def _backward(q, k, v, out, lse, do, parts, scale: float, config: KernelConfig):
     b, h, n, d = q.shape
+    # dQ first: its first launch covers every query row once and writes delta = rowsum(dO * O),
+    # which the dK/dV launches read.
     delta = torch.empty_like(lse)
-    rows = b * h * n
-    tk._delta_kernel[(-(-rows // 128),)](out, do, delta, rows, HEAD_DIM=d, BLOCK_M=128)
+    dq = torch.empty_like(q)
+    for idx, launch in enumerate(_launches(parts)):
+        bm, bn, warps, stages = config.resolve(d, launch[-1], "dq")
+        grid, args = _grid_args(launch, n, h, b * h, bm, keys=False)
+        tma, *descriptors = _key_descriptors(k, v, launch, n, bn, _use_tma(config, q, launch))
+        tk._dq_kernel[grid](q, k, v, out, do, dq, lse, delta, *descriptors, *args, scale, scale * LOG2E,
+                            **_modes(launch), ACCUMULATE=idx > 0, WRITE_DELTA=idx == 0, HEAD_DIM=d, BLOCK_M=bm,
+                            BLOCK_N=bn, UPCAST=_interpreting(), TMA=tma, num_warps=warps, num_stages=stages)
     # Only a summary-only pattern leaves key positions no part writes.
     first_covers_all = parts[0].mode != tk.SUMMARY
     dk = torch.empty_like(k) if first_covers_all else torch.zeros_like(k)
@@ -234,14 +242,6 @@ def _backward(q, k, v, out, lse, do, parts, scale: float, config: KernelConfig):
         tk._dkdv_kernel[grid](q, k, v, do, dk, dv, lse, delta, qd, dod, *args, scale, scale * LOG2E,
                               MODE=part.mode, DMIN=part.dmin, ACCUMULATE=accumulate, HEAD_DIM=d, BLOCK_M=bm,
                               BLOCK_N=bn, UPCAST=_interpreting(), TMA=tma, num_warps=warps, num_stages=stages)
-    dq = torch.empty_like(q)
-    for idx, launch in enumerate(_launches(parts)):
-        bm, bn, warps, stages = config.resolve(d, launch[-1], "dq")
-        grid, args = _grid_args(launch, n, h, b * h, bm, keys=False)
-        tma, *descriptors = _key_descriptors(k, v, launch, n, bn, _use_tma(config, q, launch))
-        tk._dq_kernel[grid](q, k, v, do, dq, lse, delta, *descriptors, *args, scale, scale * LOG2E,
-                            **_modes(launch), ACCUMULATE=idx > 0, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn,
-                            UPCAST=_interpreting(), TMA=tma, num_warps=warps, num_stages=stages)
     return dq, dk, dv
 
 
