@@ -263,6 +263,13 @@ def test_benchmark_kernel_config_strings():
     row, column = plan(st.patterns.strided(128), 4096)
     assert config.resolve(64, row) == (64, 32, 4, 3) and config.resolve(64, column) == (128, 64, 8, 3)
     assert KernelConfig().resolve(64, column) == (64, 64, 4, 3)
+    # Short parts' dK/dV defaults to 32-query steps under a register cap; a set config drops the cap.
+    assert KernelConfig().launch(64, column, "dkdv") == ((32, 64, 4, 2), 168)
+    assert KernelConfig().launch(64, row, "dkdv") == ((32, 64, 4, 2), 168)
+    assert KernelConfig().launch(128, row, "dkdv") == ((64, 64, 4, 2), None)
+    assert config.launch(64, row, "dkdv") == ((64, 32, 4, 3), None)
+    dense, = plan(st.patterns.dense(), 4096)
+    assert KernelConfig().launch(64, dense, "dkdv") == ((64, 64, 4, 3), None)
     backward = parse_config("global:128,64,8,3/dkdv:32,128,4,3/dq:128,32,8,2")
     assert backward.resolve(64, column) == (128, 64, 8, 3)
     assert backward.resolve(64, column, "dkdv") == (32, 128, 4, 3)

@@ -199,6 +199,14 @@ DEFAULT_CONFIG = {
     "local": {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 64, 4, 2), 128: (64, 64, 4, 2)},
     "global": {16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (64, 64, 4, 2)},
 }
+# dK/dV of *short* parts, whose keys few queries see (local parts; the strided column, N / stride
+# rows): their loops are a few tiles long and bound by latency, so the programs resident per SM
+# decide. 32-query steps and a cap of 168 registers (``maxnreg``) keep three programs of 4 warps
+# per SM instead of two (H200, interleaved: strided 16k 1.012 -> 0.950 ms fwd+bwd, 64k 1.285 ->
+# 1.208, 4k 1.246 -> 1.087). On long loops (dense, fixed summary) the same was slower (fixed 16k
+# 3.14 -> 3.23), and the cap alone, with 64x64 tiles, slower everywhere. D = 128 keeps the above.
+SHORT_DKDV_CONFIG = {16: (32, 64, 4, 2), 32: (32, 64, 4, 2), 64: (32, 64, 4, 2)}
+SHORT_DKDV_MAX_REGISTERS = 168
 
 
 # ----------------------------------------------------------------------------- forward

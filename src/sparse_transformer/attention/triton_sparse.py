@@ -51,6 +51,11 @@ class Part:
     summary: int = 0
     distinct: int = 1
 
+    @property
+    def short(self) -> bool:
+        """Whether each key is seen by few queries: a local part, or the strided column part."""
+        return self.kind == "local" or self.step > 1
+
 
 KERNELS = ("forward", "dkdv", "dq")
 
@@ -62,7 +67,8 @@ class KernelConfig:
     override them in the two backward kernels, for every part: the dK/dV kernel holds ``BLOCK_N``
     keys and loops over ``BLOCK_M`` queries, the dQ kernel the other way round, so each may want
     its own shape (Triton's tutorial uses 32x128 and 128x32). ``None`` takes
-    :data:`triton_kernels.DEFAULT_CONFIG`. A launch that runs two parts (the fixed pattern's
+    :data:`triton_kernels.DEFAULT_CONFIG` (and, for the dK/dV launch of a short part,
+    :data:`triton_kernels.SHORT_DKDV_CONFIG` with its register cap). A launch that runs two parts (the fixed pattern's
     forward and dQ) takes the tiles of its second, ``global`` part; ``local`` then shapes only the
     local part's dK/dV launch. ``tma``: load the loops' tiles through tensor descriptors (Hopper's
     copy engine) where the shapes allow it (:func:`tma_fits`); ``None``: where it pays (see
@@ -78,9 +84,19 @@ class KernelConfig:
 
     def resolve(self, head_dim: int, part: "Part", kernel: str = "forward") -> tuple[int, int, int, int]:
         """The launch settings of ``kernel`` (one of :data:`KERNELS`) for ``part``."""
+        return self.launch(head_dim, part, kernel)[0]
+
+    def launch(self, head_dim: int, part: "Part", kernel: str = "forward"):
+        """``(resolve's settings, register cap or None)``. Only the default dK/dV launch of a short
+        part has a cap (``maxnreg``: see ``triton_kernels.SHORT_DKDV_CONFIG``); a set config has none."""
         backward = {"forward": None, "dkdv": self.dkdv, "dq": self.dq}[kernel]
         mine = self.local if part.kind == "local" else self.global_
-        return backward or mine or self.tiles or tk.DEFAULT_CONFIG[part.kind][head_dim]
+        chosen = backward or mine or self.tiles
+        if chosen is not None:
+            return chosen, None
+        if kernel == "dkdv" and part.short and head_dim in tk.SHORT_DKDV_CONFIG:
+            return tk.SHORT_DKDV_CONFIG[head_dim], tk.SHORT_DKDV_MAX_REGISTERS
+        return tk.DEFAULT_CONFIG[part.kind][head_dim], None
 
 
 def plan(pattern: Pattern, n: int) -> tuple[Part, ...]:
@@ -234,14 +250,15 @@ def _backward(q, k, v, out, lse, do, parts, scale: float, config: KernelConfig):
     dk = torch.empty_like(k) if first_covers_all else torch.zeros_like(k)
     dv = torch.empty_like(v) if first_covers_all else torch.zeros_like(v)
     for idx, part in enumerate(parts):
-        bm, bn, warps, stages = config.resolve(d, part, "dkdv")
+        (bm, bn, warps, stages), registers = config.launch(d, part, "dkdv")
         accumulate = idx > 0 or not first_covers_all
         grid, args = _grid_args((part,), n, h, b * h, bn, keys=True)
         tma = _use_tma(config, q, (part,)) and _aligned(q, do) and tma_fits(part, n, bm, keys=False)  # query rows
         qd, dod = (_descriptor(q, part, bm, False), _descriptor(do, part, bm, False)) if tma else (None, None)
         tk._dkdv_kernel[grid](q, k, v, do, dk, dv, lse, delta, qd, dod, *args, scale, scale * LOG2E,
                               MODE=part.mode, DMIN=part.dmin, ACCUMULATE=accumulate, HEAD_DIM=d, BLOCK_M=bm,
-                              BLOCK_N=bn, UPCAST=_interpreting(), TMA=tma, num_warps=warps, num_stages=stages)
+                              BLOCK_N=bn, UPCAST=_interpreting(), TMA=tma, num_warps=warps, num_stages=stages,
+                              **({"maxnreg": registers} if registers else {}))
     return dq, dk, dv
 
 
