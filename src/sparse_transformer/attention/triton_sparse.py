@@ -12,8 +12,8 @@ Forward: fixed runs both parts in one launch (they share the query rows), so the
 softmax. Strided's two parts tile the queries differently (rows, then columns), so its second
 launch continues the first one's online softmax from its output and lse: the log-sum-exp merge,
 fused into the kernel. Backward: every part uses the merged lse and ``delta = rowsum(dO * O)``
-(which the first dQ launch computes), so each part's probabilities are those of the one softmax; a later launch adds to the gradients
-an earlier one wrote (dQ of fixed is one launch).
+(which the first dQ launch computes), so each part's probabilities are those of the one softmax;
+a later launch adds to the gradients an earlier one wrote (dQ of fixed is one launch).
 """
 
 from __future__ import annotations
@@ -68,12 +68,12 @@ class KernelConfig:
     keys and loops over ``BLOCK_M`` queries, the dQ kernel the other way round, so each may want
     its own shape (Triton's tutorial uses 32x128 and 128x32). ``None`` takes
     :data:`triton_kernels.DEFAULT_CONFIG` (and, for the dK/dV launch of a short part,
-    :data:`triton_kernels.SHORT_DKDV_CONFIG` with its register cap). A launch that runs two parts (the fixed pattern's
-    forward and dQ) takes the tiles of its second, ``global`` part; ``local`` then shapes only the
-    local part's dK/dV launch. ``tma``: load the loops' tiles through tensor descriptors (Hopper's
-    copy engine) where the shapes allow it (:func:`tma_fits`); ``None``: where it pays (see
-    :func:`_use_tma`), on GPUs of compute capability 9 or more (the CPU interpreter runs it when
-    asked)."""
+    :data:`triton_kernels.SHORT_DKDV_CONFIG` with its register cap). A launch that runs two parts
+    (the fixed pattern's forward and dQ) takes the tiles of its second, ``global`` part; ``local``
+    then shapes only the local part's dK/dV launch. ``tma``: load the loops' tiles through tensor
+    descriptors (Hopper's copy engine) where the shapes allow it (:func:`tma_fits`); ``None``:
+    where it pays (see :func:`_use_tma`), on GPUs of compute capability 9 or more (the CPU
+    interpreter runs it when asked)."""
 
     tiles: Optional[tuple[int, int, int, int]] = None
     local: Optional[tuple[int, int, int, int]] = None
@@ -86,7 +86,8 @@ class KernelConfig:
         """The launch settings of ``kernel`` (one of :data:`KERNELS`) for ``part``."""
         return self.launch(head_dim, part, kernel)[0]
 
-    def launch(self, head_dim: int, part: "Part", kernel: str = "forward"):
+    def launch(self, head_dim: int, part: "Part",
+               kernel: str = "forward") -> tuple[tuple[int, int, int, int], Optional[int]]:
         """``(resolve's settings, register cap or None)``. Only the default dK/dV launch of a short
         part has a cap (``maxnreg``: see ``triton_kernels.SHORT_DKDV_CONFIG``); a set config has none."""
         backward = {"forward": None, "dkdv": self.dkdv, "dq": self.dq}[kernel]
