@@ -2,10 +2,10 @@
 
     python benchmarks/profile_attention.py --pattern fixed --n 16384
 
-Same shapes as ``benchmarks/attention.py`` (bf16, H = 8, D = 64, B = tokens // N). Prints the
-profiler's table, sorted by CUDA time, for ``--repeats`` forward+backward passes after a warm-up,
-then each launch of one pass in launch order (the table adds up launches of the same kernel:
-strided's row and column parts are two launches of each).
+Same shapes and seeded inputs as ``benchmarks/attention.py`` (bf16, H = 8, D = 64, B = tokens // N).
+Prints the profiler's table, sorted by CUDA time, for ``--repeats`` forward+backward passes after a
+warm-up, then each launch of one pass in launch order (the table adds up launches of the same
+kernel: strided's row and column parts are two launches of each).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import argparse
 import torch
 
 from sparse_transformer.attention.triton_sparse import KernelConfig, triton_attention
-from sparse_transformer.benchmark.attention import PATTERNS, parse_config
+from sparse_transformer.benchmark.attention import PATTERNS, inputs_for, parse_config
 
 
 def main(argv=None) -> int:
@@ -33,9 +33,7 @@ def main(argv=None) -> int:
     pattern = PATTERNS[args.pattern]
     config = parse_config(args.config) if args.config else KernelConfig()
     batch = max(1, args.tokens // args.n)
-    q, k, v = (torch.randn(batch, args.heads, args.n, args.head_dim, device="cuda", dtype=torch.bfloat16,
-                           requires_grad=True) for _ in range(3))
-    grad = torch.randn_like(q)
+    q, k, v, grad = inputs_for(args.n, args.tokens, args.heads, args.head_dim)  # the benchmark's seeded inputs
 
     def step():
         q.grad = k.grad = v.grad = None
