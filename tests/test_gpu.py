@@ -43,6 +43,20 @@ def test_triton_against_reference(pattern, dtype):
         assert_close_norm(a, b, dtype)
 
 
+@pytest.mark.parametrize("pattern,n", [(P.strided(128), 4096), (P.strided(128, "column"), 4096),
+                                       (P.strided(256), 4096), (P.strided(64), 1984)], ids=str)
+def test_triton_packed_short_columns(pattern, n):
+    """Columns of at most 32 rows (N / stride), packed several to a tile, against the reference."""
+    from sparse_transformer.attention.triton_sparse import plan
+
+    assert plan(pattern, n)[-1].packed
+    q, k, v, grad = inputs((2, 2, n, 64), torch.bfloat16, seed=5)
+    got = run("triton", pattern, q, k, v, grad)
+    want = run("reference", pattern, q.double(), k.double(), v.double(), grad.double())
+    for a, b in zip(got, want):
+        assert_close_norm(a, b, torch.bfloat16)
+
+
 @pytest.mark.parametrize("pattern", [P.strided(128), P.fixed(128, 32, distinct=4)], ids=str)
 def test_triton_backward_tile_shapes_of_the_tutorial(pattern):
     """32x128 dK/dV and 128x32 dQ tiles (the shapes the benchmark sweeps) give the same gradients."""

@@ -57,6 +57,7 @@ CASES = [  # (pattern, N, D, dtype): N never a multiple of the 64-row tiles; str
     (P.strided(4, "column"), 70, 16, torch.bfloat16),
     (P.strided(1), 40, 16, torch.float16),
     (P.strided(100), 40, 16, torch.float16),  # stride > N: the column holds only j = i
+    (P.strided(8), 128, 32, torch.bfloat16),  # columns of 16 rows: packed, four to a 64-row tile
     (P.fixed(16, 4), 150, 32, torch.float16),
     (P.fixed(8, 2, distinct=3), 70, 16, torch.bfloat16),
     (P.fixed(8, 2, distinct=3, part="summary"), 70, 16, torch.float16),  # early queries see no key
@@ -123,8 +124,28 @@ def test_triton_backward_with_its_own_tile_shapes(pattern):
 def test_triton_strided_column_tiles(pattern, n, tiles):
     """The column part over the [N/stride, stride] view: whole tiles, partial tiles and columns one
     row short."""
-    from sparse_transformer.attention.triton_sparse import KernelConfig
+    from sparse_transformer.attention.triton_sparse import KernelConfig, plan
 
+    assert not plan(pattern, n)[-1].packed
+    check_triton_config(pattern, KernelConfig(tiles=tiles), (1, 2, n, 16), torch.float16, seed=n)
+
+
+@needs_triton
+@needs_interpreter
+@pytest.mark.parametrize("pattern,n,tiles", [
+    (P.strided(8), 160, (64, 64, 4, 2)),  # columns of 20 rows: a tile ends inside its fourth column
+    (P.strided(8), 160, (16, 16, 1, 1)),  # a column spans two tiles, one of them shared with the next
+    (P.strided(4), 128, (64, 64, 4, 2)),  # columns of 32 rows, the most that are packed: two a tile
+    (P.strided(16, "column"), 256, (64, 64, 4, 2)),  # the column part alone keeps j = i
+    (P.strided(8), 160, (16, 64, 4, 2)),  # dK/dV: 16-query steps over 64 keys; the forward's 16 x 64
+], ids=str)
+def test_triton_packed_short_columns(pattern, n, tiles):
+    """Columns of at most PACKED_COLUMN_ROWS rows, laid end to end so that a tile holds several:
+    a block-diagonal part of width N/stride over that view, against the reference."""
+    from sparse_transformer.attention.triton_sparse import PACKED_COLUMN_ROWS, KernelConfig, plan
+
+    column = plan(pattern, n)[-1]
+    assert column.packed and column.width == n // pattern.stride <= PACKED_COLUMN_ROWS
     check_triton_config(pattern, KernelConfig(tiles=tiles), (1, 2, n, 16), torch.float16, seed=n)
 
 
@@ -132,7 +153,8 @@ def test_triton_strided_column_tiles(pattern, n, tiles):
 @needs_interpreter
 @pytest.mark.parametrize("pattern,n,tiles", [
     (P.dense(), 150, (16, 16, 1, 1)),  # row views: any N, the tail zero-padded by the copy engine
-    (P.strided(8), 160, (16, 16, 1, 1)),  # the column view: N a multiple of the stride
+    (P.strided(8), 320, (16, 16, 1, 1)),  # the column view (40 rows, not packed): N a multiple of the stride
+    (P.strided(8), 160, (16, 16, 1, 1)),  # packed columns (20 rows): pointers, the row part TMA
     (P.fixed(16, 4, distinct=2), 150, (16, 16, 1, 1)),  # C divides the tile: 4 sub-blocks a tile
     (P.fixed(16, 4, distinct=2), 160, (16, 16, 1, 1)),  # N whole blocks: the summary view too
     (P.fixed(64, 32, distinct=2), 192, (16, 16, 1, 1)),  # the tile divides C: half a sub-block a tile
@@ -141,7 +163,7 @@ def test_triton_strided_column_tiles(pattern, n, tiles):
 def test_triton_tma_descriptors_match_reference(pattern, n, tiles, monkeypatch):
     """``KernelConfig(tma=True)``: the loops load through tensor descriptors where they fit."""
     from sparse_transformer.attention import triton_kernels as tk
-    from sparse_transformer.attention.triton_sparse import KernelConfig
+    from sparse_transformer.attention.triton_sparse import KernelConfig, plan
 
     launched = []
 
@@ -159,8 +181,10 @@ def test_triton_tma_descriptors_match_reference(pattern, n, tiles, monkeypatch):
         monkeypatch.setattr(tk, name, Spy(getattr(tk, name)))
     check_triton_config(pattern, KernelConfig(tiles=tiles, tma=True), (1, 2, n, 16), torch.float16, seed=n)
     assert any(launched)
-    # Only the fixed summary view needs N whole blocks; everything else always fits.
-    assert all(launched) == (n % getattr(pattern, "stride", 1) == 0 or not isinstance(pattern, P.Fixed))
+    # The fixed summary view needs N whole blocks and packed columns are no box: everything else fits.
+    packed = isinstance(pattern, P.Strided) and plan(pattern, n)[-1].packed
+    assert all(launched) == ((n % getattr(pattern, "stride", 1) == 0 or not isinstance(pattern, P.Fixed))
+                             and not packed)
 
 
 @needs_triton
@@ -181,9 +205,10 @@ def test_triton_tma_falls_back_to_pointers_for_unaligned_inputs():
 def test_tma_fits_only_views_a_descriptor_reaches_exactly():
     from sparse_transformer.attention.triton_sparse import plan, tma_fits
 
-    row, column = plan(P.strided(8), 160)
-    assert tma_fits(row, 150, 64, keys=True) and tma_fits(column, 160, 64, keys=True)
+    row, column = plan(P.strided(8), 320)
+    assert tma_fits(row, 150, 64, keys=True) and tma_fits(column, 320, 64, keys=True)
     assert not tma_fits(column, 150, 64, keys=True)  # the [N/8, 8] view needs 8 | N
+    assert not tma_fits(plan(P.strided(8), 160)[1], 160, 64, keys=True)  # packed columns: no box
     local, summary = plan(P.fixed(16, 4), 160)
     assert tma_fits(local, 150, 64, keys=True) and tma_fits(summary, 160, 64, keys=True)
     assert tma_fits(summary, 150, 64, keys=False)  # the summary part's queries are plain rows
@@ -260,8 +285,10 @@ def test_benchmark_kernel_config_strings():
     assert parse_config("128,64,4,3") == KernelConfig(tiles=(128, 64, 4, 3))
     config = parse_config("local:64,32,4,3/global:128,64,8,3")
     assert config == KernelConfig(local=(64, 32, 4, 3), global_=(128, 64, 8, 3))
-    row, column = plan(st.patterns.strided(128), 4096)
+    row, column = plan(st.patterns.strided(128), 16384)  # columns of 128 rows: a global part
     assert config.resolve(64, row) == (64, 32, 4, 3) and config.resolve(64, column) == (128, 64, 8, 3)
+    packed = plan(st.patterns.strided(128), 4096)[1]  # columns of 32 rows, packed: a local part
+    assert packed.packed and config.resolve(64, packed) == (64, 32, 4, 3)
     assert KernelConfig().resolve(64, column) == (64, 64, 4, 3)
     # Short parts' dK/dV defaults to 32-query steps under a register cap; a set config drops the cap.
     assert KernelConfig().launch(64, column, "dkdv") == ((32, 64, 4, 2), 168)

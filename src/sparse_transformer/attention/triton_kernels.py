@@ -10,7 +10,10 @@ per-(query, key) condition from their positions (``MODE``):
                sequence itself (strided row: ``W = stride``; dense: ``W = N``) or one column of the
                ``[N/stride, stride]`` matrix, reached with a row step of ``stride`` and no copy
                (strided column: ``W = N``, ``DMIN = 1`` when merged with the row part).
-- ``BLOCK``:   ``i // W == j // W`` and ``j <= i`` (fixed local).
+- ``BLOCK``:   ``i // W == j // W`` and ``j <= i - DMIN`` (fixed local). With ``PACKED`` the view is
+               the columns of the ``[N/STEP, STEP]`` matrix one after another (row ``f`` at position
+               ``f // W + (f % W) * STEP``, ``W = N / STEP``): the strided column part when its
+               columns are shorter than a tile, so that one tile holds several of them.
 - ``SUMMARY``: key row ``g`` is the g-th summary slot, at position ``(g // C) * L + lo + g % C``
                with ``lo`` from the head group (fixed summary); ``DMIN = 1`` keeps only keys of
                earlier blocks (merged with the local part), else keys at positions ``<= i``.
@@ -55,18 +58,31 @@ def _summary_count(x, L, C, lo):
 
 
 @triton.jit
-def _position(j, col, STEP, L, C, lo, IS_SUMMARY: tl.constexpr):
-    """Sequence position of row ``j`` of a view (or of summary slot ``j``)."""
+def _position(j, col, STEP, W, L, C, lo, IS_SUMMARY: tl.constexpr, PACKED: tl.constexpr):
+    """Sequence position of row ``j`` of a view (or of summary slot ``j``, or of the packed columns)."""
     if IS_SUMMARY:
         pos = (j // C) * L + lo + j % C
+    elif PACKED:
+        pos = j // W + (j % W) * STEP
     else:
         pos = col + j * STEP
     return pos
 
 
 @triton.jit
-def _load_rows(desc, ptr, bh, r0, col, STEP, L, C, lo, len_rows, offs_r, offs_d, HEAD_DIM: tl.constexpr,
-               BLOCK: tl.constexpr, IS_SUMMARY: tl.constexpr, TMA: tl.constexpr):
+def _view_length(N, col, STEP, PACKED: tl.constexpr):
+    """Rows of the query view: column ``col`` of ``[N/STEP, STEP]`` (ragged: ``ceil((N - col) / STEP)``),
+    or all N positions when the columns are packed (``STEP`` divides N then)."""
+    if PACKED:
+        length = N + col * 0
+    else:
+        length = (N - col + STEP - 1) // STEP
+    return length
+
+
+@triton.jit
+def _load_rows(desc, ptr, bh, r0, col, STEP, W, L, C, lo, len_rows, offs_r, offs_d, HEAD_DIM: tl.constexpr,
+               BLOCK: tl.constexpr, IS_SUMMARY: tl.constexpr, PACKED: tl.constexpr, TMA: tl.constexpr):
     """Rows ``r0 + offs_r`` of a view (or summary slots ``r0 + offs_r``) as a [BLOCK, HEAD_DIM] tile,
     zero past ``len_rows``. With ``TMA``, one copy-engine load through ``desc``: a view is
     ``[B*H, N / STEP, STEP * D]`` (the tile at column ``col * D``), the summary slots
@@ -79,7 +95,7 @@ def _load_rows(desc, ptr, bh, r0, col, STEP, L, C, lo, len_rows, offs_r, offs_d,
             x = tl.reshape(desc.load([bh, r0, col * HEAD_DIM]), [BLOCK, HEAD_DIM])
     else:
         rows = r0 + offs_r
-        pos = _position(rows, col, STEP, L, C, lo, IS_SUMMARY)
+        pos = _position(rows, col, STEP, W, L, C, lo, IS_SUMMARY, PACKED)
         x = tl.load(ptr + pos[:, None] * HEAD_DIM + offs_d[None, :], mask=(rows < len_rows)[:, None], other=0.0)
     return x
 
@@ -91,7 +107,7 @@ def _allowed(i, j, len_q, len_k, W, L, C, lo, MODE: tl.constexpr, DMIN: tl.const
         d = i - j
         ok = (d >= DMIN) & (d < W)
     elif MODE == 1:
-        ok = (j <= i) & (i // W == j // W)
+        ok = (j <= i - DMIN) & (i // W == j // W)
     else:
         pos = (j // C) * L + lo + j % C
         if DMIN == 1:
@@ -111,9 +127,9 @@ def _keys_of(i_lo, i_hi, W, L, C, lo, MODE: tl.constexpr, DMIN: tl.constexpr):
         full_hi = i_lo - DMIN + 1
     elif MODE == 1:
         start = (i_lo // W) * W
-        end = i_hi + 1
+        end = i_hi - DMIN + 1
         full_lo = start
-        full_hi = tl.where(i_hi // W == i_lo // W, i_lo + 1, start)
+        full_hi = tl.where(i_hi // W == i_lo // W, i_lo - DMIN + 1, start)
     else:
         start = i_lo * 0
         full_lo = start
@@ -135,10 +151,10 @@ def _queries_of(j_lo, j_hi, len_q, W, L, C, lo, MODE: tl.constexpr, DMIN: tl.con
         full_lo = j_hi + DMIN
         full_hi = tl.minimum(j_lo + W, len_q)
     elif MODE == 1:
-        start = j_lo
+        start = j_lo + DMIN
         end = tl.minimum((j_hi // W + 1) * W, len_q)
-        full_lo = j_hi
-        full_hi = tl.where(j_hi // W == j_lo // W, tl.minimum((j_lo // W + 1) * W, len_q), j_hi)
+        full_lo = j_hi + DMIN
+        full_hi = tl.where(j_hi // W == j_lo // W, tl.minimum((j_lo // W + 1) * W, len_q), full_lo)
     else:
         end = len_q + j_lo * 0
         full_hi = end
@@ -212,15 +228,17 @@ SHORT_DKDV_MAX_REGISTERS = 168
 # ----------------------------------------------------------------------------- forward
 @triton.jit
 def _fwd_part(acc, l_i, m_i, q, Kb, Vb, KD, VD, bh, i_lo, i_hi, offs_m, offs_n, offs_d, col, STEP, len_q, len_k, W,
-              L, C, lo, scale2, MODE: tl.constexpr, DMIN: tl.constexpr, HEAD_DIM: tl.constexpr,
-              BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr):
+              L, C, lo, scale2, MODE: tl.constexpr, DMIN: tl.constexpr, PACKED: tl.constexpr,
+              HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr):
     """One part's keys for the query rows ``[i_lo, i_hi]``, continuing the online softmax."""
     start, full_lo, full_hi, end = _keys_of(i_lo, i_hi, W, L, C, lo, MODE, DMIN)
     first, a, b = _split(start, full_lo, full_hi, end, BLOCK_N)
     for t in range(first, end, BLOCK_N):
         j = t + offs_n
-        k = _load_rows(KD, Kb, bh, t, col, STEP, L, C, lo, len_k, offs_n, offs_d, HEAD_DIM, BLOCK_N, MODE == 2, TMA)
-        v = _load_rows(VD, Vb, bh, t, col, STEP, L, C, lo, len_k, offs_n, offs_d, HEAD_DIM, BLOCK_N, MODE == 2, TMA)
+        k = _load_rows(KD, Kb, bh, t, col, STEP, W, L, C, lo, len_k, offs_n, offs_d, HEAD_DIM, BLOCK_N, MODE == 2,
+                       PACKED, TMA)
+        v = _load_rows(VD, Vb, bh, t, col, STEP, W, L, C, lo, len_k, offs_n, offs_d, HEAD_DIM, BLOCK_N, MODE == 2,
+                       PACKED, TMA)
         s = _dot(q, tl.trans(k), None, UPCAST)  # unscaled: the scale folds into one FMA below (needs scale > 0)
         if (t < a) | (t >= b):  # an edge tile
             s = tl.where(_allowed(offs_m[:, None], j[None, :], len_q, len_k, W, L, C, lo, MODE, DMIN), s,
@@ -239,20 +257,20 @@ def _fwd_part(acc, l_i, m_i, q, Kb, Vb, KD, VD, bh, i_lo, i_hi, offs_m, offs_n, 
 @triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, O_PREV, KD, VD, KD2, VD2, N, H, n_tiles, NCOLS, STEP, W, L, C, DISTINCT, scale2,
                 MODE: tl.constexpr, DMIN: tl.constexpr, MODE2: tl.constexpr, DMIN2: tl.constexpr,
-                TWO_PARTS: tl.constexpr, MERGE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr):
+                TWO_PARTS: tl.constexpr, MERGE: tl.constexpr, PACKED: tl.constexpr, HEAD_DIM: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr):
     """One part (``MODE``), or with ``TWO_PARTS`` a second one (``MODE2``) over the same query view
     in the same online softmax; with ``MERGE``, continue from an earlier launch's output and lse.
     With ``TMA``, keys and values come through the descriptors ``KD, VD`` (``KD2, VD2``: the second
     part's) instead of pointers (see ``_load_rows``)."""
     tile, col, bh, lo = _program(n_tiles, NCOLS, H, L, C, DISTINCT, False)
-    len_q = (N - col + STEP - 1) // STEP
+    len_q = _view_length(N, col, STEP, PACKED)
     base = bh.to(tl.int64) * N * HEAD_DIM
     offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < len_q
-    q_pos = col + offs_m * STEP
+    q_pos = _position(offs_m, col, STEP, W, L, C, lo, False, PACKED)
     q_off = base + q_pos[:, None] * HEAD_DIM + offs_d[None, :]
     q = tl.load(Q + q_off, mask=row_ok[:, None], other=0.0)
     lse_ptr = LSE + bh.to(tl.int64) * N + q_pos
@@ -270,11 +288,11 @@ def _fwd_kernel(Q, K, V, O, LSE, O_PREV, KD, VD, KD2, VD2, N, H, n_tiles, NCOLS,
     Vb = V + base
     acc, l_i, m_i = _fwd_part(acc, l_i, m_i, q, Kb, Vb, KD, VD, bh, i_lo, i_hi, offs_m, offs_n, offs_d, col, STEP,
                               len_q, _key_count(N, len_q, L, C, lo, MODE), W, L, C, lo, scale2, MODE, DMIN,
-                              HEAD_DIM, BLOCK_N, UPCAST, TMA)
+                              PACKED, HEAD_DIM, BLOCK_N, UPCAST, TMA)
     if TWO_PARTS:
         acc, l_i, m_i = _fwd_part(acc, l_i, m_i, q, Kb, Vb, KD2, VD2, bh, i_lo, i_hi, offs_m, offs_n, offs_d, col,
                                   STEP, len_q, _key_count(N, len_q, L, C, lo, MODE2), W, L, C, lo, scale2, MODE2,
-                                  DMIN2, HEAD_DIM, BLOCK_N, UPCAST, TMA)
+                                  DMIN2, PACKED, HEAD_DIM, BLOCK_N, UPCAST, TMA)
     empty = l_i == 0.0  # no admissible key: output 0, lse -inf
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
@@ -286,14 +304,16 @@ def _fwd_kernel(Q, K, V, O, LSE, O_PREV, KD, VD, KD2, VD2, N, H, n_tiles, NCOLS,
 # ----------------------------------------------------------------------------- backward
 @triton.jit
 def _dq_part(dq, q, do, lse, delta, Kb, Vb, KD, VD, bh, i_lo, i_hi, offs_m, offs_n, offs_d, col, STEP, len_q, len_k,
-             W, L, C, lo, scale2, MODE: tl.constexpr, DMIN: tl.constexpr, HEAD_DIM: tl.constexpr,
-             BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr):
+             W, L, C, lo, scale2, MODE: tl.constexpr, DMIN: tl.constexpr, PACKED: tl.constexpr,
+             HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr):
     start, full_lo, full_hi, end = _keys_of(i_lo, i_hi, W, L, C, lo, MODE, DMIN)
     first, a, b = _split(start, full_lo, full_hi, end, BLOCK_N)
     for t in range(first, end, BLOCK_N):
         j = t + offs_n
-        k = _load_rows(KD, Kb, bh, t, col, STEP, L, C, lo, len_k, offs_n, offs_d, HEAD_DIM, BLOCK_N, MODE == 2, TMA)
-        v = _load_rows(VD, Vb, bh, t, col, STEP, L, C, lo, len_k, offs_n, offs_d, HEAD_DIM, BLOCK_N, MODE == 2, TMA)
+        k = _load_rows(KD, Kb, bh, t, col, STEP, W, L, C, lo, len_k, offs_n, offs_d, HEAD_DIM, BLOCK_N, MODE == 2,
+                       PACKED, TMA)
+        v = _load_rows(VD, Vb, bh, t, col, STEP, W, L, C, lo, len_k, offs_n, offs_d, HEAD_DIM, BLOCK_N, MODE == 2,
+                       PACKED, TMA)
         qk = _dot(q, tl.trans(k), None, UPCAST)
         dp = _dot(do, tl.trans(v), None, UPCAST)  # issued before the exp, which then overlaps it
         p = tl.math.exp2(qk * scale2 - lse[:, None])
@@ -307,20 +327,21 @@ def _dq_part(dq, q, do, lse, delta, Kb, Vb, KD, VD, bh, i_lo, i_hi, offs_m, offs
 @triton.jit
 def _dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, KD, VD, KD2, VD2, N, H, n_tiles, NCOLS, STEP, W, L, C, DISTINCT,
                scale, scale2, MODE: tl.constexpr, DMIN: tl.constexpr, MODE2: tl.constexpr, DMIN2: tl.constexpr,
-               TWO_PARTS: tl.constexpr, ACCUMULATE: tl.constexpr, WRITE_DELTA: tl.constexpr, HEAD_DIM: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr):
+               TWO_PARTS: tl.constexpr, ACCUMULATE: tl.constexpr, WRITE_DELTA: tl.constexpr, PACKED: tl.constexpr,
+               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+               TMA: tl.constexpr):
     """dQ of one query tile over one part (or two, as the forward). With ``WRITE_DELTA`` it also
     computes delta = rowsum(dO * O), the softmax backward's correction term, and stores it for the
     dK/dV launches: the first dQ launch covers every query row once, so no launch of its own
     computes delta (a launch costs the host about as much as the delta kernel cost the GPU)."""
     tile, col, bh, lo = _program(n_tiles, NCOLS, H, L, C, DISTINCT, False)
-    len_q = (N - col + STEP - 1) // STEP
+    len_q = _view_length(N, col, STEP, PACKED)
     base = bh.to(tl.int64) * N * HEAD_DIM
     offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < len_q
-    q_pos = col + offs_m * STEP
+    q_pos = _position(offs_m, col, STEP, W, L, C, lo, False, PACKED)
     q_off = base + q_pos[:, None] * HEAD_DIM + offs_d[None, :]
     q = tl.load(Q + q_off, mask=row_ok[:, None], other=0.0)
     do = tl.load(DO + q_off, mask=row_ok[:, None], other=0.0)
@@ -339,12 +360,12 @@ def _dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, KD, VD, KD2, VD2, N, H, n_tiles, 
     Kb = K + base
     Vb = V + base
     dq = _dq_part(dq, q, do, lse, delta, Kb, Vb, KD, VD, bh, i_lo, i_hi, offs_m, offs_n, offs_d, col, STEP, len_q,
-                  _key_count(N, len_q, L, C, lo, MODE), W, L, C, lo, scale2, MODE, DMIN, HEAD_DIM, BLOCK_N, UPCAST,
-                  TMA)
+                  _key_count(N, len_q, L, C, lo, MODE), W, L, C, lo, scale2, MODE, DMIN, PACKED, HEAD_DIM, BLOCK_N,
+                  UPCAST, TMA)
     if TWO_PARTS:
         dq = _dq_part(dq, q, do, lse, delta, Kb, Vb, KD2, VD2, bh, i_lo, i_hi, offs_m, offs_n, offs_d, col, STEP,
-                      len_q, _key_count(N, len_q, L, C, lo, MODE2), W, L, C, lo, scale2, MODE2, DMIN2, HEAD_DIM,
-                      BLOCK_N, UPCAST, TMA)
+                      len_q, _key_count(N, len_q, L, C, lo, MODE2), W, L, C, lo, scale2, MODE2, DMIN2, PACKED,
+                      HEAD_DIM, BLOCK_N, UPCAST, TMA)
     dq = dq * scale
     if ACCUMULATE:  # an earlier part (separate launch) already wrote its share
         dq += tl.load(DQ + q_off, mask=row_ok[:, None], other=0.0).to(tl.float32)
@@ -353,8 +374,9 @@ def _dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, KD, VD, KD2, VD2, N, H, n_tiles, 
 
 @triton.jit
 def _dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, QD, DOD, N, H, n_tiles, NCOLS, STEP, W, L, C, DISTINCT, scale,
-                 scale2, MODE: tl.constexpr, DMIN: tl.constexpr, ACCUMULATE: tl.constexpr, HEAD_DIM: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr):
+                 scale2, MODE: tl.constexpr, DMIN: tl.constexpr, ACCUMULATE: tl.constexpr, PACKED: tl.constexpr,
+                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+                 TMA: tl.constexpr):
     """dK, dV of one key tile, looping over the query tiles that see it. dQ has its own kernel:
     accumulating it here (two matmuls and one exponential fewer) did not pay on an H200. With fp32
     atomics: fixed 16,384 3.55 -> 4.07 ms fwd+bwd, dense 11.9 -> 13.6. With the copy engine's tile
@@ -363,14 +385,14 @@ def _dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, QD, DOD, N, H, n_tiles, NCOLS,
     exponentials by hand (a Gluon version of this kernel) took only 3% off fixed at 16,384 and
     nothing at 65,536, so the kernel stays in Triton (2026-12-02)."""
     tile, col, bh, lo = _program(n_tiles, NCOLS, H, L, C, DISTINCT, True)
-    len_q = (N - col + STEP - 1) // STEP
+    len_q = _view_length(N, col, STEP, PACKED)
     len_k = _key_count(N, len_q, L, C, lo, MODE)
     base = bh.to(tl.int64) * N * HEAD_DIM
     offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)  # this program's key rows
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     key_ok = offs_n < len_k
-    k_pos = _position(offs_n, col, STEP, L, C, lo, MODE == 2)
+    k_pos = _position(offs_n, col, STEP, W, L, C, lo, MODE == 2, PACKED)
     k_off = base + k_pos[:, None] * HEAD_DIM + offs_d[None, :]
     k = tl.load(K + k_off, mask=key_ok[:, None], other=0.0)
     v = tl.load(V + k_off, mask=key_ok[:, None], other=0.0)
@@ -386,10 +408,12 @@ def _dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, QD, DOD, N, H, n_tiles, NCOLS,
     DELTAb = DELTA + bh.to(tl.int64) * N
     for t in range(first, end, BLOCK_M):
         i = t + offs_m
-        q_pos = col + i * STEP
+        q_pos = _position(i, col, STEP, W, L, C, lo, False, PACKED)
         ok_i = i < len_q
-        q = _load_rows(QD, Qb, bh, t, col, STEP, L, C, lo, len_q, offs_m, offs_d, HEAD_DIM, BLOCK_M, False, TMA)
-        do = _load_rows(DOD, DOb, bh, t, col, STEP, L, C, lo, len_q, offs_m, offs_d, HEAD_DIM, BLOCK_M, False, TMA)
+        q = _load_rows(QD, Qb, bh, t, col, STEP, W, L, C, lo, len_q, offs_m, offs_d, HEAD_DIM, BLOCK_M, False,
+                       PACKED, TMA)
+        do = _load_rows(DOD, DOb, bh, t, col, STEP, W, L, C, lo, len_q, offs_m, offs_d, HEAD_DIM, BLOCK_M, False,
+                        PACKED, TMA)
         lse = tl.load(LSEb + q_pos, mask=ok_i, other=float("inf"))
         delta = tl.load(DELTAb + q_pos, mask=ok_i, other=0.0)
         lse = tl.where(lse == float("-inf"), float("inf"), lse)  # empty rows: p = 0, never NaN

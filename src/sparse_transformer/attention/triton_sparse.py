@@ -4,7 +4,9 @@
 - dense:     one causal band of width N
 - strided:   band of width ``stride`` (each query block sees at most two key blocks) plus the
              column part as causal attention along the columns of the [N/stride, stride] view,
-             addressed with a row step of ``stride`` (no transpose copy)
+             addressed with a row step of ``stride`` (no transpose copy); columns of at most
+             :data:`PACKED_COLUMN_ROWS` rows are packed, several to a tile (a BLOCK part of width
+             N/stride over the columns laid end to end), so that short columns fill the tiles
 - fixed:     block-diagonal local part plus the summary slots of the head's group
              (``u = h % distinct``), addressed in place as a contiguous list of key rows
 
@@ -38,7 +40,8 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 class Part:
     """One launch: ``mode`` (BAND, BLOCK, SUMMARY), ``dmin`` (1: exclude ``j = i`` / own block),
     ``width`` (W of BAND/BLOCK), ``step`` (view row step: the column view's stride, else 1),
-    ``stride``/``summary``/``distinct`` (SUMMARY's L, C, V). ``kind`` picks the tile config:
+    ``stride``/``summary``/``distinct`` (SUMMARY's L, C, V); ``packed``: the view is the columns of
+    ``[N/step, step]`` end to end (see ``triton_kernels``, BLOCK). ``kind`` picks the tile config:
     ``local`` (a narrow band or block: few keys per query) or ``global`` (causal over a whole view
     or over the summary keys: dense-like work)."""
 
@@ -50,6 +53,7 @@ class Part:
     stride: int = 1
     summary: int = 0
     distinct: int = 1
+    packed: bool = False
 
     @property
     def short(self) -> bool:
@@ -58,6 +62,9 @@ class Part:
 
 
 KERNELS = ("forward", "dkdv", "dq")
+# Strided columns this short (N / stride rows) are packed several to a tile. One column a program
+# left most of each 64-row tile empty: at N = 4,096 and stride 128, 32 rows of 64.
+PACKED_COLUMN_ROWS = 32
 
 
 @dataclass(frozen=True)
@@ -107,7 +114,11 @@ def plan(pattern: Pattern, n: int) -> tuple[Part, ...]:
     if isinstance(pattern, Strided):
         row = Part(tk.BAND, width=pattern.stride)
         # stride >= n leaves only j = i in a column, as with stride = n.
-        column = Part(tk.BAND, "global", dmin=int(pattern.part is None), width=n, step=min(pattern.stride, n))
+        step, dmin = min(pattern.stride, n), int(pattern.part is None)
+        if n % step == 0 and n // step <= PACKED_COLUMN_ROWS:
+            column = Part(tk.BLOCK, dmin=dmin, width=n // step, step=step, packed=True)
+        else:
+            column = Part(tk.BAND, "global", dmin=dmin, width=n, step=step)
         return {"row": (row,), "column": (column,), None: (row, column)}[pattern.part]
     if isinstance(pattern, Fixed):
         local = Part(tk.BLOCK, width=pattern.stride)
@@ -138,7 +149,7 @@ def _grid_args(launch: tuple[Part, ...], n: int, heads: int, bh: int, block: int
     the query view: see :func:`_launches`)."""
     first = launch[0]
     summary = next((p for p in launch if p.mode == tk.SUMMARY), None)
-    cols = first.step
+    cols = 1 if first.packed else first.step
     if summary is not None and keys:  # key tiles run over the longest head group's summary slots
         rows = max(_summary_count(n, summary, u) for u in range(min(summary.distinct, heads)))
     else:
@@ -153,7 +164,7 @@ def _modes(launch: tuple[Part, ...]) -> dict:
     """The constexpr part arguments of a query-tiled launch."""
     last = launch[-1]
     return dict(MODE=launch[0].mode, DMIN=launch[0].dmin, MODE2=last.mode, DMIN2=last.dmin,
-                TWO_PARTS=len(launch) == 2)
+                TWO_PARTS=len(launch) == 2, PACKED=launch[0].packed)
 
 
 def _summary_count(n: int, part: Part, u: int) -> int:
@@ -164,7 +175,10 @@ def _summary_count(n: int, part: Part, u: int) -> int:
 def tma_fits(part: Part, n: int, block: int, keys: bool) -> bool:
     """Whether a tensor descriptor reaches ``part``'s rows exactly: the ``[N/step, step]`` view needs
     ``step`` to divide N; the summary slots (``keys``) need N a whole number of blocks and ``C`` a
-    power of two that divides the tile's rows or is divided by them, so a tile is whole sub-blocks."""
+    power of two that divides the tile's rows or is divided by them, so a tile is whole sub-blocks.
+    Packed columns are no box of either view."""
+    if part.packed:
+        return False
     if keys and part.mode == tk.SUMMARY:
         c = part.summary
         return n % part.stride == 0 and c & (c - 1) == 0 and (block % c == 0 or c % block == 0)
@@ -257,8 +271,9 @@ def _backward(q, k, v, out, lse, do, parts, scale: float, config: KernelConfig):
         tma = _use_tma(config, q, (part,)) and _aligned(q, do) and tma_fits(part, n, bm, keys=False)  # query rows
         qd, dod = (_descriptor(q, part, bm, False), _descriptor(do, part, bm, False)) if tma else (None, None)
         tk._dkdv_kernel[grid](q, k, v, do, dk, dv, lse, delta, qd, dod, *args, scale, scale * LOG2E,
-                              MODE=part.mode, DMIN=part.dmin, ACCUMULATE=accumulate, HEAD_DIM=d, BLOCK_M=bm,
-                              BLOCK_N=bn, UPCAST=_interpreting(), TMA=tma, num_warps=warps, num_stages=stages,
+                              MODE=part.mode, DMIN=part.dmin, ACCUMULATE=accumulate, PACKED=part.packed, HEAD_DIM=d,
+                              BLOCK_M=bm, BLOCK_N=bn, UPCAST=_interpreting(), TMA=tma, num_warps=warps,
+                              num_stages=stages,
                               **({"maxnreg": registers} if registers else {}))
     return dq, dk, dv
 
