@@ -40,8 +40,7 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 class Part:
     """One launch: ``mode`` (BAND, BLOCK, SUMMARY), ``dmin`` (1: exclude ``j = i`` / own block),
     ``width`` (W of BAND/BLOCK), ``step`` (view row step: the column view's stride, else 1),
-    ``stride``/``summary``/``distinct`` (SUMMARY's L, C, V); ``packed``: the view is the columns of
-    ``[N/step, step]`` end to end (see ``triton_kernels``, BLOCK). ``kind`` picks the tile config:
+    ``stride``/``summary``/``distinct`` (SUMMARY's L, C, V). ``kind`` picks the tile config:
     ``local`` (a narrow band or block: few keys per query) or ``global`` (causal over a whole view
     or over the summary keys: dense-like work)."""
 
@@ -53,7 +52,12 @@ class Part:
     stride: int = 1
     summary: int = 0
     distinct: int = 1
-    packed: bool = False
+
+    @property
+    def packed(self) -> bool:
+        """Whether the view is the columns of ``[N/step, step]`` end to end: a BLOCK part over a
+        stepped view is the strided column part packed (see ``triton_kernels``, BLOCK)."""
+        return self.mode == tk.BLOCK and self.step > 1
 
     @property
     def short(self) -> bool:
@@ -118,7 +122,7 @@ def plan(pattern: Pattern, n: int) -> tuple[Part, ...]:
         # stride >= n leaves only j = i in a column, as with stride = n.
         step, dmin = min(pattern.stride, n), int(pattern.part is None)
         if n % step == 0 and n // step <= PACKED_COLUMN_ROWS:
-            column = Part(tk.BLOCK, dmin=dmin, width=n // step, step=step, packed=True)
+            column = Part(tk.BLOCK, dmin=dmin, width=n // step, step=step)
         else:
             column = Part(tk.BAND, "global", dmin=dmin, width=n, step=step)
         return {"row": (row,), "column": (column,), None: (row, column)}[pattern.part]
@@ -275,8 +279,7 @@ def _backward(q, k, v, out, lse, do, parts, scale: float, config: KernelConfig):
         tk._dkdv_kernel[grid](q, k, v, do, dk, dv, lse, delta, qd, dod, *args, scale, scale * LOG2E,
                               MODE=part.mode, DMIN=part.dmin, ACCUMULATE=accumulate, PACKED=part.packed, HEAD_DIM=d,
                               BLOCK_M=bm, BLOCK_N=bn, UPCAST=_interpreting(), TMA=tma, num_warps=warps,
-                              num_stages=stages,
-                              **({"maxnreg": registers} if registers else {}))
+                              num_stages=stages, **({"maxnreg": registers} if registers else {}))
     return dq, dk, dv
 
 
