@@ -1,6 +1,8 @@
-"""Where the time of one forward+backward of our Triton kernels goes: CUDA time per kernel launch.
+"""Where the time of one forward+backward of our Triton kernels goes: CUDA time per kernel launch, or (``--host``) CPU time
+to enqueue one, by function.
 
     python benchmarks/profile_attention.py --pattern fixed --n 16384
+    python benchmarks/profile_attention.py --pattern fixed --n 4096 --host
 
 Same shapes and seeded inputs as ``benchmarks/attention.py`` (bf16, H = 8, D = 64, B = tokens // N).
 Prints the profiler's table, sorted by CUDA time, for ``--repeats`` forward+backward passes after a
@@ -11,6 +13,10 @@ kernel: strided's row and column parts are two launches of each).
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
+import statistics
+import time
 
 import torch
 
@@ -26,6 +32,8 @@ def main(argv=None) -> int:
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--host", action="store_true",
+                        help="time the CPU's enqueue of each pass (GPU idle before it) and profile it by function")
     parser.add_argument("--config", default=None, help="a kernel config string, as benchmarks/attention.py --configs")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -42,6 +50,8 @@ def main(argv=None) -> int:
     for _ in range(3):
         step()
     torch.cuda.synchronize()
+    if args.host:
+        return profile_host(step, args)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(args.repeats):
             step()
@@ -55,6 +65,30 @@ def main(argv=None) -> int:
     for i in range(per_pass):
         us = sum(e.device_time for e in launches[i::per_pass]) / args.repeats
         print(f"  {i:2d} {launches[i].name[:48]:48s} {us:9.1f} us")
+    return 0
+
+
+def profile_host(step, args) -> int:
+    """Each pass starts on an idle GPU, so its wall time is the host's enqueue alone."""
+    def enqueue_ms() -> float:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        elapsed = time.perf_counter() - start
+        torch.cuda.synchronize()
+        return elapsed * 1e3
+
+    times = sorted(enqueue_ms() for _ in range(max(args.repeats, 20)))
+    print(f"host enqueue of one forward+backward pass: median {statistics.median(times):.3f} ms, "
+          f"min {times[0]:.3f}, max {times[-1]:.3f} ({len(times)} passes)")
+    profiler = cProfile.Profile()
+    for _ in range(args.repeats):
+        torch.cuda.synchronize()
+        profiler.enable()
+        step()
+        profiler.disable()
+    torch.cuda.synchronize()
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
     return 0
 
 

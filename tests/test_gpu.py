@@ -58,6 +58,30 @@ def test_triton_packed_short_columns(pattern, n):
 
 
 @pytest.mark.parametrize("pattern", [P.strided(128), P.fixed(128, 32, distinct=4)], ids=str)
+def test_triton_repeated_calls_launch_directly(pattern):
+    """After a shape's first call the kernels skip the JIT (``triton_launch.Launcher``): the same
+    inputs give the same bits, new inputs and inputs that are not 16-byte aligned (a new key, so
+    a kernel of their own) match the reference."""
+    from sparse_transformer.attention import triton_kernels as tk
+    from sparse_transformer.attention.triton_sparse import _launcher
+
+    q, k, v, grad = inputs((2, 2, 1000, 64), torch.bfloat16, seed=7)
+    first = run("triton", pattern, q, k, v, grad)
+    again = run("triton", pattern, q, k, v, grad)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    launchers = (_launcher(kernel) for kernel in (tk._fwd_kernel, tk._dq_kernel, tk._dkdv_kernel))
+    assert all(any(entry is not None for entry in x._compiled.values()) for x in launchers)
+    fresh = inputs((2, 2, 1000, 64), torch.bfloat16, seed=8)
+    storage = [torch.empty(fresh[0].numel() + 1, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
+    unaligned = [s[1:].view_as(x).copy_(x) for s, x in zip(storage, fresh)]
+    for q, k, v, grad in (fresh, unaligned):
+        got = run("triton", pattern, q, k, v, grad)
+        want = run("reference", pattern, q.double(), k.double(), v.double(), grad.double())
+        for a, b in zip(got, want):
+            assert_close_norm(a, b, torch.bfloat16)
+
+
+@pytest.mark.parametrize("pattern", [P.strided(128), P.fixed(128, 32, distinct=4)], ids=str)
 def test_triton_backward_tile_shapes_of_the_tutorial(pattern):
     """32x128 dK/dV and 128x32 dQ tiles (the shapes the benchmark sweeps) give the same gradients."""
     from sparse_transformer.attention.triton_sparse import KernelConfig, triton_attention

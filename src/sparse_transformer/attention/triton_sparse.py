@@ -20,6 +20,7 @@ a later launch adds to the gradients an earlier one wrote (dQ of fixed is one la
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from torch import Tensor
 
 from ..patterns import Dense, Fixed, Pattern, Strided
 from . import triton_kernels as tk
+from .triton_launch import Launcher
 
 LOG2E = 1.4426950408889634
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
@@ -66,6 +68,7 @@ class Part:
 
 
 KERNELS = ("forward", "dkdv", "dq")
+
 # Strided columns this short (N / stride rows) are packed several to a tile. One column a program
 # left most of each 64-row tile empty: at N = 4,096 and stride 128, 32 rows of 64 (H200, fwd+bwd
 # 1.085 -> 0.910 ms). Longer columns lost or tied when packed: 40 rows 0.971 -> 1.018, 48 rows
@@ -191,7 +194,7 @@ def tma_fits(part: Part, n: int, block: int, keys: bool) -> bool:
     return n % part.step == 0
 
 
-def _use_tma(config: KernelConfig, x: Tensor, launch: tuple[Part, ...]) -> bool:
+def _use_tma(config: KernelConfig, tma_capable: bool, launch: tuple[Part, ...]) -> bool:
     """Descriptors where they pay: ``config.tma`` if set, else on Hopper or newer for launches with a
     global part over contiguous rows (dense, fixed summary). Their loops are long, and TMA took
     6-8% off them (H200); the strided parts gained 3% on the GPU but lost more on the host (each
@@ -199,12 +202,17 @@ def _use_tma(config: KernelConfig, x: Tensor, launch: tuple[Part, ...]) -> bool:
     the pass as long on the host, 1.04 ms, as on the GPU)."""
     if config.tma is not None:
         return config.tma
-    return any(p.kind == "global" and p.step == 1 for p in launch) and _has_tma(x)
+    return any(p.kind == "global" and p.step == 1 for p in launch) and tma_capable
 
 
 def _has_tma(x: Tensor) -> bool:
     """Whether ``x`` lives on a GPU with a tensor copy engine (compute capability 9 or more)."""
-    return x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9
+    return x.is_cuda and _capability(x.device.index)[0] >= 9
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device: Optional[int]) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
 
 
 def _descriptor(x: Tensor, part: Part, block: int, keys: bool):
@@ -226,60 +234,108 @@ def _aligned(*tensors: Tensor) -> bool:
     return all(t.data_ptr() % 16 == 0 for t in tensors)
 
 
-def _key_descriptors(k: Tensor, v: Tensor, launch: tuple[Part, ...], n: int, block: int, tma: bool):
+def _key_descriptors(k: Tensor, v: Tensor, launch: "_Launch"):
     """``(use TMA, KD, VD, KD2, VD2)`` of a query-tiled launch: each part's key and value rows."""
-    if not (tma and _aligned(k, v) and all(tma_fits(p, n, block, keys=True) for p in launch)):
+    if not (launch.tma and _aligned(k, v)):
         return False, None, None, None, None
-    first, last = launch[0], launch[-1]
+    first, last, block = launch.parts[0], launch.parts[-1], launch.block
     kd, vd = _descriptor(k, first, block, True), _descriptor(v, first, block, True)
     if last is first:  # one part: each descriptor costs host time on every launch, so build it once
         return True, kd, vd, kd, vd
     return True, kd, vd, _descriptor(k, last, block, True), _descriptor(v, last, block, True)
 
 
+@dataclass(frozen=True, eq=False)
+class _Launch:
+    """One kernel launch of a pass, all but its tensors: ``grid``, the integer arguments, the
+    constexprs and options, and whether its tiles load through descriptors of ``block`` rows
+    (``tma``: wanted and they fit; a call still checks the tensors' alignment)."""
+
+    parts: tuple[Part, ...]
+    grid: tuple[int]
+    args: tuple[int, ...]
+    constexprs: dict
+    block: int
+    tma: bool
+
+
+@functools.lru_cache(maxsize=256)
+def _pass_plan(parts: tuple[Part, ...], shape: torch.Size, config: KernelConfig, tma_capable: bool,
+               upcast: bool, kernels) -> tuple[tuple[_Launch, ...], tuple[_Launch, ...], tuple[_Launch, ...]]:
+    """The forward, dQ and dK/dV launches of ``parts`` on inputs of ``shape``. Worked out once per
+    shape: the pass then spends its host time on the launches alone. ``kernels`` (the kernel
+    module, whose default tiles the plan takes) is part of the key only."""
+    b, h, n, d = shape
+    forward, dq, dkdv = [], [], []
+    for idx, launch in enumerate(_launches(parts)):
+        tma = _use_tma(config, tma_capable, launch)
+        for kernel, out in (("forward", forward), ("dq", dq)):
+            bm, bn, warps, stages = config.resolve(d, launch[-1], kernel)
+            grid, args = _grid_args(launch, n, h, b * h, bm, keys=False)
+            # A later launch continues from the earlier ones: the forward from their output and
+            # lse (MERGE), dQ adding to their dQ; the first dQ launch writes delta.
+            later = dict(MERGE=idx > 0) if kernel == "forward" else dict(ACCUMULATE=idx > 0, WRITE_DELTA=idx == 0)
+            out.append(_Launch(launch, grid, args, dict(**_modes(launch), **later, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn,
+                                                        UPCAST=upcast, num_warps=warps, num_stages=stages),
+                               bn, tma and all(tma_fits(p, n, bn, keys=True) for p in launch)))
+    # Only a summary-only pattern leaves key positions no part writes (see _backward).
+    first_covers_all = parts[0].mode != tk.SUMMARY
+    for idx, part in enumerate(parts):
+        (bm, bn, warps, stages), registers = config.launch(d, part, "dkdv")
+        grid, args = _grid_args((part,), n, h, b * h, bn, keys=True)
+        dkdv.append(_Launch((part,), grid, args, dict(
+            MODE=part.mode, DMIN=part.dmin, ACCUMULATE=idx > 0 or not first_covers_all, PACKED=part.packed,
+            HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, UPCAST=upcast, num_warps=warps, num_stages=stages,
+            **({"maxnreg": registers} if registers else {})),
+            bm, _use_tma(config, tma_capable, (part,)) and tma_fits(part, n, bm, keys=False)))  # query rows
+    return tuple(forward), tuple(dq), tuple(dkdv)
+
+
+def _plan_of(parts: tuple[Part, ...], q: Tensor, config: KernelConfig):
+    return _pass_plan(parts, q.shape, config, _has_tma(q), _interpreting(), tk)
+
+
+@functools.lru_cache(maxsize=None)
+def _launcher(kernel) -> Launcher:
+    """``kernel`` through a launcher that skips the JIT's per-call work (see ``triton_launch``).
+    Looked up per call, so that a tool which swaps the kernels (``benchmarks/kernel_ab.py``) is
+    served its own."""
+    return Launcher(kernel)
+
+
 def _forward(q: Tensor, k: Tensor, v: Tensor, parts, scale: float, config: KernelConfig):
     b, h, n, d = q.shape
     out = torch.empty_like(q)
     lse = torch.empty((b * h, n), device=q.device, dtype=torch.float32)
-    for idx, launch in enumerate(_launches(parts)):
-        # A later launch continues from the earlier one's output in ``out`` (read, then overwritten,
-        # row by row in the same program) and its lse.
-        bm, bn, warps, stages = config.resolve(d, launch[-1])
-        grid, args = _grid_args(launch, n, h, b * h, bm, keys=False)
-        tma, *descriptors = _key_descriptors(k, v, launch, n, bn, _use_tma(config, q, launch))
-        tk._fwd_kernel[grid](q, k, v, out, lse, out, *descriptors, *args, scale * LOG2E, **_modes(launch),
-                             MERGE=idx > 0, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, UPCAST=_interpreting(), TMA=tma,
-                             num_warps=warps, num_stages=stages)
+    for launch in _plan_of(parts, q, config)[0]:
+        # A later launch reads the earlier one's output in ``out`` (then overwrites it, row by
+        # row in the same program) and its lse.
+        tma, *descriptors = _key_descriptors(k, v, launch)
+        _launcher(tk._fwd_kernel)[launch.grid](q, k, v, out, lse, out, *descriptors, *launch.args,
+                                               scale * LOG2E, TMA=tma, **launch.constexprs)
     return out, lse
 
 
 def _backward(q, k, v, out, lse, do, parts, scale: float, config: KernelConfig):
-    b, h, n, d = q.shape
+    _, dq_launches, dkdv_launches = _plan_of(parts, q, config)
     # dQ first: its first launch covers every query row once and writes delta = rowsum(dO * O),
     # which the dK/dV launches read.
     delta = torch.empty_like(lse)
     dq = torch.empty_like(q)
-    for idx, launch in enumerate(_launches(parts)):
-        bm, bn, warps, stages = config.resolve(d, launch[-1], "dq")
-        grid, args = _grid_args(launch, n, h, b * h, bm, keys=False)
-        tma, *descriptors = _key_descriptors(k, v, launch, n, bn, _use_tma(config, q, launch))
-        tk._dq_kernel[grid](q, k, v, out, do, dq, lse, delta, *descriptors, *args, scale, scale * LOG2E,
-                            **_modes(launch), ACCUMULATE=idx > 0, WRITE_DELTA=idx == 0, HEAD_DIM=d, BLOCK_M=bm,
-                            BLOCK_N=bn, UPCAST=_interpreting(), TMA=tma, num_warps=warps, num_stages=stages)
-    # Only a summary-only pattern leaves key positions no part writes.
-    first_covers_all = parts[0].mode != tk.SUMMARY
+    for launch in dq_launches:
+        tma, *descriptors = _key_descriptors(k, v, launch)
+        _launcher(tk._dq_kernel)[launch.grid](q, k, v, out, do, dq, lse, delta, *descriptors, *launch.args,
+                                              scale, scale * LOG2E, TMA=tma, **launch.constexprs)
+    first_covers_all = parts[0].mode != tk.SUMMARY  # else dK/dV rows no part writes stay zero
     dk = torch.empty_like(k) if first_covers_all else torch.zeros_like(k)
     dv = torch.empty_like(v) if first_covers_all else torch.zeros_like(v)
-    for idx, part in enumerate(parts):
-        (bm, bn, warps, stages), registers = config.launch(d, part, "dkdv")
-        accumulate = idx > 0 or not first_covers_all
-        grid, args = _grid_args((part,), n, h, b * h, bn, keys=True)
-        tma = _use_tma(config, q, (part,)) and _aligned(q, do) and tma_fits(part, n, bm, keys=False)  # query rows
-        qd, dod = (_descriptor(q, part, bm, False), _descriptor(do, part, bm, False)) if tma else (None, None)
-        tk._dkdv_kernel[grid](q, k, v, do, dk, dv, lse, delta, qd, dod, *args, scale, scale * LOG2E,
-                              MODE=part.mode, DMIN=part.dmin, ACCUMULATE=accumulate, PACKED=part.packed, HEAD_DIM=d,
-                              BLOCK_M=bm, BLOCK_N=bn, UPCAST=_interpreting(), TMA=tma, num_warps=warps,
-                              num_stages=stages, **({"maxnreg": registers} if registers else {}))
+    for launch in dkdv_launches:
+        tma = launch.tma and _aligned(q, do)
+        part = launch.parts[0]
+        qd, dod = (_descriptor(q, part, launch.block, False), _descriptor(do, part, launch.block, False)) if tma \
+            else (None, None)
+        _launcher(tk._dkdv_kernel)[launch.grid](q, k, v, do, dk, dv, lse, delta, qd, dod, *launch.args,
+                                                scale, scale * LOG2E, TMA=tma, **launch.constexprs)
     return dq, dk, dv
 
 
