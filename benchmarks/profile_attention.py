@@ -1,5 +1,7 @@
-"""Where the time of one forward+backward of our Triton kernels goes: CUDA time per kernel launch, or (``--host``) CPU time
-to enqueue one, by function.
+"""Where the time of one forward+backward of our Triton kernels goes, per launch or on the host.
+
+Without ``--host``: CUDA time per kernel launch. With it: the CPU time to enqueue one pass, and
+where it goes by function (cProfile).
 
     python benchmarks/profile_attention.py --pattern fixed --n 16384
     python benchmarks/profile_attention.py --pattern fixed --n 4096 --host

@@ -22,9 +22,8 @@ from triton.runtime.jit import JITFunction
 
 # What a compiled kernel must have for the direct call (Triton 3.x ``CompiledKernel``).
 _COMPILED_API = ("run", "function", "packed_metadata", "launch_metadata")
-
-
 _PLAIN = frozenset((int, float, bool, type(None)))
+_UNSEEN = object()
 
 
 def _arg_key(arg: Any) -> Any:
@@ -45,9 +44,9 @@ def _arg_key(arg: Any) -> Any:
 class Launcher:
     """``launcher[grid](*args, **kwargs)`` runs ``kernel[grid](*args, **kwargs)``, the JIT only on
     the first call of each argument key. Tensors and descriptors go positionally; keywords are
-    constexprs and launch options (``num_warps``...), plain values. Where there is no compiled kernel to call (the CPU
-    interpreter, or a Triton whose compiled kernels lack the launcher API), every call goes
-    through the JIT."""
+    constexprs and launch options (``num_warps``...), plain values. Where there is no compiled
+    kernel to call (the CPU interpreter, or a Triton whose compiled kernels lack the launcher
+    API), every call goes through the JIT."""
 
     def __init__(self, kernel: Any):
         self.kernel = kernel
@@ -64,10 +63,10 @@ class Launcher:
             return
         device = driver.active.get_current_device()  # as the JIT picks its device and stream
         key = (device, tuple(map(_arg_key, args)), tuple(kwargs.items()), tuple(map(type, kwargs.values())))
-        if key not in self._compiled:
+        entry = self._compiled.get(key, _UNSEEN)
+        if entry is _UNSEEN:
             self._compiled[key] = self._first_launch(grid, args, kwargs)
             return
-        entry = self._compiled[key]
         if entry is None:
             self.kernel[grid](*args, **kwargs)
             return

@@ -68,7 +68,6 @@ class Part:
 
 
 KERNELS = ("forward", "dkdv", "dq")
-
 # Strided columns this short (N / stride rows) are packed several to a tile. One column a program
 # left most of each 64-row tile empty: at N = 4,096 and stride 128, 32 rows of 64 (H200, fwd+bwd
 # 1.085 -> 0.910 ms). Longer columns lost or tied when packed: 40 rows 0.971 -> 1.018, 48 rows
@@ -278,8 +277,7 @@ def _pass_plan(parts: tuple[Part, ...], shape: torch.Size, config: KernelConfig,
             out.append(_Launch(launch, grid, args, dict(**_modes(launch), **later, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn,
                                                         UPCAST=upcast, num_warps=warps, num_stages=stages),
                                bn, tma and all(tma_fits(p, n, bn, keys=True) for p in launch)))
-    # Only a summary-only pattern leaves key positions no part writes (see _backward).
-    first_covers_all = parts[0].mode != tk.SUMMARY
+    first_covers_all = _first_covers_all_keys(parts)
     for idx, part in enumerate(parts):
         (bm, bn, warps, stages), registers = config.launch(d, part, "dkdv")
         grid, args = _grid_args((part,), n, h, b * h, bn, keys=True)
@@ -289,6 +287,11 @@ def _pass_plan(parts: tuple[Part, ...], shape: torch.Size, config: KernelConfig,
             **({"maxnreg": registers} if registers else {})),
             bm, _use_tma(config, tma_capable, (part,)) and tma_fits(part, n, bm, keys=False)))  # query rows
     return tuple(forward), tuple(dq), tuple(dkdv)
+
+
+def _first_covers_all_keys(parts: tuple[Part, ...]) -> bool:
+    """Whether the first dK/dV launch writes every key row: all but a summary-only pattern."""
+    return parts[0].mode != tk.SUMMARY
 
 
 def _plan_of(parts: tuple[Part, ...], q: Tensor, config: KernelConfig):
@@ -326,7 +329,7 @@ def _backward(q, k, v, out, lse, do, parts, scale: float, config: KernelConfig):
         tma, *descriptors = _key_descriptors(k, v, launch)
         _launcher(tk._dq_kernel)[launch.grid](q, k, v, out, do, dq, lse, delta, *descriptors, *launch.args,
                                               scale, scale * LOG2E, TMA=tma, **launch.constexprs)
-    first_covers_all = parts[0].mode != tk.SUMMARY  # else dK/dV rows no part writes stay zero
+    first_covers_all = _first_covers_all_keys(parts)  # else dK/dV rows no part writes stay zero
     dk = torch.empty_like(k) if first_covers_all else torch.zeros_like(k)
     dv = torch.empty_like(v) if first_covers_all else torch.zeros_like(v)
     for launch in dkdv_launches:
