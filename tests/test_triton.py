@@ -218,6 +218,24 @@ def test_tma_fits_only_views_a_descriptor_reaches_exactly():
 
 
 @needs_triton
+@pytest.mark.parametrize("pattern,n,registers", [
+    (P.strided(128), 16384, [True, True]),  # row band, then column view: short loops
+    (P.strided(128), 4096, [True, True]),  # packed columns
+    (P.fixed(128, 32), 16384, [False]),  # one launch, its summary part a long loop
+    (P.fixed(128, 32, part="local"), 16384, [True]),
+    (P.dense(), 16384, [False]),
+], ids=str)
+def test_forward_keeps_q_in_registers_for_short_loops_only(pattern, n, registers):
+    """Each forward launch's ``Q_IN_REGISTERS`` (measured: faster for short loops, slower for long)."""
+    from sparse_transformer.attention import triton_kernels as tk
+    from sparse_transformer.attention.triton_sparse import KernelConfig, _pass_plan, plan
+
+    forward, dq, _ = _pass_plan(plan(pattern, n), torch.Size((1, 8, n, 64)), KernelConfig(), True, False, tk)
+    assert [launch.constexprs["Q_IN_REGISTERS"] for launch in forward] == registers
+    assert all("Q_IN_REGISTERS" not in launch.constexprs for launch in dq)
+
+
+@needs_triton
 @needs_interpreter
 @pytest.mark.parametrize("scale", [-0.3, 0.0])
 def test_triton_nonpositive_scale(scale):

@@ -223,6 +223,12 @@ DEFAULT_CONFIG = {
 # 3.14 -> 3.23), and the cap alone, with 64x64 tiles, slower everywhere. D = 128 keeps the above.
 SHORT_DKDV_CONFIG = {16: (32, 64, 4, 2), 32: (32, 64, 4, 2), 64: (32, 64, 4, 2)}
 SHORT_DKDV_MAX_REGISTERS = 168
+# Register operands: Hopper's matmul (wgmma) reads its first operand from shared memory or from
+# registers. Triton keeps a loaded tile in shared memory and a computed one in registers, so the
+# forward of short parts recomputes q (``Q_IN_REGISTERS``): H200, interleaved, strided forward
+# 0.259 -> 0.249 ms at 16,384 and 0.321 -> 0.316 at 65,536. Long loops lost (fixed 16,384 0.827 ->
+# 0.902, dense 2.81 -> 3.17), and so did register operands in the backward kernels (q, dO in dQ;
+# k, v in dK/dV: strided 16,384 backward 0.687 -> 0.766, fixed 2.47 -> 2.80), 2026-12-04.
 
 
 # ----------------------------------------------------------------------------- forward
@@ -257,12 +263,14 @@ def _fwd_part(acc, l_i, m_i, q, Kb, Vb, KD, VD, bh, i_lo, i_hi, offs_m, offs_n, 
 @triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, O_PREV, KD, VD, KD2, VD2, N, H, n_tiles, NCOLS, STEP, W, L, C, DISTINCT, scale2,
                 MODE: tl.constexpr, DMIN: tl.constexpr, MODE2: tl.constexpr, DMIN2: tl.constexpr,
-                TWO_PARTS: tl.constexpr, MERGE: tl.constexpr, PACKED: tl.constexpr, HEAD_DIM: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr):
+                TWO_PARTS: tl.constexpr, MERGE: tl.constexpr, PACKED: tl.constexpr, Q_IN_REGISTERS: tl.constexpr,
+                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+                TMA: tl.constexpr):
     """One part (``MODE``), or with ``TWO_PARTS`` a second one (``MODE2``) over the same query view
     in the same online softmax; with ``MERGE``, continue from an earlier launch's output and lse.
     With ``TMA``, keys and values come through the descriptors ``KD, VD`` (``KD2, VD2``: the second
-    part's) instead of pointers (see ``_load_rows``)."""
+    part's) instead of pointers (see ``_load_rows``). With ``Q_IN_REGISTERS`` the ``QK^T`` matmul reads
+    q from registers, not shared memory (see "register operands" above)."""
     tile, col, bh, lo = _program(n_tiles, NCOLS, H, L, C, DISTINCT, False)
     len_q = _view_length(N, col, STEP, PACKED)
     base = bh.to(tl.int64) * N * HEAD_DIM
@@ -273,6 +281,8 @@ def _fwd_kernel(Q, K, V, O, LSE, O_PREV, KD, VD, KD2, VD2, N, H, n_tiles, NCOLS,
     q_pos = _position(offs_m, col, STEP, W, L, C, lo, False, PACKED)
     q_off = base + q_pos[:, None] * HEAD_DIM + offs_d[None, :]
     q = tl.load(Q + q_off, mask=row_ok[:, None], other=0.0)
+    if Q_IN_REGISTERS:  # a computed q (the load's own mask again) stays in registers for the wgmma
+        q = tl.where(row_ok[:, None], q, 0.0)
     lse_ptr = LSE + bh.to(tl.int64) * N + q_pos
     if MERGE:  # continue the online softmax of an earlier part: m = its lse, l = 1, acc = its output
         m_i = tl.load(lse_ptr, mask=row_ok, other=float("-inf"))

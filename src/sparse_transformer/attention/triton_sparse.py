@@ -272,9 +272,13 @@ def _pass_plan(parts: tuple[Part, ...], shape: torch.Size, config: KernelConfig,
             bm, bn, warps, stages = config.resolve(d, launch[-1], kernel)
             grid, args = _grid_args(launch, n, h, b * h, bm, keys=False)
             # A later launch continues from the earlier ones: the forward from their output and
-            # lse (MERGE), dQ adding to their dQ; the first dQ launch writes delta.
-            later = dict(MERGE=idx > 0) if kernel == "forward" else dict(ACCUMULATE=idx > 0, WRITE_DELTA=idx == 0)
-            out.append(_Launch(launch, grid, args, dict(**_modes(launch), **later, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn,
+            # lse (MERGE), dQ adding to their dQ; the first dQ launch writes delta. The forward of
+            # short parts keeps q in registers (see triton_kernels, "register operands").
+            if kernel == "forward":
+                flags = dict(MERGE=idx > 0, Q_IN_REGISTERS=all(p.short for p in launch))
+            else:
+                flags = dict(ACCUMULATE=idx > 0, WRITE_DELTA=idx == 0)
+            out.append(_Launch(launch, grid, args, dict(**_modes(launch), **flags, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn,
                                                         UPCAST=upcast, num_warps=warps, num_stages=stages),
                                bn, tma and all(tma_fits(p, n, bn, keys=True) for p in launch)))
     first_covers_all = _first_covers_all_keys(parts)
