@@ -42,8 +42,8 @@ class ModelConfig:
     d_model: int = 128              # residual width d
     context: int = 256              # longest sequence the model takes (bytes)
     vocab_size: int = 256           # bytes
-    pattern: str = "fixed"          # "dense" | "strided" | "fixed"
-    stride: int = 16                # l: row length (strided) or block length (fixed)
+    pattern: str = "fixed"          # "dense" | "strided" | "fixed" (sized below), or a spec: "local:256+global_tokens:16"
+    stride: int = 16                # l: row length (strided) or block length (fixed); position tables' row length
     summary: int = 4                # c: summary slots per block (fixed only)
     distinct: int = 1               # fixed: heads cycle through this many different summary sub-blocks
     integration: str = "merged"     # "merged" (one softmax over A1 u A2), "interleaved" (layers), "split" (heads)
@@ -58,12 +58,14 @@ class ModelConfig:
         for name in ("n_layer", "n_head", "d_model", "context", "vocab_size", "stride", "summary",
                      "distinct", "interleave_ratio"):
             _check_count(f"model.{name}", getattr(self, name), 1)
-        if self.pattern not in PATTERNS:
-            raise ValueError(f"model.pattern must be one of {PATTERNS}, got {self.pattern!r}")
+        if not isinstance(self.pattern, str):
+            raise ValueError(f"model.pattern must be a string ({PATTERNS} or a spec), got {self.pattern!r}")
+        pieces = len(self.pattern_pieces())  # a bad name, spec or size fails here
         if self.integration not in INTEGRATIONS:
             raise ValueError(f"model.integration must be one of {INTEGRATIONS}, got {self.integration!r}")
-        if self.integration == "split" and self.pattern != "dense" and self.n_head < 2:
-            raise ValueError(f"model.integration='split' needs n_head >= 2 (half A1, half A2), got {self.n_head}")
+        if self.integration == "split" and self.n_head < pieces:
+            raise ValueError(f"model.integration='split' needs n_head >= {pieces} (one group of heads per part of "
+                             f"{self.pattern!r}), got {self.n_head}")
         qk = self.d_model // 2 if self.half_qk else self.d_model
         if self.d_model % self.n_head or qk % self.n_head:
             raise ValueError(f"model.d_model ({self.d_model}) and the query/key width ({qk}) must be "
@@ -78,6 +80,19 @@ class ModelConfig:
             if not self.position_axes or min(self.position_axes) < 1 or math.prod(self.position_axes) < self.context:
                 raise ValueError(f"model.position_axes must be positive sizes whose product covers context "
                                  f"{self.context}, got {self.position_axes}")
+
+    def attention_pattern(self):
+        """The pattern of ``pattern`` (a name sized by ``stride``/``summary``/``distinct``, or a spec)."""
+        from .patterns import by_name
+        try:
+            return by_name(self.pattern, self.stride, self.summary, self.distinct)
+        except ValueError as err:
+            raise ValueError(f"model.pattern: {err}") from None
+
+    def pattern_pieces(self) -> tuple:
+        """The one-part patterns interleaved layers and split heads use (one for dense or a part)."""
+        from .patterns import parts
+        return parts(self.attention_pattern())
 
     @property
     def axes(self) -> tuple[int, ...]:

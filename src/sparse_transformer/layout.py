@@ -1,44 +1,70 @@
 """What a pattern costs: keys per query and density, exactly, for any sequence length.
 
-Built-in patterns have closed forms (O(n) memory, so n = 1M is instant); custom patterns are
-counted by evaluating their mask function in query chunks. Tests check every closed form
-against ``pattern.mask(n).sum(-1)``.
+- one part, and the paper's two unions: closed forms (``pattern.pairs``, Python ints, O(1) memory);
+- a union of parts: exact at any length from the parts' ``structure()``. Past ``i0 = prefix + reach``
+  the keys of query ``i + P`` (``P`` the lcm of the parts' periods) are those of query ``i`` plus a
+  number that depends on ``i % P`` only, so counting the first ``i0 + 2P`` queries (from the mask
+  function) gives every later one as an arithmetic series; memory O(i0 + P), never O(n);
+- a custom pattern: its mask function, evaluated in query chunks (O(n^2) work; n bounded).
+
+Tests check every count against ``pattern.mask(n).sum(-1)``.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from .patterns import Dense, Fixed, Pattern, Strided
+from .patterns import MAX_LENGTH, Pattern
+from .patterns.base import check_int
+
+EXACT_WINDOW = 16_384
+"""The most queries counted from the mask function (their keys alone: O(window^2) work)."""
+
+
+def _counts(pattern: Pattern, start: int, stop: int, head: int, chunk: int = 512) -> Tensor:
+    """Keys per query for queries ``[start, stop)``, from the mask function, LongTensor."""
+    zero = torch.zeros((), dtype=torch.long)
+    counts = []
+    for lo in range(start, stop, chunk):
+        q = torch.arange(lo, min(lo + chunk, stop))[:, None]
+        keys = torch.arange(int(q[-1]) + 1)[None, :]
+        counts.append(pattern.mask_mod(zero, zero + head, q, keys).expand(q.shape[0], keys.shape[1]).sum(-1))
+    return torch.cat(counts) if counts else torch.zeros(0, dtype=torch.long)
 
 
 def keys_per_query(pattern: Pattern, n: int, head: int = 0, chunk: int = 1024) -> Tensor:
-    """Number of admissible keys for each query position, LongTensor ``[n]``."""
-    i = torch.arange(n)
-    if isinstance(pattern, Dense):
-        return i + 1
-    if isinstance(pattern, Strided):
-        row = torch.clamp(i + 1, max=pattern.stride)
-        column = i // pattern.stride + 1
-        # The two parts share exactly one key, j = i.
-        return {"row": row, "column": column, None: row + column - 1}[pattern.part]
-    if isinstance(pattern, Fixed):
-        lo, hi = pattern.summary_range(head)
-        block, offset = i // pattern.stride, i % pattern.stride
-        local = offset + 1
-        earlier_summary = block * (hi - lo)
-        own_summary = torch.clamp(offset + 1 - lo, min=0, max=hi - lo)  # summary slots <= i in i's block
-        return {"local": local, "summary": earlier_summary + own_summary, None: local + earlier_summary}[pattern.part]
-    counts = []
-    for start in range(0, n, chunk):
-        q = torch.arange(start, min(start + chunk, n))[:, None]
-        zero = torch.zeros((), dtype=torch.long)
-        m = pattern.mask_mod(zero, zero + head, q, i[None, :])
-        counts.append(m.expand(q.shape[0], n).sum(-1))
-    return torch.cat(counts) if counts else torch.zeros(0, dtype=torch.long)
+    """Number of admissible keys for each query position, LongTensor ``[n]`` (O(n) memory)."""
+    check_int("n", n, 0, MAX_LENGTH)
+    closed = pattern.count(torch.arange(n), head)
+    if closed is not None:
+        return closed
+    if not pattern.parts:  # custom
+        return _counts(pattern, 0, n, head, chunk)
+    return _union_counts(pattern, n, head)
+
+
+def _union_counts(pattern: Pattern, n: int, head: int) -> Tensor:
+    i0, period = _settle(pattern)
+    if n <= i0 + 2 * period:
+        return _counts(pattern, 0, n, head)
+    base = _counts(pattern, 0, i0 + period, head)
+    step = _counts(pattern, i0 + period, i0 + 2 * period, head) - base[i0:]  # per residue
+    i = torch.arange(i0, n)
+    k = (i - i0) // period
+    return torch.cat([base[:i0], base[i0 + (i - i0) % period] + k * step[(i - i0) % period]])
+
+
+def _settle(pattern: Pattern) -> tuple[int, int]:
+    """``(i0, P)`` of the module docstring for a union of parts."""
+    period, reach, prefix = 1, 0, 0
+    for part in pattern.parts:
+        p, r, g = part.structure()
+        period, reach, prefix = math.lcm(period, p), max(reach, r), max(prefix, g)
+    return prefix + reach, period
 
 
 @dataclass(frozen=True)
@@ -62,10 +88,43 @@ class Cost:
 
 
 def cost(pattern: Pattern, n: int, head: int = 0) -> Cost:
-    """Exact keys-per-query statistics and density of ``pattern`` at length ``n``."""
-    k = keys_per_query(pattern, n, head)
-    return Cost(n=n, pairs=int(k.sum()), mean_keys_per_query=int(k.sum()) / n if n else 0.0,
-                max_keys_per_query=int(k.max()) if n else 0)
+    """Exact keys-per-query statistics and density of ``pattern`` at length ``n`` (up to
+    :data:`~sparse_transformer.patterns.MAX_LENGTH` for built-in patterns), without O(n) memory."""
+    check_int("n", n, 0, MAX_LENGTH)
+    check_int("head", head, 0)
+    if n == 0:
+        return Cost(0, 0, 0.0, 0)
+    if pattern.pairs(n, head) is not None:
+        pairs, most = pattern.pairs(n, head), pattern.max_keys(n, head)
+    elif not pattern.parts:
+        if n > EXACT_WINDOW:
+            raise ValueError(f"the cost of custom pattern {pattern.name!r} is counted from its mask function, "
+                             f"O(n^2): n must be <= {EXACT_WINDOW:,}, got {n:,}")
+        counts = _counts(pattern, 0, n, head)
+        pairs, most = int(counts.sum()), int(counts.max())
+    else:
+        pairs, most = _union_cost(pattern, n, head)
+    return Cost(n=n, pairs=pairs, mean_keys_per_query=pairs / n, max_keys_per_query=most)
+
+
+def _union_cost(pattern: Pattern, n: int, head: int) -> tuple[int, int]:
+    i0, period = _settle(pattern)
+    if i0 + 2 * period > EXACT_WINDOW and n > EXACT_WINDOW:
+        raise ValueError(f"the exact cost of {pattern.name} at n > {EXACT_WINDOW:,} needs its first "
+                         f"{i0 + 2 * period:,} queries counted (the lcm of its parts' periods plus their reach), "
+                         f"more than {EXACT_WINDOW:,}; got n = {n:,}")
+    if n <= i0 + 2 * period:
+        counts = _counts(pattern, 0, n, head)
+        return int(counts.sum()), int(counts.max())
+    base = _counts(pattern, 0, i0 + period, head)
+    step = (_counts(pattern, i0 + period, i0 + 2 * period, head) - base[i0:]).tolist()
+    first = base[i0:].tolist()
+    pairs, most = int(base[:i0].sum()), int(base[:i0].max()) if i0 else 0
+    for r in range(period):  # queries i0 + r + k * period, k = 0 .. terms - 1
+        terms = (n - i0 - r + period - 1) // period
+        pairs += terms * first[r] + step[r] * terms * (terms - 1) // 2
+        most = max(most, first[r] + step[r] * (terms - 1))
+    return pairs, most
 
 
 def block_layout(pattern: Pattern, n: int, block: int, head: int = 0) -> Tensor:

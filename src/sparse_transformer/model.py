@@ -22,24 +22,24 @@ from torch import Tensor
 
 from .attention import sparse_attention
 from .config import ModelConfig
-from .patterns import Pattern, by_name, parts
+from .patterns import Pattern
 
 def layer_patterns(config: ModelConfig, custom: Optional[Pattern] = None) -> list[tuple[Pattern, ...]]:
-    """Per layer, the patterns its heads use: one pattern for all heads, or two for split heads.
+    """Per layer, the patterns its heads use: one pattern for all heads, or one per group of heads.
 
-    merged: the union A1 u A2 under one softmax; interleaved: ``interleave_ratio`` layers of A1
-    then one of A2; split: the first half of the heads use A1, the rest A2. ``custom`` (a Pattern
-    object) replaces the built-in pattern in every layer, merged.
+    With parts A1, A2, ... of the pattern (the paper's two for strided and fixed): merged: their
+    union under one softmax; interleaved: ``interleave_ratio`` layers of A1, then one layer of each
+    other part, repeated; split: the heads in as many even groups as parts, in order. ``custom`` (a
+    Pattern object) replaces the configured pattern in every layer, merged.
     """
     if custom is not None:
         return [(custom,)] * config.n_layer
-    pattern = by_name(config.pattern, config.stride, config.summary, config.distinct)
-    pieces = parts(pattern)
+    pattern, pieces = config.attention_pattern(), config.pattern_pieces()
     if config.integration == "merged" or len(pieces) == 1:
         return [(pattern,)] * config.n_layer
     if config.integration == "interleaved":
-        period = config.interleave_ratio + 1
-        return [(pieces[1] if i % period == config.interleave_ratio else pieces[0],) for i in range(config.n_layer)]
+        cycle = [pieces[0]] * config.interleave_ratio + list(pieces[1:])
+        return [(cycle[i % len(cycle)],) for i in range(config.n_layer)]
     return [pieces] * config.n_layer  # split heads
 
 

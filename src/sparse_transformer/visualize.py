@@ -39,13 +39,22 @@ def grid_view(pattern: Pattern, n: int, width: int, query: int, head: int = 0) -
     return grid.reshape(rows, width)
 
 
+def natural_width(pattern: Pattern, n: int) -> int:
+    """Row length of the 2-D view: the paper patterns' stride, else the longest period or window of
+    the parts, else about sqrt(n)."""
+    if getattr(pattern, "stride", None):
+        return pattern.stride
+    longest = max((max(p.structure()[:2]) for p in pattern.parts), default=1)
+    return longest if longest > 1 else max(1, int(round(n ** 0.5)))
+
+
 def draw(pattern: Pattern, n: int, out: str | Path, heads: Sequence[int] = (0,), width: int | None = None,
          query: int | None = None) -> Path:
     """Draw the connectivity matrix and the 2-D view for each head into ``out`` (PNG)."""
     if n > MAX_DRAW:
         raise ValueError(f"drawing evaluates the mask at all n^2 pairs: n must be <= {MAX_DRAW:,} to draw, got "
                          f"{n:,} (keys per query and density are computed for any n)")
-    width = min(width or getattr(pattern, "stride", None) or max(1, int(round(n ** 0.5))), n)  # stride > n: one row
+    width = min(width or natural_width(pattern, n), n)  # stride > n: one row
     query = n - 1 - width // 2 if query is None else query
     if not 0 <= query < n:
         raise ValueError(f"query must be in [0, {n - 1}], got {query}")

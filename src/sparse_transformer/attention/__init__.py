@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ..patterns import Pattern
+from ..patterns.base import has_form
 from .portable import portable_attention
 from .reference import reference_attention
 
@@ -41,14 +42,26 @@ def _always(q: Tensor, pattern: Pattern) -> bool:
     return True
 
 
+def _has_form(pattern: Pattern, form: str) -> bool:
+    """Built-in parts that all define ``form`` (a custom pattern has no parts)."""
+    return bool(pattern.parts) and all(has_form(p, form) for p in pattern.parts)
+
+
+def _portable_supports(q: Tensor, pattern: Pattern) -> bool:
+    return not pattern.parts or _has_form(pattern, "portable")
+
+
 def _load_triton() -> AttentionFn:
     from .triton_sparse import triton_attention
     return triton_attention
 
 
 def _triton_supports(q: Tensor, pattern: Pattern) -> bool:
-    """Built-in patterns, fp16/bf16, D in 16/32/64/128, on CUDA; on CPU only under TRITON_INTERPRET=1."""
-    if pattern.kind == "custom" or q.dtype not in (torch.float16, torch.bfloat16):
+    """Patterns whose parts all have a kernel form, fp16/bf16, D in 16/32/64/128, N * D < 2^31 (the
+    kernels' int32 offsets), on CUDA; on CPU only under TRITON_INTERPRET=1."""
+    if not _has_form(pattern, "kernel") or q.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if q.shape[-2] * q.shape[-1] >= 2 ** 31:
         return False
     if q.shape[-1] not in (16, 32, 64, 128) or importlib.util.find_spec("triton") is None:
         return False
@@ -75,18 +88,19 @@ def _flex_supports(q: Tensor, pattern: Pattern) -> bool:
 BACKENDS: dict[str, Backend] = {
     "reference": Backend("reference", lambda: reference_attention, _always,
                          "dense mask in float64; the oracle, O(N^2)"),
-    "torch": Backend("torch", lambda: portable_attention, _always,
+    "torch": Backend("torch", lambda: portable_attention, _portable_supports,
                      "portable PyTorch, O(N x keys per query) memory, CPU and GPU"),
     "triton": Backend("triton", _load_triton, _triton_supports,
-                      "Triton block-sparse kernels, fwd+bwd; dense/strided/fixed, fp16/bf16, CUDA",
+                      "Triton kernels, fwd+bwd, each part on its structure; fp16/bf16, CUDA",
                       auto_supports=lambda q, p: q.is_cuda and _triton_supports(q, p)),
     "flex": Backend("flex", _load_flex, _flex_supports,
                     "FlexAttention with a cached BlockMask from pattern.mask_mod; any pattern, CUDA"),
 }
 
 # Preference order for backend="auto"; the first that supports the inputs wins: triton on CUDA
-# for the built-in patterns in fp16/bf16 (D in 16..128), flex for custom patterns and for what
-# triton cannot take (fp32, other D) on CUDA, torch otherwise.
+# when every part of the pattern has a kernel form, in fp16/bf16 (D in 16..128), flex for custom
+# patterns and for what triton cannot take (fp32, other D, a part without a kernel) on CUDA, torch
+# otherwise.
 AUTO_ORDER = ("triton", "flex", "torch")
 
 
@@ -145,7 +159,8 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, scale: O
     Args:
         q, k, v: ``[B, H, N, D]`` tensors of one float dtype and device. Head ``h`` uses
             ``pattern.mask(N, head=h)``.
-        pattern: from :mod:`sparse_transformer.patterns` (dense, strided, fixed, custom).
+        pattern: from :mod:`sparse_transformer.patterns`: a part, a union of parts (strided and
+            fixed are two), or a custom pattern.
         scale: score scale, default ``1/sqrt(D)`` (PAPER.md, "The model").
         backend: ``"auto"`` (fastest available), or one of :data:`BACKENDS`.
 

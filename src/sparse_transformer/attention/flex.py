@@ -2,20 +2,25 @@
 
 The general GPU path for custom patterns: any ``mask_mod`` works, and only the key blocks the
 mask touches are computed. Block masks are cached per (pattern, N, heads, device); patterns are
-frozen dataclasses (custom ones compare by identity), so the cache key is exact. For the built-in
-strided and fixed patterns the triton backend is faster: their mask touches almost every key
-block (issue 4's measurements), which a block mask cannot avoid.
+hashable (custom ones compare by identity), so the cache key is exact. For built-in patterns the
+triton backend is faster: a block mask computes whole 128 x 128 tiles wherever one pair is
+admitted, and a strided column or a summary touches almost every key block.
+
+:func:`flex_part` and :func:`flex_gathered` run one part of a union on the part's own structure
+(the benchmark's decomposed Flex forms, ``Part.flex``).
 """
 
 from __future__ import annotations
 
 import functools
 import warnings
+from typing import Optional
 
 import torch
 from torch import Tensor
 
-from ..patterns import Pattern
+from ..patterns import Part, Pattern
+from ..patterns.base import covered
 
 BLOCK_SIZE = 128  # FlexAttention's default tile; masks shorter than this use one partial block
 
@@ -48,14 +53,81 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
-def flex_attention(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, scale: float) -> Tensor:
-    """Sparse attention through FlexAttention. q, k, v: ``[B, H, N, D]``; compiled on CUDA, eager
-    (a slow, unfused reference implementation) elsewhere."""
+def _flex(q: Tensor, k: Tensor, v: Tensor, mask, scale: float, lse: bool = False):
+    """flex_attention: compiled on CUDA, eager (a slow, unfused reference implementation) elsewhere;
+    with ``lse``, returns ``(out, natural-log lse)``."""
     from torch.nn.attention import flex_attention as flex_module
 
-    mask = block_mask(pattern, q.shape[2], q.shape[1], str(q.device))
-    if q.is_cuda:
-        return _compiled_flex()(q, k, v, block_mask=mask, scale=scale)
+    kwargs = dict(block_mask=mask, scale=scale)
+    if lse:
+        kwargs["return_aux"] = flex_module.AuxRequest(lse=True)
+    fn = _compiled_flex() if q.is_cuda else flex_module.flex_attention
     with warnings.catch_warnings():  # eager flex warns that it is unfused; on CPU that is the point
         warnings.simplefilter("ignore", UserWarning)
-        return flex_module.flex_attention(q, k, v, block_mask=mask, scale=scale)
+        result = fn(q, k, v, **kwargs)
+    return (result[0], result[1].lse) if lse else result
+
+
+def flex_attention(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, scale: float) -> Tensor:
+    """Sparse attention through FlexAttention. q, k, v: ``[B, H, N, D]``."""
+    return _flex(q, k, v, block_mask(pattern, q.shape[2], q.shape[1], str(q.device)), scale)
+
+
+@functools.lru_cache(maxsize=64)
+def _part_mask(part: Part, earlier: tuple[Part, ...], batch: int, heads: int, n: int,
+               columns: Optional[tuple[int, int]], device: str):
+    """Block mask of ``part`` minus ``earlier`` over the sequence, or over its column view when
+    ``columns = (step, real heads)`` (batch index = batch x head, head index = column)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        head, i, j = (h, q_idx, kv_idx) if columns is None else (b % columns[1], h + q_idx * columns[0],
+                                                                  h + kv_idx * columns[0])
+        mine = part.mask_mod(b * 0, head, i, j)
+        hit = covered(earlier, head, i, j)
+        return mine if hit is None else mine & ~hit
+
+    per_head = part.heads_differ() or any(p.heads_differ() for p in earlier)
+    if columns is None:
+        b, h = None, (heads if per_head else None)
+    else:  # the view's heads are its columns, whose positions differ; its batch holds the real heads
+        b, h = (batch if per_head else None), heads
+    return create_block_mask(mask_mod, b, h, n, n, device=device, BLOCK_SIZE=BLOCK_SIZE)
+
+
+def flex_part(q: Tensor, k: Tensor, v: Tensor, scale: float, part: Part, earlier: tuple[Part, ...],
+              columns: Optional[tuple[int, int]] = None) -> tuple[Tensor, Tensor]:
+    """``part``'s keys minus ``earlier``'s, ``(out, lse)``, with q, k, v ``[B, H, N, D]`` the sequence
+    or (``columns``) its column view ``[B * heads, step, N / step, D]``."""
+    mask = _part_mask(part, earlier, q.shape[0], q.shape[1], q.shape[2], columns, str(q.device))
+    return _flex(q, k, v, mask, scale, lse=True)
+
+
+@functools.lru_cache(maxsize=64)
+def _gathered(part: Part, earlier: tuple[Part, ...], heads: int, n: int, device: str):
+    """``(positions [H, G], block mask)``: each head's key positions (``part.slots``), padded."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    rows = [part.slots(h, n).positions for h in range(heads)]
+    width = max(1, max(len(r) for r in rows))
+    positions = torch.full((heads, width), n, dtype=torch.long)  # padding: position n, never admitted
+    for h, r in enumerate(rows):
+        positions[h, :len(r)] = r
+    positions = positions.to(device)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        j = positions[h, kv_idx]
+        hit = covered(earlier, h, q_idx, j)
+        mine = (j <= q_idx) & part.allowed(b, h, q_idx, j)
+        return mine if hit is None else mine & ~hit
+
+    return positions, create_block_mask(mask_mod, None, heads, n, width, device=device, BLOCK_SIZE=BLOCK_SIZE)
+
+
+def flex_gathered(q: Tensor, k: Tensor, v: Tensor, scale: float, part: Part,
+                  earlier: tuple[Part, ...]) -> tuple[Tensor, Tensor]:
+    """``part``'s keys gathered into one buffer per head (its cache slots' fixed positions), minus
+    ``earlier``'s, through one flex call; ``(out, lse)``. The gather is part of the call."""
+    positions, mask = _gathered(part, earlier, q.shape[1], q.shape[2], str(q.device))
+    index = positions.clamp(max=q.shape[2] - 1)[None, :, :, None].expand(q.shape[0], -1, -1, q.shape[-1])
+    return _flex(q, k.gather(2, index), v.gather(2, index), mask, scale, lse=True)

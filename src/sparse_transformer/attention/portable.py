@@ -1,16 +1,15 @@
 """Portable PyTorch backend: O(N x keys-per-query) memory, autograd, CPU and GPU, any float dtype.
 
-Each part of a factorized pattern is turned into small dense problems (PAPER.md, "Efficiency"):
+Each part of a pattern turns itself into small dense problems (``Part.portable``, in the part's
+module): a band (local), the transposed ``[N/stride, stride]`` view (column), block-diagonal
+attention (block), gathered keys (summary, global tokens). Part ``p`` of a union leaves out the
+keys of the parts before it, so the parts cover disjoint key sets; their outputs combine exactly
+by their log-sum-exps (:func:`merge`), which equals one softmax over the union. Scores and softmax
+statistics are fp32. Custom patterns run query chunk by query chunk over the key blocks their mask
+touches, each chunk recomputed in the backward pass, so memory stays O(N x chunk).
 
-- strided row:     a band; each block of ``stride`` queries sees its own and the previous block
-- strided column:  causal attention along the columns of the [N/stride, stride] view (a transpose)
-- fixed local:     block-diagonal causal attention
-- fixed summary:   attention over the summary keys gathered into one contiguous buffer
-
-A merged pattern computes both parts on disjoint key sets and combines them exactly by their
-log-sum-exps, which equals one softmax over the union. Scores and softmax statistics are fp32.
-Custom patterns run query chunk by query chunk over the key blocks their mask touches, each chunk
-recomputed in the backward pass, so memory stays O(N x chunk).
+This module holds what every part's form shares: :func:`attend` (masked softmax attention with
+its log-sum-exp), :func:`merge`, and the head-group and padding helpers.
 """
 
 from __future__ import annotations
@@ -20,9 +19,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from ..patterns import Dense, Fixed, Pattern, Strided
+from ..patterns import Part, Pattern
 
-# Query rows per step of the gathered-summary and custom paths: bounds temporaries to chunk x N.
+# Query rows per step of the custom path: bounds temporaries to chunk x N.
 QUERY_CHUNK = 1024
 
 
@@ -67,99 +66,30 @@ def merge(parts: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
     return out, lse
 
 
-def _pad_to(x: Tensor, length: int) -> Tensor:
+def pad_to(x: Tensor, length: int) -> Tensor:
     """Zero-pad dim -2 (the sequence) of ``[B, H, N, D]`` up to ``length``."""
     return F.pad(x, (0, 0, 0, length - x.shape[-2]))
 
 
-def band(q: Tensor, k: Tensor, v: Tensor, width: int, scale: float) -> tuple[Tensor, Tensor]:
-    """Keys ``0 <= i - j < width`` (strided row). Each block of ``w`` queries sees two key blocks."""
-    n = q.shape[-2]
-    w = min(width, n)
-    blocks = -(-n // w)
-    shape = (*q.shape[:2], blocks, w, q.shape[-1])
-    qb, kb, vb = (_pad_to(x, blocks * w).view(shape) for x in (q, k, v))  # (B, H, R, w, D)
-
-    def with_previous(x: Tensor) -> Tensor:  # (B, H, R, 2w, D): previous block, then own block
-        return torch.cat([F.pad(x, (0, 0, 0, 0, 1, 0))[:, :, :-1], x], dim=3)
-
-    a = torch.arange(w, device=q.device)[:, None]
-    t = torch.arange(2 * w, device=q.device)[None, :]
-    diff = w + a - t  # i - j for query slot a and key slot t
-    allowed = ((diff >= 0) & (diff < width)).expand(blocks, w, 2 * w).clone()
-    allowed[0, :, :w] = False  # block 0 has no previous block
-    out, lse = attend(qb, with_previous(kb), with_previous(vb), allowed, scale)
-    return out.flatten(2, 3)[:, :, :n], lse.flatten(2, 3)[:, :, :n]
-
-
-def column(q: Tensor, k: Tensor, v: Tensor, stride: int, scale: float, exclusive: bool) -> tuple[Tensor, Tensor]:
-    """Keys ``(i - j) % stride == 0``: row attention on the transposed [N/stride, stride] view.
-    ``exclusive`` drops ``j = i`` (the row part already has it)."""
-    n = q.shape[-2]
-    s = min(stride, n)  # with stride >= n only j = i remains, as with stride = n
-    rows = -(-n // s)
-
-    def transposed(x: Tensor) -> Tensor:  # (B, H, s, rows, D)
-        return _pad_to(x, rows * s).view(*x.shape[:2], rows, s, x.shape[-1]).transpose(2, 3)
-
-    r = torch.arange(rows, device=q.device)
-    allowed = (r[None, :] < r[:, None]) if exclusive else (r[None, :] <= r[:, None])
-    out, lse = attend(transposed(q), transposed(k), transposed(v), allowed, scale)
-    out = out.transpose(2, 3).flatten(2, 3)[:, :, :n]
-    lse = lse.transpose(2, 3).flatten(2, 3)[:, :, :n]
-    return out, lse
-
-
-def block_diagonal(q: Tensor, k: Tensor, v: Tensor, block: int, scale: float) -> tuple[Tensor, Tensor]:
-    """Keys in the query's own block, ``i // block == j // block`` (fixed local)."""
-    n = q.shape[-2]
-    w = min(block, n)
-    blocks = -(-n // w)
-    shape = (*q.shape[:2], blocks, w, q.shape[-1])
-    qb, kb, vb = (_pad_to(x, blocks * w).view(shape) for x in (q, k, v))
-    causal = torch.ones(w, w, dtype=torch.bool, device=q.device).tril()
-    out, lse = attend(qb, kb, vb, causal, scale)
-    return out.flatten(2, 3)[:, :, :n], lse.flatten(2, 3)[:, :, :n]
-
-
-def summary_positions(n: int, stride: int, lo: int, hi: int, device=None) -> Tensor:
-    """Sorted positions ``j < n`` with ``j % stride`` in ``[lo, hi)``."""
-    starts = torch.arange(0, n, stride, device=device)[:, None]
-    pos = (starts + torch.arange(lo, hi, device=device)[None, :]).flatten()
-    return pos[pos < n]
-
-
-def gathered(q: Tensor, k: Tensor, v: Tensor, pattern: Fixed, head: int, scale: float,
-             exclusive: bool) -> tuple[Tensor, Tensor]:
-    """Summary keys of one head group gathered into a contiguous buffer. ``exclusive`` keeps only
-    keys in earlier blocks (the local part has the query's own block)."""
-    n = q.shape[-2]
-    lo, hi = pattern.summary_range(head)
-    pos = summary_positions(n, pattern.stride, lo, hi, q.device)
-    ks, vs = k[:, :, pos], v[:, :, pos]
-    chunk = max(pattern.stride, QUERY_CHUNK // pattern.stride * pattern.stride)
-    outs, lses = [], []
-    for start in range(0, n, chunk):
-        i = torch.arange(start, min(start + chunk, n), device=q.device)[:, None]
-        limit = (i // pattern.stride) * pattern.stride if exclusive else i + 1  # keys j < limit
-        used = int(torch.searchsorted(pos, limit.max()).item()) if len(pos) else 0
-        allowed = pos[None, :used] < limit
-        out, lse = attend(q[:, :, start:start + chunk], ks[:, :, :used], vs[:, :, :used], allowed, scale)
-        outs.append(out)
-        lses.append(lse)
-    return torch.cat(outs, 2), torch.cat(lses, 2)
+def heads_of(q: Tensor, earlier: tuple[Part, ...]):
+    """Head indices to evaluate ``earlier`` parts with, shaped ``[H, 1, 1, 1]`` to broadcast
+    against a part's ``[R, M, K]`` masks (0 when no earlier part depends on the head)."""
+    if not any(p.heads_differ() for p in earlier):
+        return 0
+    return torch.arange(q.shape[1], device=q.device)[:, None, None, None]
 
 
 def by_head_group(q: Tensor, k: Tensor, v: Tensor, groups: int, fn) -> tuple[Tensor, Tensor]:
-    """Run ``fn(q, k, v, u)`` on the heads ``h`` with ``h % groups == u`` and put them back in order."""
-    heads = q.shape[1]
+    """Run ``fn(q, k, v, heads)`` on the heads ``heads = [u, u + groups, ...]`` for each ``u`` and
+    put them back in order."""
+    count = q.shape[1]
     if groups == 1:
-        return fn(q, k, v, 0)
+        return fn(q, k, v, torch.arange(count, device=q.device))
     order, results = [], []
-    for u in range(min(groups, heads)):
-        idx = torch.arange(u, heads, groups, device=q.device)
+    for u in range(min(groups, count)):
+        idx = torch.arange(u, count, groups, device=q.device)
         order.append(idx)
-        results.append(fn(q[:, idx], k[:, idx], v[:, idx], u))
+        results.append(fn(q[:, idx], k[:, idx], v[:, idx], idx))
     inverse = torch.argsort(torch.cat(order))
     out = torch.cat([o for o, _ in results], 1)[:, inverse]
     lse = torch.cat([s for _, s in results], 1)[:, inverse]
@@ -194,25 +124,9 @@ def chunked_masked(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, scale: flo
 
 def portable_attention(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, scale: float) -> Tensor:
     """Sparse attention in pure PyTorch; see the module docstring. q, k, v: ``[B, H, N, D]``."""
-    if isinstance(pattern, Dense):
-        # Dense causal is already memory-efficient in PyTorch (flash / chunked kernels).
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-    if isinstance(pattern, Strided):
-        parts = []
-        if pattern.part in (None, "row"):
-            parts.append(band(q, k, v, pattern.stride, scale))
-        if pattern.part in (None, "column"):
-            parts.append(column(q, k, v, pattern.stride, scale, exclusive=pattern.part is None))
-        out, _ = merge(parts)
-    elif isinstance(pattern, Fixed):
-        parts = []
-        if pattern.part in (None, "local"):
-            parts.append(block_diagonal(q, k, v, pattern.stride, scale))
-        if pattern.part in (None, "summary"):
-            parts.append(by_head_group(
-                q, k, v, pattern.distinct,
-                lambda qg, kg, vg, u: gathered(qg, kg, vg, pattern, u, scale, exclusive=pattern.part is None)))
-        out, _ = merge(parts)
-    else:
-        out = chunked_masked(q, k, v, pattern, scale)
+    parts = pattern.parts
+    if not parts:  # a custom pattern
+        return chunked_masked(q, k, v, pattern, scale).to(q.dtype)
+    results = [part.portable(q, k, v, scale, parts[:index]) for index, part in enumerate(parts)]
+    out, _ = merge(results) if len(results) > 1 else results[0]
     return out.to(q.dtype)

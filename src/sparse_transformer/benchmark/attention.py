@@ -2,7 +2,8 @@
 
 Forward, backward and forward+backward median milliseconds (``triton.testing.do_bench``), achieved
 TFLOP/s on the pattern's real work (admissible pairs from ``layout.cost``: 4 D FLOPs per pair
-forward, 10 D backward), and peak GPU memory. ``B = tokens // N`` (at least 1). Writes
+forward, 10 D backward), and peak GPU memory. ``B = tokens // N`` (at least 1). Flex is timed in
+every form of ``flex_forms``: as-is, per part (summed: "decomposed") and concatenated. Writes
 ``<out>/<gpu-name>.json`` and ``.md``. Run: ``sparse-transformer bench attention`` or
 ``python benchmarks/attention.py``.
 """
@@ -25,8 +26,9 @@ from ..attention.triton_sparse import KernelConfig
 from ..layout import cost
 from . import flex_forms
 
-# The patterns every kernel benchmark times (issue 4's settings): name -> pattern.
+# The patterns the kernel benchmarks time, name -> pattern: issue 4's settings, then issue 27's unions.
 PATTERNS = {"strided": P.strided(128), "fixed": P.fixed(128, 32), "dense": P.dense()}
+DEFAULT_PATTERNS = ("strided", "fixed")
 
 
 @dataclass
@@ -112,7 +114,7 @@ def run(ns, tokens=65536, heads=8, head_dim=64, dtype=torch.bfloat16, pattern_na
                                 n, batch, dense_pairs, heads, head_dim, grad, inputs))
             log(rows[-1])
         for name in pattern_names:
-            pattern = PATTERNS[name]
+            pattern = PATTERNS[name] if name in PATTERNS else P.parse(name)
             pairs = cost(pattern, n).pairs
             for i, config in enumerate(configs):
                 method = "triton" if len(configs) == 1 else f"triton_cfg{i}"
@@ -123,30 +125,42 @@ def run(ns, tokens=65536, heads=8, head_dim=64, dtype=torch.bfloat16, pattern_na
                 log(rows[-1])
             if n > baseline_max_n:
                 continue
-            rows.append(measure(pattern.name, "flex_as_is",
-                                lambda: sparse_attention(q, k, v, pattern, scale, backend="flex"),
-                                n, batch, pairs, heads, head_dim, grad, inputs))
-            log(rows[-1])
-            if name == "strided":
-                parts = []
-                for part, fn in (("window", flex_forms.strided_window), ("column", flex_forms.strided_column)):
-                    part_pairs = cost(P.strided(128, "row" if part == "window" else "column"), n).pairs
-                    parts.append(measure(pattern.name, f"flex_{part}_part", lambda fn=fn: fn(q, k, v, pattern, scale),
-                                         n, batch, part_pairs, heads, head_dim, grad, inputs))
-                    log(parts[-1])
-                rows += parts
-                if all(r.fwdbwd_ms is not None for r in parts):
-                    rows.append(Row(pattern.name, n, batch, "flex_decomposed", sum(r.fwd_ms for r in parts),
-                                    sum(r.bwd_ms for r in parts), sum(r.fwdbwd_ms for r in parts),
-                                    14 * head_dim * pairs * heads * batch / (sum(r.fwdbwd_ms for r in parts) * 1e9),
-                                    max(r.peak_gib for r in parts), "window + column parts, merge not counted"))
-            else:
-                rows.append(measure(pattern.name, "flex_decomposed", lambda: flex_forms.fixed_gathered(
-                    q, k, v, pattern, scale), n, batch, pairs, heads, head_dim, grad, inputs,
-                    note="local + gathered summary keys, one softmax"))
-            log(rows[-1])
+            rows += flex_rows(pattern, n, q, k, v, grad, scale, log)
         del q, k, v, grad, inputs
         torch.cuda.empty_cache()
+    return rows
+
+
+def flex_rows(pattern, n, q, k, v, grad, scale, log) -> list[Row]:
+    """Flex in every form: as-is; each part on its own structure, then their sum ("decomposed",
+    merge not counted); concatenated keys where the pattern has no column part."""
+    batch, heads, _, head_dim = q.shape
+    inputs = (q, k, v)
+    rows = [measure(pattern.name, "flex_as_is", lambda: sparse_attention(q, k, v, pattern, scale, backend="flex"),
+                    n, batch, cost(pattern, n).pairs, heads, head_dim, grad, inputs)]
+    log(rows[-1])
+    parts = []
+    for part, earlier in flex_forms.part_forms(pattern):
+        # The part's own pairs: those its keys add to the earlier parts'.
+        pairs = cost(P.union(*earlier, part), n).pairs - (cost(P.union(*earlier), n).pairs if earlier else 0)
+        parts.append(measure(pattern.name, f"flex_{part.token}_part",
+                             lambda part=part, earlier=earlier: part.flex(q, k, v, scale, earlier)[0],
+                             n, batch, pairs, heads, head_dim, grad, inputs))
+        log(parts[-1])
+    rows += parts
+    if len(parts) > 1 and all(r.fwdbwd_ms is not None for r in parts):
+        total = sum(r.fwdbwd_ms for r in parts)
+        rows.append(Row(pattern.name, n, batch, "flex_decomposed", sum(r.fwd_ms for r in parts),
+                        sum(r.bwd_ms for r in parts), total,
+                        14 * head_dim * cost(pattern, n).pairs * heads * batch / (total * 1e9),
+                        max(r.peak_gib for r in parts), "each part on its structure, merge not counted"))
+        log(rows[-1])
+    if flex_forms.concatenated_supported(pattern):
+        rows.append(measure(pattern.name, "flex_concatenated",
+                            lambda: flex_forms.concatenated(q, k, v, pattern, scale), n, batch,
+                            cost(pattern, n).pairs, heads, head_dim, grad, inputs,
+                            note="sequence keys + gathered keys, one softmax"))
+        log(rows[-1])
     return rows
 
 
@@ -162,20 +176,21 @@ def _fmt(x, digits=2):
 def markdown(rows: list[Row], device: str) -> str:
     """One line per (pattern, N): dense SDPA, best Flex, ours (fwd, bwd, fwd+bwd, TFLOP/s, memory)."""
     lines = [f"Device: {device}. bf16 unless noted; B = 65,536 // N tokens per batch; forward+backward median ms.", "",
-             "| pattern | N | B | dense SDPA flash causal | Flex as-is | Flex decomposed | best Flex | ours fwd | "
-             "ours bwd | ours fwd+bwd | ours TFLOP/s | ours peak GiB | vs best Flex | vs dense |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| pattern | N | B | dense SDPA flash causal | Flex as-is | Flex decomposed | Flex concatenated | "
+             "best Flex | ours fwd | ours bwd | ours fwd+bwd | ours TFLOP/s | ours peak GiB | vs best Flex | vs dense |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     by = {(r.pattern, r.n, r.method): r for r in rows}
     for (pat, n, method), r in by.items():
         if pat == "dense" or method != "triton":
             continue
         dense = by.get(("dense", n, "sdpa_flash_causal"))
-        flex = [by.get((pat, n, m)) for m in ("flex_as_is", "flex_decomposed")]
+        flex = [by.get((pat, n, m)) for m in ("flex_as_is", "flex_decomposed", "flex_concatenated")]
         flex_t = [f.fwdbwd_ms if f else None for f in flex]
         best = min((t for t in flex_t if t is not None), default=None)
         dense_t = dense.fwdbwd_ms if dense else None
         lines.append(
-            f"| {pat} | {n:,} | {r.batch} | {_fmt(dense_t)} | {_fmt(flex_t[0])} | {_fmt(flex_t[1])} | {_fmt(best)} | "
+            f"| {pat} | {n:,} | {r.batch} | {_fmt(dense_t)} | {_fmt(flex_t[0])} | {_fmt(flex_t[1])} | "
+            f"{_fmt(flex_t[2])} | {_fmt(best)} | "
             f"{_fmt(r.fwd_ms, 3)} | {_fmt(r.bwd_ms, 3)} | {_fmt(r.fwdbwd_ms, 3)} | {_fmt(r.tflops, 1)} | "
             f"{_fmt(r.peak_gib)} | {_fmt(best / r.fwdbwd_ms if best and r.fwdbwd_ms else None, 1)}x | "
             f"{_fmt(dense_t / r.fwdbwd_ms if dense_t and r.fwdbwd_ms else None, 1)}x |")
@@ -195,7 +210,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
-    parser.add_argument("--patterns", nargs="+", choices=["strided", "fixed"], default=["strided", "fixed"])
+    parser.add_argument("--patterns", nargs="+", default=list(DEFAULT_PATTERNS),
+                        help=f"names ({', '.join(PATTERNS)}) or pattern specs, e.g. local:512+global_tokens:64")
     parser.add_argument("--baseline-max-n", type=int, default=65536,
                         help="dense SDPA and Flex only up to this N (dense is quadratic)")
     parser.add_argument("--configs", nargs="*", default=[],

@@ -1,71 +1,94 @@
-"""FlexAttention formulations of the strided and fixed patterns, for the benchmark's baseline.
+"""FlexAttention formulations of a pattern, for the benchmark's baselines (each part's own form
+lives in its module, ``Part.flex``):
 
 - as-is:        one BlockMask from the pattern's mask function (``backend="flex"``)
-- strided, decomposed: the window part (band) plus the column part as causal-exclusive row
-  attention on the transposed [N/stride, stride] view; two flex calls whose times are summed
-  (a lower bound: their log-sum-exp merge is not counted, which only favours Flex)
-- fixed, gathered: the summary keys of every block gathered into one buffer appended to K and V,
-  one flex call over ``N + G`` keys with one softmax (exact; the gather is timed too)
+- per part:     each part on its own structure (a band, the transposed column view, a block
+  diagonal, gathered keys), minus the keys of the parts before it; one flex call per part, whose
+  times the benchmark sums ("decomposed": their log-sum-exp merge is not counted, which only
+  favours Flex). :func:`decomposed` runs them and merges, for the tests
+- concatenated: for unions without a column part, the sequence's keys followed by the keys of the
+  parts that gather theirs (summary, global tokens), one flex call with one softmax (exact; the
+  gather is timed too). This was the fixed pattern's best form.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import torch
 from torch import Tensor
 
-from ..attention.flex import BLOCK_SIZE, _compiled_flex
-from ..attention.portable import summary_positions
-from ..patterns import Fixed, Strided
+from ..attention.flex import BLOCK_SIZE, _flex
+from ..attention.portable import merge
+from ..patterns import Part, Pattern
+from ..patterns.base import covered
+
+
+def part_forms(pattern: Pattern) -> list[tuple[Part, tuple[Part, ...]]]:
+    """``(part, earlier parts)`` for each part of the pattern's decomposed form."""
+    return [(part, pattern.parts[:i]) for i, part in enumerate(pattern.parts)]
+
+
+def decomposed(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, scale: float) -> Tensor:
+    """Every part's own flex form, merged by log-sum-exp: equal to one softmax over the union."""
+    results = [part.flex(q, k, v, scale, earlier) for part, earlier in part_forms(pattern)]
+    return merge([(o.float(), lse.float()) for o, lse in results])[0].to(q.dtype)
+
+
+def _gathers(part: Part) -> bool:
+    """A part whose keys are fixed positions (summary slots, global tokens), not all of them."""
+    slots = part.slots(0, 2)
+    return slots.offsets is None and part.token != "dense"
+
+
+def concatenated_supported(pattern: Pattern) -> bool:
+    return bool(pattern.parts) and any(map(_gathers, pattern.parts)) and all(
+        p.token != "column" for p in pattern.parts)
 
 
 @functools.lru_cache(maxsize=32)
-def _mask(kind: str, n_q: int, n_kv: int, a: int, b: int, device: str):
+def _concatenated_mask(pattern: Pattern, heads: int, n: int, device: str):
+    """``(key positions [H, n + G], block mask)`` of the concatenated form."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    if kind == "band":
-        def fn(bb, h, q, k):
-            return (k <= q) & (q - k < a)
-    elif kind == "causal_exclusive":
-        def fn(bb, h, q, k):
-            return k < q
-    else:  # gathered fixed: keys < n_q are the sequence (local part), the rest summary slots
-        stride, summary = a, b
+    parts = pattern.parts
+    tables, owners = [], []
+    for index, part in enumerate(parts):
+        if _gathers(part):
+            rows = [part.slots(h, n).positions for h in range(heads)]
+            width = max(len(r) for r in rows)
+            table = torch.full((heads, width), n, dtype=torch.long)  # padding at position n: never admitted
+            for h, r in enumerate(rows):
+                table[h, :len(r)] = r
+            tables.append(table)
+            owners.append(torch.full((width,), index))
+    positions = torch.cat([torch.arange(n).expand(heads, n)] + tables, 1).to(device)
+    owner = torch.cat([torch.full((n,), -1)] + owners).to(device)  # -1: a sequence key
+    sequence = [i for i, p in enumerate(parts) if not _gathers(p)]
 
-        def fn(bb, h, q, k):
-            local = (k <= q) & (k // stride == q // stride) & (k < n_q)
-            g = k - n_q
-            pos = (g // summary) * stride + (stride - summary) + g % summary
-            return local | ((k >= n_q) & (pos < (q // stride) * stride))
-    return create_block_mask(fn, None, None, n_q, n_kv, device=device, BLOCK_SIZE=BLOCK_SIZE)
+    def admits(index: int, h, i, j):
+        mine = (j <= i) & parts[index].allowed(h * 0, h, i, j)
+        hit = covered(parts[:index], h, i, j)
+        return mine if hit is None else mine & ~hit
 
+    def mask_mod(b, h, q_idx, kv_idx):
+        j, who = positions[h, kv_idx], owner[kv_idx]
+        ok = torch.zeros_like(j, dtype=torch.bool)
+        for index in range(len(parts)):
+            if index in sequence:
+                ok = ok | ((who == -1) & admits(index, h, q_idx, j))
+            else:
+                ok = ok | ((who == index) & admits(index, h, q_idx, j))
+        return ok
 
-def strided_window(q: Tensor, k: Tensor, v: Tensor, pattern: Strided, scale: float) -> Tensor:
-    n = q.shape[2]
-    return _compiled_flex()(q, k, v, block_mask=_mask("band", n, n, pattern.stride, 0, str(q.device)), scale=scale)
-
-
-def strided_column(q: Tensor, k: Tensor, v: Tensor, pattern: Strided, scale: float) -> Tensor:
-    """Column part on the transposed view ``[B*H, stride, N/stride, D]`` (a strided view, no copy)."""
-    b, h, n, d = q.shape
-    s = pattern.stride
-    assert n % s == 0, "the benchmark's column form needs N divisible by the stride"
-
-    def view(x):
-        return x.reshape(b * h, n // s, s, d).transpose(1, 2)
-
-    mask = _mask("causal_exclusive", n // s, n // s, 0, 0, str(q.device))
-    out = _compiled_flex()(view(q), view(k), view(v), block_mask=mask, scale=scale)
-    return out.transpose(1, 2).reshape(b, h, n, d)
+    mask = create_block_mask(mask_mod, None, heads, n, positions.shape[1], device=device, BLOCK_SIZE=BLOCK_SIZE)
+    return positions.clamp(max=n - 1), mask
 
 
-def fixed_gathered(q: Tensor, k: Tensor, v: Tensor, pattern: Fixed, scale: float) -> Tensor:
-    assert pattern.distinct == 1 and pattern.part is None, "benchmark form: merged fixed, one summary group"
-    n = q.shape[2]
-    lo, hi = pattern.summary_range(0)
-    pos = summary_positions(n, pattern.stride, lo, hi, q.device)
-    kk = torch.cat([k, k[:, :, pos]], 2)
-    vv = torch.cat([v, v[:, :, pos]], 2)
-    mask = _mask("gathered", n, n + len(pos), pattern.stride, pattern.summary, str(q.device))
-    return _compiled_flex()(q, kk, vv, block_mask=mask, scale=scale)
+def concatenated(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, scale: float,
+                 mask: Optional[tuple] = None) -> Tensor:
+    """One flex call over ``[sequence keys | gathered keys]`` (see the module docstring)."""
+    positions, block = mask or _concatenated_mask(pattern, q.shape[1], q.shape[2], str(q.device))
+    index = positions[None, :, :, None].expand(q.shape[0], -1, -1, q.shape[-1])
+    return _flex(q, k.gather(2, index), v.gather(2, index), block, scale)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 from ..layout import cost
 from ..patterns import by_name
@@ -12,7 +13,9 @@ from .arguments import DefaultsHelpFormatter
 def add_parser(sub) -> None:
     p = sub.add_parser("patterns", help="draw an attention pattern and print keys per query and density",
                        formatter_class=DefaultsHelpFormatter)
-    p.add_argument("--pattern", choices=("dense", "strided", "fixed"), default="strided")
+    p.add_argument("--pattern", default="strided",
+                   help="dense | strided | fixed (sized by --stride, --summary, --distinct), or a spec: parts "
+                        "joined by '+', e.g. 'local:256+global_tokens:16' or 'block:64+summary:64:8+column:128'")
     p.add_argument("--stride", type=int, default=4, help="l: block / row length")
     p.add_argument("--summary", type=int, default=1, help="c: summary positions per block (fixed)")
     p.add_argument("--distinct", type=int, default=1, help="heads with different summary sub-blocks (fixed)")
@@ -31,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--n must be >= 1, got {args.n}")
     if args.heads is not None and args.heads < 1:  # range(0) would silently report and draw nothing
         raise ValueError(f"--heads must be >= 1, got {args.heads}")
-    distinct = args.distinct if pattern.heads_differ() else 1
+    distinct = math.lcm(*(getattr(p, "distinct", 1) for p in pattern.parts)) if pattern.heads_differ() else 1
     heads = range(args.heads if args.heads is not None else min(distinct, 4))
     print(f"pattern {pattern.name}, n = {args.n:,}")
     for head in heads if pattern.heads_differ() else [0]:
@@ -40,7 +43,6 @@ def run(args: argparse.Namespace) -> int:
               f"density {c.density:.4%} of n^2, {c.causal_density:.4%} of dense causal")
     if args.out:
         from ..visualize import draw  # matplotlib only when drawing
-        path = draw(pattern, args.n, args.out, heads=list(heads), query=args.query,
-                    width=getattr(pattern, "stride", None))
+        path = draw(pattern, args.n, args.out, heads=list(heads), query=args.query)
         print(f"wrote {path}")
     return 0
