@@ -165,7 +165,7 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, scale: O
         backend: ``"auto"`` (fastest available), or one of :data:`BACKENDS`.
 
     Returns ``[B, H, N, D]`` in the input dtype. A query with no admissible key gets zeros
-    (and passes zero gradient).
+    (and passes zero gradient); a NaN or inf in a value reaches only the queries that may attend it.
     """
     _check(q, k, v, pattern, scale, backend)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from ..patterns import Part, Pattern
 from ..patterns.base import covered
+from .nonfinite import guarded
 
 BLOCK_SIZE = 128  # FlexAttention's default tile; masks shorter than this use one partial block
 
@@ -68,6 +69,7 @@ def _flex(q: Tensor, k: Tensor, v: Tensor, mask, scale: float, lse: bool = False
     return (result[0], result[1].lse) if lse else result
 
 
+@guarded
 def flex_attention(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, scale: float) -> Tensor:
     """Sparse attention through FlexAttention. q, k, v: ``[B, H, N, D]``."""
     return _flex(q, k, v, block_mask(pattern, q.shape[2], q.shape[1], str(q.device)), scale)

@@ -20,6 +20,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from ..patterns import Part, Pattern
+from .nonfinite import guarded
 
 # Query rows per step of the custom path: bounds temporaries to chunk x N.
 QUERY_CHUNK = 1024
@@ -122,6 +123,7 @@ def chunked_masked(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, scale: flo
     return torch.cat(outs, 2)
 
 
+@guarded
 def portable_attention(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, scale: float) -> Tensor:
     """Sparse attention in pure PyTorch; see the module docstring. q, k, v: ``[B, H, N, D]``."""
     parts = pattern.parts

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from ..patterns import Pattern
+from .nonfinite import guarded
 
 
 def head_masks(pattern: Pattern, n: int, heads: int, device=None) -> Tensor:
@@ -18,6 +19,7 @@ def head_masks(pattern: Pattern, n: int, heads: int, device=None) -> Tensor:
     return pattern.mask(n, device=device)[None]
 
 
+@guarded
 def reference_attention(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, scale: float) -> Tensor:
     """softmax(q k^T * scale, masked) v in float64; a query with no admissible key outputs 0.
 
