@@ -5,7 +5,8 @@ nan: one bad value row would spoil every query of its tile or matrix. The backen
 matmuls (``reference``, ``torch``, ``flex``) run on values with non-finite entries set to 0 and
 then give each query, per value coordinate, what IEEE arithmetic gives over its admissible keys
 alone: nan if it attends a nan (or both infinities), else the infinity it attends. Finite inputs
-cost one ``isfinite`` pass (and one host sync) and no more.
+cost one ``isfinite`` pass (and one host sync) and no more. Inside ``torch.compile`` the check is
+skipped (a data-dependent branch would break the graph): compiled code gets the plain matmuls.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ def guarded(attention):
     """Wrap a backend ``attention(q, k, v, pattern, scale)`` with :func:`split_values` / :func:`restore`."""
     @functools.wraps(attention)
     def wrapper(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, scale: float) -> Tensor:
+        if torch.compiler.is_compiling():
+            return attention(q, k, v, pattern, scale)
         clean, bad = split_values(v)
         out = attention(q, k, clean, pattern, scale)
         return out if bad is None else restore(out, v, bad, pattern)

@@ -29,13 +29,14 @@ QUERY_CHUNK = 1024
 def attend(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     """Masked softmax attention on small dense problems.
 
-    q ``[..., M, D]``, k and v ``[..., K, D]``, ``allowed`` broadcastable to ``[..., M, K]``.
-    Returns the normalized output ``[..., M, D]`` and the log-sum-exp ``[..., M]`` (fp32;
+    q ``[..., M, Dqk]``, k ``[..., K, Dqk]``, v ``[..., K, Dv]``, ``allowed`` broadcastable to
+    ``[..., M, K]``. Returns the normalized output ``[..., M, Dv]`` and the log-sum-exp ``[..., M]`` (fp32;
     ``-inf`` and a zero output for a query with no admissible key).
     """
     acc = torch.promote_types(q.dtype, torch.float32)  # fp32 statistics; fp64 stays fp64 (gradcheck)
-    if k.shape[-2] == 0:  # nothing to attend: zero output (still connected to q for autograd)
-        out = q.to(acc) * 0 + (k.to(acc).sum(-2, keepdim=True) + v.to(acc).sum(-2, keepdim=True)) * 0
+    if k.shape[-2] == 0:  # nothing to attend: zero output (still connected to q, k, v for autograd)
+        out = (q.to(acc).sum(-1, keepdim=True) + k.to(acc).sum((-2, -1))[..., None, None]) * 0 \
+            + v.to(acc).sum(-2, keepdim=True) * 0  # [..., M, Dv]
         return out, torch.full(q.shape[:-1], float("-inf"), dtype=acc, device=q.device)
     # In place on the fresh matmul output: autograd keeps matmul's inputs, not its output.
     scores = torch.matmul(q.to(acc) * scale, k.to(acc).transpose(-1, -2))
@@ -72,6 +73,12 @@ def pad_to(x: Tensor, length: int) -> Tensor:
     return F.pad(x, (0, 0, 0, length - x.shape[-2]))
 
 
+def blocks_of(x: Tensor, width: int) -> Tensor:
+    """``[B, H, N, D]`` as ``[B, H, ceil(N / width), width, D]``, zero-padded."""
+    blocks = -(-x.shape[-2] // width)
+    return pad_to(x, blocks * width).view(*x.shape[:2], blocks, width, x.shape[-1])
+
+
 def heads_of(q: Tensor, earlier: tuple[Part, ...]):
     """Head indices to evaluate ``earlier`` parts with, shaped ``[H, 1, 1, 1]`` to broadcast
     against a part's ``[R, M, K]`` masks (0 when no earlier part depends on the head)."""
@@ -81,16 +88,16 @@ def heads_of(q: Tensor, earlier: tuple[Part, ...]):
 
 
 def by_head_group(q: Tensor, k: Tensor, v: Tensor, groups: int, fn) -> tuple[Tensor, Tensor]:
-    """Run ``fn(q, k, v, heads)`` on the heads ``heads = [u, u + groups, ...]`` for each ``u`` and
-    put them back in order."""
+    """Run ``fn(q, k, v, u, heads)`` on the heads ``heads = [u, u + groups, ...]`` (a tensor) for
+    each ``u`` and put them back in order."""
     count = q.shape[1]
     if groups == 1:
-        return fn(q, k, v, torch.arange(count, device=q.device))
+        return fn(q, k, v, 0, torch.arange(count, device=q.device))
     order, results = [], []
     for u in range(min(groups, count)):
         idx = torch.arange(u, count, groups, device=q.device)
         order.append(idx)
-        results.append(fn(q[:, idx], k[:, idx], v[:, idx], idx))
+        results.append(fn(q[:, idx], k[:, idx], v[:, idx], u, idx))
     inverse = torch.argsort(torch.cat(order))
     out = torch.cat([o for o, _ in results], 1)[:, inverse]
     lse = torch.cat([s for _, s in results], 1)[:, inverse]
@@ -125,7 +132,8 @@ def chunked_masked(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, scale: flo
 
 @guarded
 def portable_attention(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, scale: float) -> Tensor:
-    """Sparse attention in pure PyTorch; see the module docstring. q, k, v: ``[B, H, N, D]``."""
+    """Sparse attention in pure PyTorch; see the module docstring. q, k: ``[B, H, N, Dqk]``, v:
+    ``[B, H, N, Dv]``; returns ``[B, H, N, Dv]``."""
     parts = pattern.parts
     if not parts:  # a custom pattern
         return chunked_masked(q, k, v, pattern, scale).to(q.dtype)

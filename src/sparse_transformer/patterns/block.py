@@ -58,13 +58,12 @@ class Block(Part):
         return self.size, self.size, 0
 
     def portable(self, q, k, v, scale, earlier):
-        from ..attention.portable import attend, heads_of, pad_to
+        from ..attention.portable import attend, blocks_of, heads_of
 
         n = q.shape[-2]
         w = min(self.size, n)
         blocks = -(-n // w)
-        shape = (*q.shape[:2], blocks, w, q.shape[-1])
-        qb, kb, vb = (pad_to(x, blocks * w).view(shape) for x in (q, k, v))
+        qb, kb, vb = (blocks_of(x, w) for x in (q, k, v))  # (B, H, R, w, D)
         allowed = torch.ones(w, w, dtype=torch.bool, device=q.device).tril()
         if earlier:
             start = torch.arange(blocks, device=q.device)[:, None, None] * w

@@ -61,13 +61,12 @@ class Local(Part):
         return 1, self.window, 0
 
     def portable(self, q, k, v, scale, earlier):
-        from ..attention.portable import attend, heads_of, pad_to
+        from ..attention.portable import attend, blocks_of, heads_of
 
         n = q.shape[-2]
         w = min(self.window, n)
         blocks = -(-n // w)
-        shape = (*q.shape[:2], blocks, w, q.shape[-1])
-        qb, kb, vb = (pad_to(x, blocks * w).view(shape) for x in (q, k, v))  # (B, H, R, w, D)
+        qb, kb, vb = (blocks_of(x, w) for x in (q, k, v))  # (B, H, R, w, D)
 
         def with_previous(x: Tensor) -> Tensor:  # (B, H, R, 2w, D): previous block, then own block
             return torch.cat([torch.nn.functional.pad(x, (0, 0, 0, 0, 1, 0))[:, :, :-1], x], dim=3)

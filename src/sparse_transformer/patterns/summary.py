@@ -64,12 +64,16 @@ class Summary(Part):
         lo = self.offset(head)
         return lo, lo + self.summary
 
-    def positions(self, n: int, head, device=None) -> Tensor:
-        """Sorted summary positions ``j < n`` of head ``head``."""
-        lo, hi = self.summary_range(head)
-        starts = torch.arange(0, n, self.stride, device=device)[:, None]
-        pos = (starts + torch.arange(lo, hi, device=device)[None, :]).flatten()
-        return pos[pos < n]
+    def slots_before(self, x: int, head: int) -> int:
+        """How many summary positions ``j < x`` head ``head`` has."""
+        lo = self.offset(head)
+        return (x // self.stride) * self.summary + min(max(x % self.stride - lo, 0), self.summary)
+
+    def positions(self, n: int, head: int, device=None) -> Tensor:
+        """Sorted summary positions ``j < n`` of head ``head`` (their count is known ahead, so the
+        shapes do not depend on data: torch.compile traces this without a graph break)."""
+        g = torch.arange(self.slots_before(n, head), device=device)
+        return (g // self.summary) * self.stride + self.offset(head) + g % self.summary
 
     def heads_differ(self) -> bool:
         return self.distinct > 1
@@ -98,16 +102,16 @@ class Summary(Part):
     def portable(self, q, k, v, scale, earlier):
         from ..attention.portable import attend, by_head_group
 
-        def group(qg: Tensor, kg: Tensor, vg: Tensor, heads: Tensor) -> tuple[Tensor, Tensor]:
+        def group(qg: Tensor, kg: Tensor, vg: Tensor, u: int, heads: Tensor) -> tuple[Tensor, Tensor]:
             n = qg.shape[-2]
-            pos = self.positions(n, int(heads[0]), q.device)
+            pos = self.positions(n, u, q.device)
             ks, vs = kg[:, :, pos], vg[:, :, pos]
             chunk = max(self.stride, QUERY_CHUNK // self.stride * self.stride)
             h = heads[:, None, None] if any(p.heads_differ() for p in earlier) else 0
             outs, lses = [], []
             for start in range(0, n, chunk):
                 i = torch.arange(start, min(start + chunk, n), device=q.device)[:, None]
-                used = int(torch.searchsorted(pos, i.max() + 1).item()) if len(pos) else 0  # keys <= i
+                used = self.slots_before(min(start + chunk, n), u)  # keys <= the chunk's last query
                 allowed = pos[None, :used] <= i
                 if earlier:
                     allowed = allowed & ~covered(earlier, h, i, pos[None, :used])
