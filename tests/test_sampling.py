@@ -241,3 +241,51 @@ def test_triton_decode_step_at_paper_shapes_on_gpu(pattern):
         decoder.prefill(tokens[:, :1800])
     for t in range(1800, 2048):  # consecutive steps: each reads the rows the previous ones wrote
         compare(t)
+
+
+UNIONS = ["local:5+column:6", "local:4+block:6+summary:6:2:2", "column:3+column:4+summary:8:2",
+          "block:4+block:6+local:3"]
+
+
+@pytest.mark.parametrize("spec", UNIONS)
+def test_key_plan_of_a_union_reads_each_key_once(spec):
+    from sparse_transformer.patterns import parse
+    pattern = parse(spec)
+    plan = KeyPlan([pattern], 4, CONTEXT)
+    for t in range(CONTEXT):
+        for h, chosen in enumerate(plan.keys(t)):
+            assert len(set(chosen)) == len(chosen), "a key is read twice"
+            assert chosen == pattern.mask(CONTEXT, head=h)[t].nonzero().flatten().tolist(), (t, h)
+
+
+@pytest.mark.parametrize("spec", UNIONS)
+@pytest.mark.parametrize("integration", ["merged", "interleaved", "split"])
+def test_cache_of_a_union_equals_rerunning(spec, integration):
+    """The issue's check: the KV cache against re-running the full forward pass, for unions."""
+    model = tiny_model(spec, integration, seed=8, n_head=4, d_model=48, half_qk=True)
+    tokens = torch.randint(0, 256, (2, CONTEXT), generator=torch.Generator().manual_seed(8))
+    full = model(tokens)
+    decoder = Decoder(model, 2)
+    decoder.prefill(tokens[:, :3])
+    for t in range(3, CONTEXT):
+        assert_close(decoder(tokens[:, t - 1], torch.tensor(t)), full[:, t])
+    prime = tokens[:, :2]
+    assert torch.equal(generate(model, prime, CONTEXT - 2, temperature=0), naive_greedy(model, prime, CONTEXT - 2))
+
+
+def test_decoder_runs_the_models_own_blocks(monkeypatch):
+    """A decode step goes through Block.forward and Attention.forward (no copy of the block's math)."""
+    from sparse_transformer import model as model_module
+    model = tiny_model("fixed", seed=9)
+    calls = []
+    original = model_module.Block.forward
+
+    def counting(self, x, cache=None):
+        calls.append(cache is not None)
+        return original(self, x, cache)
+
+    monkeypatch.setattr(model_module.Block, "forward", counting)
+    decoder = Decoder(model, 1)
+    decoder.prefill(torch.zeros(1, 2, dtype=torch.long))
+    decoder(torch.zeros(1, dtype=torch.long), torch.tensor(2))
+    assert calls == [True] * 6  # prefill and one step, three blocks each

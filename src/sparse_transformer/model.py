@@ -58,7 +58,9 @@ class Attention(nn.Module):
         self.value = nn.Linear(d, d)
         self.proj = nn.Linear(d, d)
 
-    def forward(self, x: Tensor) -> Tensor:  # x: (B, N, d)
+    def forward(self, x: Tensor, cache=None) -> Tensor:  # x: (B, N, d)
+        """``cache`` (sampling, see :mod:`~sparse_transformer.kvcache`) stores this layer's keys and
+        values, and while decoding one position attends over its cached key slots instead."""
         b, n, d = x.shape
         h = self.n_head
 
@@ -67,6 +69,11 @@ class Attention(nn.Module):
 
         q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
         scale = 1.0 / math.sqrt(q.shape[-1])
+        if cache is not None:
+            cache.write(k, v)
+            out = cache.attend(q, scale)
+            if out is not None:  # (B, H, 1, d / H): one decoded position
+                return self.proj(out.transpose(1, 2).reshape(b, n, d))
         if q.shape[-1] != v.shape[-1]:
             pad = v.shape[-1] - q.shape[-1]
             q, k = F.pad(q, (0, pad)), F.pad(k, (0, pad))
@@ -104,8 +111,8 @@ class Block(nn.Module):
         self.ff = FeedForward(config)
         self.drop = nn.Dropout(config.dropout)
 
-    def forward(self, x: Tensor) -> Tensor:
-        a = self.drop(self.attn(self.norm_attn(x)))
+    def forward(self, x: Tensor, cache=None) -> Tensor:
+        a = self.drop(self.attn(self.norm_attn(x), cache))
         b = self.drop(self.ff(self.norm_ff(x + a)))
         return x + a + b
 
@@ -167,11 +174,30 @@ class SparseTransformer(nn.Module):
             x = x + table(index[:, axis])
         return x
 
-    def forward(self, tokens: Tensor) -> Tensor:
+    def embed_step(self, token: Tensor, t: Tensor) -> Tensor:
+        """The input at position ``t`` (0-dim long tensor, ``t >= 1``) whose byte before it is
+        ``token [B]``: ``[B, 1, d]`` (what :meth:`embed` gives at ``t``, without a host sync)."""
+        x = self.token(token)
+        index = self.position_index.index_select(0, t.view(1))  # (1, axes)
+        for axis, table in enumerate(self.positions):
+            x = x + table(index[:, axis])
+        return x[:, None]
+
+    def forward(self, tokens: Tensor, cache: Optional[Sequence] = None) -> Tensor:
+        """``cache``: one :class:`~sparse_transformer.kvcache.LayerCache` per block, filled with the
+        keys and values of every position (a sampler's prefill)."""
         x = self.embed(tokens)
-        for block in self.blocks:
-            x = block(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, None if cache is None else cache[i])
         return self.head(self.norm(x))
+
+    def decode(self, token: Tensor, t: Tensor, cache: Sequence) -> Tensor:
+        """Logits ``[B, V]`` at position ``t`` given ``token [B]`` (the byte at ``t - 1``): one step
+        of sampling, each block attending over its ``cache`` entry (see :mod:`~sparse_transformer.kvcache`)."""
+        x = self.embed_step(token, t)
+        for block, layer_cache in zip(self.blocks, cache):
+            x = block(x, layer_cache)
+        return self.head(self.norm(x))[:, 0]
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
