@@ -17,6 +17,7 @@ All patterns are causal: a key after its query is never admissible (PAPER.md,
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -75,6 +76,12 @@ class Pattern:
         """True when heads see different masks (then ``mask(n, head)`` depends on ``head``)."""
         return False
 
+    @property
+    def spec(self) -> str:
+        """A canonical string that :func:`parse` turns back into an equal pattern (``strided:128``,
+        ``fixed:128:32:4``, ``fixed:128:32:1:summary``): how compiled ops and the CLI name a pattern."""
+        raise ValueError(f"pattern {self.name!r} has no spec string: only built-in patterns do")
+
     def __str__(self) -> str:
         return self.name
 
@@ -89,6 +96,10 @@ class Dense(Pattern):
 
     @property
     def name(self) -> str:
+        return "dense"
+
+    @property
+    def spec(self) -> str:
         return "dense"
 
     def allowed(self, b, h, q_idx, kv_idx):
@@ -115,6 +126,10 @@ class Strided(Pattern):
     @property
     def name(self) -> str:
         return f"strided_l{self.stride}" + (f"_{self.part}" if self.part else "")
+
+    @property
+    def spec(self) -> str:
+        return f"strided:{self.stride}" + (f":{self.part}" if self.part else "")
 
     def allowed(self, b, h, q_idx, kv_idx):
         diff = q_idx - kv_idx
@@ -160,6 +175,10 @@ class Fixed(Pattern):
         if self.distinct > 1:
             name += f"_v{self.distinct}"
         return name + (f"_{self.part}" if self.part else "")
+
+    @property
+    def spec(self) -> str:
+        return f"fixed:{self.stride}:{self.summary}:{self.distinct}" + (f":{self.part}" if self.part else "")
 
     def summary_range(self, head: int) -> tuple[int, int]:
         """Offsets ``[lo, hi)`` within each block that head ``head`` uses as summary keys."""
@@ -272,6 +291,25 @@ def parts(pattern: Pattern) -> tuple[Pattern, ...]:
     if isinstance(pattern, Fixed) and pattern.part is None:
         return tuple(Fixed(pattern.stride, pattern.summary, pattern.distinct, p) for p in FIXED_PARTS)
     return (pattern,)
+
+
+@functools.lru_cache(maxsize=256)
+def parse(spec: str) -> Pattern:
+    """The built-in pattern a :attr:`Pattern.spec` string names: ``dense``, ``strided:L[:PART]``,
+    ``fixed:L:C[:D[:PART]]``. Cached: compiled ops turn the same string into a pattern every call."""
+    if not isinstance(spec, str):
+        raise ValueError(f"a pattern spec must be a string such as 'strided:128' or 'fixed:128:32', got {spec!r}")
+    name, *fields = spec.strip().split(":")
+    part = fields.pop() if fields and not fields[-1].lstrip("-").isdigit() else None
+    try:
+        numbers = [int(f) for f in fields]
+    except ValueError:
+        numbers = None
+    shapes = {"dense": (0, 0), "strided": (1, 1), "fixed": (2, 3)}  # (fewest, most) numbers
+    if name not in shapes or numbers is None or not shapes[name][0] <= len(numbers) <= shapes[name][1]:
+        raise ValueError(f"cannot read pattern spec {spec!r}; expected dense, strided:L[:row|column] or "
+                         f"fixed:L:C[:D[:local|summary]]")
+    return by_name(name, *numbers, part=part) if name != "dense" else by_name("dense", part=part)
 
 
 def by_name(name: str, stride: int = 128, summary: int = 32, distinct: int = 1,

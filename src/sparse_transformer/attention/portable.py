@@ -72,13 +72,17 @@ def _pad_to(x: Tensor, length: int) -> Tensor:
     return F.pad(x, (0, 0, 0, length - x.shape[-2]))
 
 
+def _blocks(x: Tensor, blocks: int, w: int) -> Tensor:
+    """``[B, H, N, D]`` zero-padded and viewed as ``[B, H, blocks, w, D]`` (D: this tensor's own width)."""
+    return _pad_to(x, blocks * w).view(*x.shape[:2], blocks, w, x.shape[-1])
+
+
 def band(q: Tensor, k: Tensor, v: Tensor, width: int, scale: float) -> tuple[Tensor, Tensor]:
     """Keys ``0 <= i - j < width`` (strided row). Each block of ``w`` queries sees two key blocks."""
     n = q.shape[-2]
     w = min(width, n)
     blocks = -(-n // w)
-    shape = (*q.shape[:2], blocks, w, q.shape[-1])
-    qb, kb, vb = (_pad_to(x, blocks * w).view(shape) for x in (q, k, v))  # (B, H, R, w, D)
+    qb, kb, vb = (_blocks(x, blocks, w) for x in (q, k, v))  # (B, H, R, w, D)
 
     def with_previous(x: Tensor) -> Tensor:  # (B, H, R, 2w, D): previous block, then own block
         return torch.cat([F.pad(x, (0, 0, 0, 0, 1, 0))[:, :, :-1], x], dim=3)
@@ -115,18 +119,22 @@ def block_diagonal(q: Tensor, k: Tensor, v: Tensor, block: int, scale: float) ->
     n = q.shape[-2]
     w = min(block, n)
     blocks = -(-n // w)
-    shape = (*q.shape[:2], blocks, w, q.shape[-1])
-    qb, kb, vb = (_pad_to(x, blocks * w).view(shape) for x in (q, k, v))
+    qb, kb, vb = (_blocks(x, blocks, w) for x in (q, k, v))
     causal = torch.ones(w, w, dtype=torch.bool, device=q.device).tril()
     out, lse = attend(qb, kb, vb, causal, scale)
     return out.flatten(2, 3)[:, :, :n], lse.flatten(2, 3)[:, :, :n]
 
 
+def summary_count(x: int, stride: int, lo: int, hi: int) -> int:
+    """How many positions ``j < x`` have ``j % stride`` in ``[lo, hi)``."""
+    return (x // stride) * (hi - lo) + min(max(x % stride - lo, 0), hi - lo)
+
+
 def summary_positions(n: int, stride: int, lo: int, hi: int, device=None) -> Tensor:
-    """Sorted positions ``j < n`` with ``j % stride`` in ``[lo, hi)``."""
-    starts = torch.arange(0, n, stride, device=device)[:, None]
-    pos = (starts + torch.arange(lo, hi, device=device)[None, :]).flatten()
-    return pos[pos < n]
+    """Sorted positions ``j < n`` with ``j % stride`` in ``[lo, hi)`` (their count is known ahead,
+    so the shapes do not depend on data: torch.compile traces this without a graph break)."""
+    g = torch.arange(summary_count(n, stride, lo, hi), device=device)
+    return (g // (hi - lo)) * stride + lo + g % (hi - lo)
 
 
 def gathered(q: Tensor, k: Tensor, v: Tensor, pattern: Fixed, head: int, scale: float,
@@ -140,9 +148,11 @@ def gathered(q: Tensor, k: Tensor, v: Tensor, pattern: Fixed, head: int, scale: 
     chunk = max(pattern.stride, QUERY_CHUNK // pattern.stride * pattern.stride)
     outs, lses = [], []
     for start in range(0, n, chunk):
-        i = torch.arange(start, min(start + chunk, n), device=q.device)[:, None]
+        last = min(start + chunk, n) - 1
+        i = torch.arange(start, last + 1, device=q.device)[:, None]
         limit = (i // pattern.stride) * pattern.stride if exclusive else i + 1  # keys j < limit
-        used = int(torch.searchsorted(pos, limit.max()).item()) if len(pos) else 0
+        used = summary_count((last // pattern.stride) * pattern.stride if exclusive else last + 1,
+                             pattern.stride, lo, hi)
         allowed = pos[None, :used] < limit
         out, lse = attend(q[:, :, start:start + chunk], ks[:, :, :used], vs[:, :, :used], allowed, scale)
         outs.append(out)
