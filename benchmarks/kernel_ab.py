@@ -25,7 +25,7 @@ import torch
 
 from sparse_transformer.attention import triton_sparse
 from sparse_transformer.attention.triton_sparse import KernelConfig, triton_attention
-from sparse_transformer.benchmark.attention import PATTERNS, _time, inputs_for, parse_config
+from sparse_transformer.benchmark.attention import PATTERNS, _time, inputs_for
 
 
 def load_variant(path: str, name: str):
@@ -42,7 +42,7 @@ def parse_variant(text: str, index: int):
     path, _, config = rest.partition("@")
     if not name or not path:
         raise ValueError(f"expected NAME=PATH[@CONFIG], got {text!r}")
-    return name, load_variant(path, f"kernel_variant_{index}"), parse_config(config) if config else KernelConfig()
+    return name, load_variant(path, f"kernel_variant_{index}"), KernelConfig.from_spec(config) if config else KernelConfig()
 
 
 def passes(q, k, v, grad, pattern, config):

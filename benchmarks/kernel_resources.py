@@ -27,7 +27,7 @@ import torch
 
 from sparse_transformer.attention import triton_kernels as tk
 from sparse_transformer.attention import triton_sparse as ts
-from sparse_transformer.benchmark.attention import PATTERNS, parse_config
+from sparse_transformer.benchmark.attention import PATTERNS
 
 KERNELS = ("_fwd_kernel", "_dkdv_kernel", "_dq_kernel")
 
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise ValueError("unset TRITON_INTERPRET: the interpreter compiles nothing")
     for text in ["default"] + args.configs:
-        config = ts.KernelConfig() if text == "default" else parse_config(text)
+        config = ts.KernelConfig() if text == "default" else ts.KernelConfig.from_spec(text)
         print(f"{args.pattern}, N = {args.n:,}, {text}, sm_{args.arch}:")
         launches = record_launches(PATTERNS[args.pattern], args.n, config, batch=max(1, args.tokens // args.n))
         for i, (name, grid, launch_args, kwargs) in enumerate(launches):

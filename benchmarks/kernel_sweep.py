@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from sparse_transformer.attention.triton_sparse import KernelConfig, triton_attention
-from sparse_transformer.benchmark.attention import PATTERNS, _time, inputs_for, parse_config
+from sparse_transformer.benchmark.attention import PATTERNS, _time, inputs_for
 
 
 def main(argv=None) -> int:
@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     if args.pattern == "dense":
         runs.append(("sdpa", lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)))
     for text in ["default"] + args.configs:
-        config = KernelConfig() if text == "default" else parse_config(text)
+        config = KernelConfig() if text == "default" else KernelConfig.from_spec(text)
         runs.append((text, lambda config=config: triton_attention(q, k, v, pattern, 64 ** -0.5, config)))
     for name, fn in runs:
         t_f, t_b, t_fb = _time(fn, grad, (q, k, v))

@@ -23,7 +23,7 @@ import time
 import torch
 
 from sparse_transformer.attention.triton_sparse import KernelConfig, triton_attention
-from sparse_transformer.benchmark.attention import PATTERNS, inputs_for, parse_config
+from sparse_transformer.benchmark.attention import PATTERNS, inputs_for
 
 
 def main(argv=None) -> int:
@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         raise ValueError("profiling the kernels needs a CUDA GPU")
     pattern = PATTERNS[args.pattern]
-    config = parse_config(args.config) if args.config else KernelConfig()
+    config = KernelConfig.from_spec(args.config) if args.config else KernelConfig()
     q, k, v, grad = inputs_for(args.n, args.tokens, args.heads, args.head_dim)
     batch = q.shape[0]
 

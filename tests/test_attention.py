@@ -81,7 +81,9 @@ def test_auto_picks_torch_on_cpu():
 
 @pytest.mark.parametrize("args,message", [
     (dict(q=torch.zeros(2, 3, 4)), "q must be 4-D"),
-    (dict(k=torch.zeros(1, 2, 5, 8)), "same shape"),
+    (dict(k=torch.zeros(1, 2, 5, 8)), "q and k must have one shape"),
+    (dict(v=torch.zeros(1, 2, 5, 8)), r"v the shape \[B, H, N, Dv\]"),
+    (dict(v=torch.zeros(1, 2, 4, 0)), "head widths must be >= 1"),
     (dict(v=torch.zeros(1, 2, 4, 8, dtype=torch.float64)), "share dtype"),
     (dict(q=torch.zeros(1, 2, 4, 8, dtype=torch.long)), "floating-point"),
     (dict(backend="cuda_magic"), "backend must be 'auto' or one of"),
@@ -98,6 +100,22 @@ def test_bad_inputs(args, message):
     call.update(args)
     with pytest.raises(ValueError, match=message):
         st.sparse_attention(**call)
+
+
+@pytest.mark.parametrize("pattern", [P.dense(), P.strided(4), P.fixed(4, 1, distinct=2),
+                                     P.custom(lambda b, h, q, k: (q - k) % 3 == 0, "thirds", per_head=False)], ids=str)
+def test_half_size_queries_and_keys(pattern):
+    """q/k narrower than v (the paper's half-size attention): the output has v's width."""
+    g = torch.Generator().manual_seed(3)
+    q, k = (torch.randn(2, 3, 21, 4, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    v = torch.randn(2, 3, 21, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    out = st.sparse_attention(q, k, v, pattern, backend="torch")
+    ref = st.sparse_attention(q, k, v, pattern, backend="reference")
+    assert out.shape == (2, 3, 21, 8)
+    assert_close(out, ref)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    for got, want in zip(grads, torch.autograd.grad(ref.square().sum(), (q, k, v))):
+        assert_close(got, want)
 
 
 def test_numpy_scale_and_empty_batches():

@@ -16,6 +16,7 @@ from sparse_transformer.data import load_stdlib, split_stream
 from sparse_transformer.model import SparseTransformer
 from sparse_transformer.train import checkpoint as ckpt
 from sparse_transformer.train import loop, train
+from sparse_transformer.train import step as step_module
 from sparse_transformer.train.metrics import read_metrics
 from sparse_transformer.train.stopping import StopRequest
 
@@ -158,7 +159,7 @@ class NanGradient(torch.autograd.Function):
 @pytest.mark.parametrize("poison", ["loss", "gradient"])
 def test_non_finite_losses_skip_steps_then_stop(text, tmp_path, monkeypatch, poison):
     calls = {"n": 0}
-    real = loop.byte_loss
+    real = step_module.byte_loss
 
     def poisoned(logits, tokens, reduction="mean"):
         calls["n"] += 1
@@ -167,7 +168,7 @@ def test_non_finite_losses_skip_steps_then_stop(text, tmp_path, monkeypatch, poi
             return loss
         return loss * float("nan") if poison == "loss" else NanGradient.apply(loss)
 
-    monkeypatch.setattr(loop, "byte_loss", poisoned)
+    monkeypatch.setattr(step_module, "byte_loss", poisoned)
     with pytest.warns(UserWarning, match=f"non-finite {poison} at step") as caught:
         result = train(small(checkpoint_every=1, max_nonfinite=2), tmp_path, text, progress=False)
     assert [str(w.message).split(";")[0] for w in caught] == [f"non-finite {poison} at step {s}" for s in (3, 4)]

@@ -24,9 +24,11 @@ needs_interpreter = pytest.mark.skipif(
            "CUDA); the GPU versions of these checks are in test_gpu.py")
 
 
-def qkv(shape, dtype, seed):
+def qkv(shape, dtype, seed, value_dim=None):
+    """q, k of ``shape`` and v of ``shape`` with its last dimension ``value_dim`` (default: the same)."""
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(shape, generator=g).to(dtype).requires_grad_() for _ in range(3)]
+    shapes = (shape, shape, (*shape[:-1], value_dim or shape[-1]))
+    return [torch.randn(s, generator=g).to(dtype).requires_grad_() for s in shapes]
 
 
 def check_against_reference(backend, pattern, shape, dtype, seed=0, device="cpu", grads=True):
@@ -74,11 +76,11 @@ def test_triton_matches_reference(pattern, n, d, dtype):
     check_against_reference("triton", pattern, (1, 2, n, d), dtype, seed=n + d)
 
 
-def check_triton_config(pattern, config, shape, dtype, seed, scale=None):
+def check_triton_config(pattern, config, shape, dtype, seed, scale=None, value_dim=None):
     """The triton backend with kernel ``config`` against the float64 reference, outputs and grads."""
     from sparse_transformer.attention.triton_sparse import triton_attention
 
-    q, k, v = qkv(shape, dtype, seed)
+    q, k, v = qkv(shape, dtype, seed, value_dim)
     scale = shape[-1] ** -0.5 if scale is None else scale
     out = triton_attention(q, k, v, pattern, scale, config)
     grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
@@ -100,6 +102,19 @@ def test_triton_small_tiles_reach_the_unmasked_interior(pattern):
     from sparse_transformer.attention.triton_sparse import KernelConfig
 
     check_triton_config(pattern, KernelConfig(tiles=(16, 16, 1, 1)), (1, 2, 300, 16), torch.float16, seed=31)
+
+
+@needs_triton
+@needs_interpreter
+@pytest.mark.parametrize("pattern,n,tma", [(P.strided(8), 150, False), (P.fixed(16, 4, distinct=2), 150, False),
+                                           (P.dense(), 70, False), (P.fixed(16, 4), 128, True)], ids=str)
+def test_triton_half_size_queries_and_keys(pattern, n, tma):
+    """q/k half as wide as v (the paper's half-size layers): the kernels take both widths, no padding;
+    with ``tma`` the loops load both through descriptors of their own widths."""
+    from sparse_transformer.attention.triton_sparse import KernelConfig
+
+    check_triton_config(pattern, KernelConfig(tiles=(32, 32, 4, 2), tma=tma), (1, 2, n, 16), torch.float16,
+                        seed=n, value_dim=32)
 
 
 @needs_triton
@@ -230,7 +245,7 @@ def test_forward_keeps_q_in_registers_for_short_loops_only(pattern, n, registers
     from sparse_transformer.attention import triton_kernels as tk
     from sparse_transformer.attention.triton_sparse import KernelConfig, _pass_plan, plan
 
-    forward, dq, _ = _pass_plan(plan(pattern, n), torch.Size((1, 8, n, 64)), KernelConfig(), True, False, tk)
+    forward, dq, _ = _pass_plan(plan(pattern, n), torch.Size((1, 8, n, 64)), 64, KernelConfig(), True, False, tk)
     assert [launch.constexprs["Q_IN_REGISTERS"] for launch in forward] == registers
     assert all("Q_IN_REGISTERS" not in launch.constexprs for launch in dq)
 
@@ -263,10 +278,12 @@ def test_triton_query_without_keys_gets_zero_output_and_gradient():
 
 def test_triton_refuses_what_it_cannot_run():
     q = torch.zeros(1, 1, 8, 16)
-    assert not BACKENDS["triton"].supports(q, P.strided(4))  # fp32
-    assert not BACKENDS["triton"].supports(q.half(), P.custom(lambda b, h, i, j: i == j, per_head=False))
-    assert not BACKENDS["triton"].supports(torch.zeros(1, 1, 8, 24, dtype=torch.float16), P.strided(4))
-    assert not BACKENDS["flex"].supports(q, P.strided(4))  # flex needs CUDA
+    assert not BACKENDS["triton"].supports(q, q, P.strided(4))  # fp32
+    assert not BACKENDS["triton"].supports(q.half(), q.half(), P.custom(lambda b, h, i, j: i == j, per_head=False))
+    odd = torch.zeros(1, 1, 8, 24, dtype=torch.float16)
+    assert not BACKENDS["triton"].supports(odd, odd, P.strided(4))
+    assert not BACKENDS["triton"].supports(q.half(), odd, P.strided(4))  # a value width it has no tile for
+    assert not BACKENDS["flex"].supports(q, q, P.strided(4))  # flex needs CUDA
     with pytest.raises(ValueError, match="cannot run"):
         st.sparse_attention(q, q, q, P.strided(4), backend="triton")
 
@@ -296,9 +313,9 @@ def test_custom_patterns_are_distinct_cache_keys():
 
 
 @needs_triton
-def test_benchmark_kernel_config_strings():
+def test_kernel_config_strings():
     from sparse_transformer.attention.triton_sparse import KernelConfig, plan
-    from sparse_transformer.benchmark.attention import parse_config
+    parse_config = KernelConfig.from_spec
 
     assert parse_config("128,64,4,3") == KernelConfig(tiles=(128, 64, 4, 3))
     config = parse_config("local:64,32,4,3/global:128,64,8,3")
@@ -326,3 +343,6 @@ def test_benchmark_kernel_config_strings():
     assert parse_config("dq:64,32,4,3/tma:0") == KernelConfig(dq=(64, 32, 4, 3), tma=False)
     with pytest.raises(ValueError, match="tma takes 0 or 1"):
         parse_config("tma:yes")
+    # The spec string is how a config travels through the registered op: it round-trips.
+    for config in (KernelConfig(), backward, parse_config("dq:64,32,4,3/tma:0"), KernelConfig(tiles=(64, 32, 4, 2))):
+        assert parse_config(config.spec) == config

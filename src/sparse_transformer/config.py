@@ -191,7 +191,7 @@ class TrainConfig:
     grad_accum: int = 1             # micro-batches per optimizer step (per rank)
     precision: str = "auto"         # "auto" (bf16 autocast on GPU, fp32 on CPU), "fp32", "bf16", "fp16" (loss scaling)
     recompute: bool = False         # activation checkpointing per block (paper: recompute in backward)
-    compile: bool = False           # torch.compile each block
+    compile: Optional[bool] = None  # torch.compile each block and the loss; None: on with a GPU, off on the CPU
     parallel: str = "ddp"           # multi-process strategy: "ddp" or "fsdp" (FSDP2 fully_shard)
     grad_compress: str = "auto"     # DDP all-reduce: "bf16", "none", "auto" (bf16 with NCCL, none with gloo)
     log_every: int = 10             # steps between metric lines

@@ -120,7 +120,7 @@ class KeyPlan(nn.Module):
         for pattern, first, last in self.groups:
             keep = valid[first:last]
             head, pos, part = self.local_head[first:last], positions[first:last], owner[first:last]
-            if not pattern.parts:  # custom: O(context) per step, the mask function itself
+            if len(pattern.parts) == 0:  # custom: O(context) per step, the mask function itself
                 keep = keep & pattern.mask_mod(zero, head, t, pos).expand_as(keep)
             for index, earlier in enumerate(pattern.parts[:-1]):
                 keep = keep & ~((part > index) & earlier.allowed(zero, head, t, pos))

@@ -44,9 +44,8 @@ def layer_patterns(config: ModelConfig, custom: Optional[Pattern] = None) -> lis
 
 
 class Attention(nn.Module):
-    """Multi-head attention over a sparse pattern; half-size q/k are zero-padded to the value
-    width (``sparse_attention`` takes equal widths; zeros leave q.k unchanged) and scaled by
-    their true width."""
+    """Multi-head attention over a sparse pattern. Half-size layers have q/k half as wide as the
+    values (``sparse_attention`` takes both widths), scaled by their own width."""
 
     def __init__(self, config: ModelConfig, patterns: Sequence[Pattern]):
         super().__init__()
@@ -57,6 +56,11 @@ class Attention(nn.Module):
         self.key = nn.Linear(d, self.qk_width)
         self.value = nn.Linear(d, d)
         self.proj = nn.Linear(d, d)
+        # Split heads: the [first, last) heads of each pattern (as torch.tensor_split would cut them),
+        # plain ints, constants when compiled.
+        groups = len(self.patterns)
+        ends = [sum(h // groups + (i < h % groups) for i in range(g + 1)) for g in range(groups)]
+        self.head_groups = tuple(zip([0] + ends[:-1], ends))
 
     def forward(self, x: Tensor, cache=None) -> Tensor:  # x: (B, N, d)
         """``cache`` (sampling, see :mod:`~sparse_transformer.kvcache`) stores this layer's keys and
@@ -74,16 +78,11 @@ class Attention(nn.Module):
             out = cache.attend(q, scale)
             if out is not None:  # (B, H, 1, d / H): one decoded position
                 return self.proj(out.transpose(1, 2).reshape(b, n, d))
-        if q.shape[-1] != v.shape[-1]:
-            pad = v.shape[-1] - q.shape[-1]
-            q, k = F.pad(q, (0, pad)), F.pad(k, (0, pad))
         if len(self.patterns) == 1:
             out = sparse_attention(q, k, v, self.patterns[0], scale, self.backend)
         else:  # split heads: each group of heads uses its own part
-            groups = torch.tensor_split(torch.arange(h), len(self.patterns))
-            out = torch.cat([sparse_attention(q[:, g[0]:g[-1] + 1], k[:, g[0]:g[-1] + 1], v[:, g[0]:g[-1] + 1],
-                                              p, scale, self.backend)
-                             for g, p in zip(groups, self.patterns)], dim=1)
+            out = torch.cat([sparse_attention(q[:, a:z], k[:, a:z], v[:, a:z], p, scale, self.backend)
+                             for (a, z), p in zip(self.head_groups, self.patterns)], dim=1)
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
 

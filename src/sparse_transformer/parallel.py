@@ -150,6 +150,12 @@ def main_process_first(world: World):
         wait_for_all(world)
 
 
+def compiles(config: TrainConfig, device: torch.device) -> bool:
+    """Whether a run uses torch.compile: ``config.compile``, or when unset, on a GPU (on the CPU the
+    compile time outweighs what it saves in a short run)."""
+    return config.compile if config.compile is not None else device.type == "cuda"
+
+
 def parallelize(model: nn.Module, config: TrainConfig, world: World) -> nn.Module:
     """Apply recompute, compile and distribution (in that order) and return the module to train.
 
@@ -157,7 +163,7 @@ def parallelize(model: nn.Module, config: TrainConfig, world: World) -> nn.Modul
     """
     if config.recompute:
         apply_recompute(model)
-    if config.compile:
+    if compiles(config, world.device):
         for block in model.blocks:
             block.compile()
     if not world.distributed:

@@ -20,10 +20,14 @@ from torch import Tensor
 
 from ..patterns import Pattern
 from ..patterns.base import has_form
+from . import ops
 from .portable import portable_attention
 from .reference import reference_attention
 
 AttentionFn = Callable[[Tensor, Tensor, Tensor, Pattern, float], Tensor]
+
+# Read once: torch.compile cannot trace a module lookup, and sparse_attention runs inside traced code.
+HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 @dataclass(frozen=True)
@@ -32,38 +36,37 @@ class Backend:
 
     name: str
     load: Callable[[], AttentionFn]  # imported on first use
-    supports: Callable[[Tensor, Pattern], bool]
+    supports: Callable[[Tensor, Tensor, Pattern], bool]  # (q, v, pattern)
     note: str
     # Stricter test for backend="auto" (None: same as supports); keeps the CPU interpreter out of auto.
-    auto_supports: Optional[Callable[[Tensor, Pattern], bool]] = None
+    auto_supports: Optional[Callable[[Tensor, Tensor, Pattern], bool]] = None
 
 
-def _always(q: Tensor, pattern: Pattern) -> bool:
+def _always(q: Tensor, v: Tensor, pattern: Pattern) -> bool:
     return True
 
 
 def _has_form(pattern: Pattern, form: str) -> bool:
     """Built-in parts that all define ``form`` (a custom pattern has no parts)."""
-    return bool(pattern.parts) and all(has_form(p, form) for p in pattern.parts)
+    return len(pattern.parts) > 0 and all(has_form(p, form) for p in pattern.parts)
 
 
-def _portable_supports(q: Tensor, pattern: Pattern) -> bool:
-    return not pattern.parts or _has_form(pattern, "portable")
+def _portable_supports(q: Tensor, v: Tensor, pattern: Pattern) -> bool:
+    return len(pattern.parts) == 0 or _has_form(pattern, "portable")
 
 
-def _load_triton() -> AttentionFn:
-    from .triton_sparse import triton_attention
-    return triton_attention
+def _triton_attention(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, scale: float) -> Tensor:
+    return ops.sparse_attention_triton(q, k, v, pattern.spec, scale)
 
 
-def _triton_supports(q: Tensor, pattern: Pattern) -> bool:
-    """Patterns whose parts all have a kernel form, fp16/bf16, D in 16/32/64/128, N * D < 2^31 (the
-    kernels' int32 offsets), on CUDA; on CPU only under TRITON_INTERPRET=1."""
+def _triton_supports(q: Tensor, v: Tensor, pattern: Pattern) -> bool:
+    """Patterns whose parts all have a kernel form, fp16/bf16, head widths in 16/32/64/128, N * D
+    below 2^31 (the kernels' int32 offsets), on CUDA; on CPU only under TRITON_INTERPRET=1."""
     if not _has_form(pattern, "kernel") or q.dtype not in (torch.float16, torch.bfloat16):
         return False
-    if q.shape[-2] * q.shape[-1] >= 2 ** 31:
+    if q.shape[-2] * max(q.shape[-1], v.shape[-1]) >= 2 ** 31:
         return False
-    if q.shape[-1] not in (16, 32, 64, 128) or importlib.util.find_spec("triton") is None:
+    if q.shape[-1] not in (16, 32, 64, 128) or v.shape[-1] not in (16, 32, 64, 128) or not HAS_TRITON:
         return False
     if q.is_cuda:
         return True
@@ -75,14 +78,12 @@ def _load_flex() -> AttentionFn:
     return flex_attention
 
 
-def _flex_supports(q: Tensor, pattern: Pattern) -> bool:
-    """CUDA with FlexAttention (and Triton for its compiled kernels); D a power of two >= 16."""
-    if not q.is_cuda or importlib.util.find_spec("triton") is None:
+def _flex_supports(q: Tensor, v: Tensor, pattern: Pattern) -> bool:
+    """CUDA with FlexAttention (and Triton for its compiled kernels); head widths powers of two >= 16."""
+    if not q.is_cuda or not HAS_TRITON:
         return False
-    from .flex import flex_available
-    d = q.shape[-1]
-    return flex_available() and d >= 16 and d & (d - 1) == 0 and q.dtype in (torch.float16, torch.bfloat16,
-                                                                            torch.float32)
+    widths_ok = all(d >= 16 and d & (d - 1) == 0 for d in (q.shape[-1], v.shape[-1]))
+    return widths_ok and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
 
 
 BACKENDS: dict[str, Backend] = {
@@ -90,9 +91,9 @@ BACKENDS: dict[str, Backend] = {
                          "dense mask in float64; the oracle, O(N^2)"),
     "torch": Backend("torch", lambda: portable_attention, _portable_supports,
                      "portable PyTorch, O(N x keys per query) memory, CPU and GPU"),
-    "triton": Backend("triton", _load_triton, _triton_supports,
+    "triton": Backend("triton", lambda: _triton_attention, _triton_supports,
                       "Triton kernels, fwd+bwd, each part on its structure; fp16/bf16, CUDA",
-                      auto_supports=lambda q, p: q.is_cuda and _triton_supports(q, p)),
+                      auto_supports=lambda q, v, p: q.is_cuda and _triton_supports(q, v, p)),
     "flex": Backend("flex", _load_flex, _flex_supports,
                     "FlexAttention with a cached BlockMask from pattern.mask_mod; any pattern, CUDA"),
 }
@@ -104,16 +105,18 @@ BACKENDS: dict[str, Backend] = {
 AUTO_ORDER = ("triton", "flex", "torch")
 
 
-def available_backends(q: Tensor, pattern: Pattern) -> list[str]:
-    """Names of the backends that can run these inputs, best first."""
-    return [name for name in AUTO_ORDER if BACKENDS[name].supports(q, pattern)]
+def available_backends(q: Tensor, pattern: Pattern, v: Optional[Tensor] = None) -> list[str]:
+    """Names of the backends that can run these inputs (``v`` defaults to ``q``'s shape), best first."""
+    v = q if v is None else v
+    return [name for name in AUTO_ORDER if BACKENDS[name].supports(q, v, pattern)]
 
 
-def choose_backend(q: Tensor, pattern: Pattern) -> str:
-    """The backend ``backend="auto"`` uses for these inputs."""
+def choose_backend(q: Tensor, pattern: Pattern, v: Optional[Tensor] = None) -> str:
+    """The backend ``backend="auto"`` uses for these inputs (``v`` defaults to ``q``'s shape)."""
+    v = q if v is None else v
     for name in AUTO_ORDER:
         backend = BACKENDS[name]
-        if (backend.auto_supports or backend.supports)(q, pattern):
+        if (backend.auto_supports or backend.supports)(q, v, pattern):
             return name
     return "torch"
 
@@ -126,14 +129,14 @@ def _check(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, scale: Optional[fl
             raise ValueError(f"{name} must be 4-D [B, H, N, D], got shape {tuple(x.shape)}")
         if not x.is_floating_point():
             raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
-    if not (q.shape == k.shape == v.shape):
-        raise ValueError(f"q, k and v must have the same shape [B, H, N, D], got "
+    if q.shape != k.shape or q.shape[:-1] != v.shape[:-1]:
+        raise ValueError(f"q and k must have one shape [B, H, N, Dqk] and v the shape [B, H, N, Dv], got "
                          f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     if not (q.dtype == k.dtype == v.dtype) or not (q.device == k.device == v.device):
         raise ValueError(f"q, k and v must share dtype and device, got {q.dtype}/{q.device}, "
                          f"{k.dtype}/{k.device}, {v.dtype}/{v.device}")
-    if q.shape[-1] == 0:
-        raise ValueError("head dimension D must be >= 1, got 0")
+    if q.shape[-1] == 0 or v.shape[-1] == 0:
+        raise ValueError(f"head widths must be >= 1, got {q.shape[-1]} for q/k and {v.shape[-1]} for v")
     if not isinstance(pattern, Pattern):
         raise ValueError(f"pattern must be a sparse_transformer Pattern (see st.patterns), got {type(pattern).__name__}")
     if scale is not None and not _positive_finite(scale):
@@ -157,25 +160,27 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, scale: O
     """Causal attention restricted to ``pattern``: ``softmax(q k^T * scale + mask) v`` per head.
 
     Args:
-        q, k, v: ``[B, H, N, D]`` tensors of one float dtype and device. Head ``h`` uses
-            ``pattern.mask(N, head=h)``.
+        q, k: ``[B, H, N, Dqk]``; v: ``[B, H, N, Dv]`` (half-size layers use a narrower q/k);
+            one float dtype and device. Head ``h`` uses ``pattern.mask(N, head=h)``.
         pattern: from :mod:`sparse_transformer.patterns`: a part, a union of parts (strided and
             fixed are two), or a custom pattern.
-        scale: score scale, default ``1/sqrt(D)`` (PAPER.md, "The model").
+        scale: score scale, default ``1/sqrt(Dqk)`` (PAPER.md, "The model").
         backend: ``"auto"`` (fastest available), or one of :data:`BACKENDS`.
 
-    Returns ``[B, H, N, D]`` in the input dtype. A query with no admissible key gets zeros
+    Returns ``[B, H, N, Dv]`` in the input dtype. A query with no admissible key gets zeros
     (and passes zero gradient); a NaN or inf in a value reaches only the queries that may attend it.
+    Inside ``torch.compile`` (``fullgraph=True`` included) the Triton kernels are one registered op
+    each way (``torch.ops.sparse_transformer``): no graph break.
     """
     _check(q, k, v, pattern, scale, backend)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    name = choose_backend(q, pattern) if backend == "auto" else backend
+    name = choose_backend(q, pattern, v) if backend == "auto" else backend
     chosen = BACKENDS[name]
-    if not chosen.supports(q, pattern):
+    if not chosen.supports(q, v, pattern):
         raise ValueError(f"backend {name!r} cannot run {pattern} on {q.dtype} {q.device.type} inputs; "
-                         f"available here: {available_backends(q, pattern) + ['reference']}")
+                         f"available here: {available_backends(q, pattern, v) + ['reference']}")
     if q.numel() == 0:  # B, H or N is 0 (D = 0 was refused): nothing to attend
-        return q.clone()
+        return v.clone()
     return chosen.load()(q, k, v, pattern, scale)
 
 

@@ -135,7 +135,7 @@ def portable_attention(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, scale:
     """Sparse attention in pure PyTorch; see the module docstring. q, k: ``[B, H, N, Dqk]``, v:
     ``[B, H, N, Dv]``; returns ``[B, H, N, Dv]``."""
     parts = pattern.parts
-    if not parts:  # a custom pattern
+    if len(parts) == 0:  # a custom pattern
         return chunked_masked(q, k, v, pattern, scale).to(q.dtype)
     results = [part.portable(q, k, v, scale, parts[:index]) for index, part in enumerate(parts)]
     out, _ = merge(results) if len(results) > 1 else results[0]

@@ -83,7 +83,8 @@ def _view_length(N, col, STEP, PACKED: tl.constexpr):
 @triton.jit
 def _load_rows(desc, ptr, bh, r0, col, STEP, W, L, C, lo, len_rows, offs_r, offs_d, HEAD_DIM: tl.constexpr,
                BLOCK: tl.constexpr, IS_SUMMARY: tl.constexpr, PACKED: tl.constexpr, TMA: tl.constexpr):
-    """Rows ``r0 + offs_r`` of a view (or summary slots ``r0 + offs_r``) as a [BLOCK, HEAD_DIM] tile,
+    """Rows ``r0 + offs_r`` of a view (or summary slots ``r0 + offs_r``) as a [BLOCK, HEAD_DIM] tile
+    (``HEAD_DIM``: this tensor's width, q/k's or v's),
     zero past ``len_rows``. With ``TMA``, one copy-engine load through ``desc``: a view is
     ``[B*H, N / STEP, STEP * D]`` (the tile at column ``col * D``), the summary slots
     ``[B*H, N / L, L, D]`` (``BLOCK // C`` blocks of ``C`` slots from ``lo``). Else a pointer gather
@@ -233,17 +234,18 @@ SHORT_DKDV_MAX_REGISTERS = 168
 
 # ----------------------------------------------------------------------------- forward
 @triton.jit
-def _fwd_part(acc, l_i, m_i, q, Kb, Vb, KD, VD, bh, i_lo, i_hi, offs_m, offs_n, offs_d, col, STEP, len_q, len_k, W,
-              L, C, lo, scale2, MODE: tl.constexpr, DMIN: tl.constexpr, PACKED: tl.constexpr,
-              HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr):
+def _fwd_part(acc, l_i, m_i, q, Kb, Vb, KD, VD, bh, i_lo, i_hi, offs_m, offs_n, offs_qk, offs_v, col, STEP, len_q,
+              len_k, W, L, C, lo, scale2, MODE: tl.constexpr, DMIN: tl.constexpr, PACKED: tl.constexpr,
+              QK_DIM: tl.constexpr, V_DIM: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+              TMA: tl.constexpr):
     """One part's keys for the query rows ``[i_lo, i_hi]``, continuing the online softmax."""
     start, full_lo, full_hi, end = _keys_of(i_lo, i_hi, W, L, C, lo, MODE, DMIN)
     first, a, b = _split(start, full_lo, full_hi, end, BLOCK_N)
     for t in range(first, end, BLOCK_N):
         j = t + offs_n
-        k = _load_rows(KD, Kb, bh, t, col, STEP, W, L, C, lo, len_k, offs_n, offs_d, HEAD_DIM, BLOCK_N, MODE == 2,
+        k = _load_rows(KD, Kb, bh, t, col, STEP, W, L, C, lo, len_k, offs_n, offs_qk, QK_DIM, BLOCK_N, MODE == 2,
                        PACKED, TMA)
-        v = _load_rows(VD, Vb, bh, t, col, STEP, W, L, C, lo, len_k, offs_n, offs_d, HEAD_DIM, BLOCK_N, MODE == 2,
+        v = _load_rows(VD, Vb, bh, t, col, STEP, W, L, C, lo, len_k, offs_n, offs_v, V_DIM, BLOCK_N, MODE == 2,
                        PACKED, TMA)
         s = _dot(q, tl.trans(k), None, UPCAST)  # unscaled: the scale folds into one FMA below (needs scale > 0)
         if (t < a) | (t >= b):  # an edge tile
@@ -264,8 +266,8 @@ def _fwd_part(acc, l_i, m_i, q, Kb, Vb, KD, VD, bh, i_lo, i_hi, offs_m, offs_n, 
 def _fwd_kernel(Q, K, V, O, LSE, O_PREV, KD, VD, KD2, VD2, N, H, n_tiles, NCOLS, STEP, W, L, C, DISTINCT, scale2,
                 MODE: tl.constexpr, DMIN: tl.constexpr, MODE2: tl.constexpr, DMIN2: tl.constexpr,
                 TWO_PARTS: tl.constexpr, MERGE: tl.constexpr, PACKED: tl.constexpr, Q_IN_REGISTERS: tl.constexpr,
-                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
-                TMA: tl.constexpr):
+                QK_DIM: tl.constexpr, V_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                UPCAST: tl.constexpr, TMA: tl.constexpr):
     """One part (``MODE``), or with ``TWO_PARTS`` a second one (``MODE2``) over the same query view
     in the same online softmax; with ``MERGE``, continue from an earlier launch's output and lse.
     With ``TMA``, keys and values come through the descriptors ``KD, VD`` (``KD2, VD2``: the second
@@ -273,13 +275,16 @@ def _fwd_kernel(Q, K, V, O, LSE, O_PREV, KD, VD, KD2, VD2, N, H, n_tiles, NCOLS,
     q from registers, not shared memory (see "register operands" above)."""
     tile, col, bh, lo = _program(n_tiles, NCOLS, H, L, C, DISTINCT, False)
     len_q = _view_length(N, col, STEP, PACKED)
-    base = bh.to(tl.int64) * N * HEAD_DIM
+    base_qk = bh.to(tl.int64) * N * QK_DIM
+    base_v = bh.to(tl.int64) * N * V_DIM
     offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_qk = tl.arange(0, QK_DIM)
+    offs_v = tl.arange(0, V_DIM)
     row_ok = offs_m < len_q
     q_pos = _position(offs_m, col, STEP, W, L, C, lo, False, PACKED)
-    q_off = base + q_pos[:, None] * HEAD_DIM + offs_d[None, :]
+    q_off = base_qk + q_pos[:, None] * QK_DIM + offs_qk[None, :]
+    o_off = base_v + q_pos[:, None] * V_DIM + offs_v[None, :]
     q = tl.load(Q + q_off, mask=row_ok[:, None], other=0.0)
     if Q_IN_REGISTERS:  # a computed q (the load's own mask again) stays in registers for the wgmma
         q = tl.where(row_ok[:, None], q, 0.0)
@@ -287,42 +292,43 @@ def _fwd_kernel(Q, K, V, O, LSE, O_PREV, KD, VD, KD2, VD2, N, H, n_tiles, NCOLS,
     if MERGE:  # continue the online softmax of an earlier part: m = its lse, l = 1, acc = its output
         m_i = tl.load(lse_ptr, mask=row_ok, other=float("-inf"))
         l_i = tl.where(m_i == float("-inf"), 0.0, 1.0)
-        acc = tl.load(O_PREV + q_off, mask=row_ok[:, None], other=0.0).to(tl.float32)
+        acc = tl.load(O_PREV + o_off, mask=row_ok[:, None], other=0.0).to(tl.float32)
     else:
         m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, V_DIM], dtype=tl.float32)
     i_lo = tile * BLOCK_M
     i_hi = tl.minimum(i_lo + BLOCK_M, len_q) - 1
-    Kb = K + base
-    Vb = V + base
-    acc, l_i, m_i = _fwd_part(acc, l_i, m_i, q, Kb, Vb, KD, VD, bh, i_lo, i_hi, offs_m, offs_n, offs_d, col, STEP,
-                              len_q, _key_count(N, len_q, L, C, lo, MODE), W, L, C, lo, scale2, MODE, DMIN,
-                              PACKED, HEAD_DIM, BLOCK_N, UPCAST, TMA)
+    Kb = K + base_qk
+    Vb = V + base_v
+    acc, l_i, m_i = _fwd_part(acc, l_i, m_i, q, Kb, Vb, KD, VD, bh, i_lo, i_hi, offs_m, offs_n, offs_qk, offs_v, col,
+                              STEP, len_q, _key_count(N, len_q, L, C, lo, MODE), W, L, C, lo, scale2, MODE, DMIN,
+                              PACKED, QK_DIM, V_DIM, BLOCK_N, UPCAST, TMA)
     if TWO_PARTS:
-        acc, l_i, m_i = _fwd_part(acc, l_i, m_i, q, Kb, Vb, KD2, VD2, bh, i_lo, i_hi, offs_m, offs_n, offs_d, col,
-                                  STEP, len_q, _key_count(N, len_q, L, C, lo, MODE2), W, L, C, lo, scale2, MODE2,
-                                  DMIN2, PACKED, HEAD_DIM, BLOCK_N, UPCAST, TMA)
+        acc, l_i, m_i = _fwd_part(acc, l_i, m_i, q, Kb, Vb, KD2, VD2, bh, i_lo, i_hi, offs_m, offs_n, offs_qk, offs_v,
+                                  col, STEP, len_q, _key_count(N, len_q, L, C, lo, MODE2), W, L, C, lo, scale2, MODE2,
+                                  DMIN2, PACKED, QK_DIM, V_DIM, BLOCK_N, UPCAST, TMA)
     empty = l_i == 0.0  # no admissible key: output 0, lse -inf
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(l_safe))
-    tl.store(O + q_off, out.to(O.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(O + o_off, out.to(O.dtype.element_ty), mask=row_ok[:, None])
     tl.store(lse_ptr, lse, mask=row_ok)
 
 
 # ----------------------------------------------------------------------------- backward
 @triton.jit
-def _dq_part(dq, q, do, lse, delta, Kb, Vb, KD, VD, bh, i_lo, i_hi, offs_m, offs_n, offs_d, col, STEP, len_q, len_k,
-             W, L, C, lo, scale2, MODE: tl.constexpr, DMIN: tl.constexpr, PACKED: tl.constexpr,
-             HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr):
+def _dq_part(dq, q, do, lse, delta, Kb, Vb, KD, VD, bh, i_lo, i_hi, offs_m, offs_n, offs_qk, offs_v, col, STEP, len_q,
+             len_k, W, L, C, lo, scale2, MODE: tl.constexpr, DMIN: tl.constexpr, PACKED: tl.constexpr,
+             QK_DIM: tl.constexpr, V_DIM: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+             TMA: tl.constexpr):
     start, full_lo, full_hi, end = _keys_of(i_lo, i_hi, W, L, C, lo, MODE, DMIN)
     first, a, b = _split(start, full_lo, full_hi, end, BLOCK_N)
     for t in range(first, end, BLOCK_N):
         j = t + offs_n
-        k = _load_rows(KD, Kb, bh, t, col, STEP, W, L, C, lo, len_k, offs_n, offs_d, HEAD_DIM, BLOCK_N, MODE == 2,
+        k = _load_rows(KD, Kb, bh, t, col, STEP, W, L, C, lo, len_k, offs_n, offs_qk, QK_DIM, BLOCK_N, MODE == 2,
                        PACKED, TMA)
-        v = _load_rows(VD, Vb, bh, t, col, STEP, W, L, C, lo, len_k, offs_n, offs_d, HEAD_DIM, BLOCK_N, MODE == 2,
+        v = _load_rows(VD, Vb, bh, t, col, STEP, W, L, C, lo, len_k, offs_n, offs_v, V_DIM, BLOCK_N, MODE == 2,
                        PACKED, TMA)
         qk = _dot(q, tl.trans(k), None, UPCAST)
         dp = _dot(do, tl.trans(v), None, UPCAST)  # issued before the exp, which then overlaps it
@@ -338,44 +344,47 @@ def _dq_part(dq, q, do, lse, delta, Kb, Vb, KD, VD, bh, i_lo, i_hi, offs_m, offs
 def _dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, KD, VD, KD2, VD2, N, H, n_tiles, NCOLS, STEP, W, L, C, DISTINCT,
                scale, scale2, MODE: tl.constexpr, DMIN: tl.constexpr, MODE2: tl.constexpr, DMIN2: tl.constexpr,
                TWO_PARTS: tl.constexpr, ACCUMULATE: tl.constexpr, WRITE_DELTA: tl.constexpr, PACKED: tl.constexpr,
-               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
-               TMA: tl.constexpr):
+               QK_DIM: tl.constexpr, V_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               UPCAST: tl.constexpr, TMA: tl.constexpr):
     """dQ of one query tile over one part (or two, as the forward). With ``WRITE_DELTA`` it also
     computes delta = rowsum(dO * O), the softmax backward's correction term, and stores it for the
     dK/dV launches: the first dQ launch covers every query row once, so no launch of its own
     computes delta (a launch costs the host about as much as the delta kernel cost the GPU)."""
     tile, col, bh, lo = _program(n_tiles, NCOLS, H, L, C, DISTINCT, False)
     len_q = _view_length(N, col, STEP, PACKED)
-    base = bh.to(tl.int64) * N * HEAD_DIM
+    base_qk = bh.to(tl.int64) * N * QK_DIM
+    base_v = bh.to(tl.int64) * N * V_DIM
     offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_qk = tl.arange(0, QK_DIM)
+    offs_v = tl.arange(0, V_DIM)
     row_ok = offs_m < len_q
     q_pos = _position(offs_m, col, STEP, W, L, C, lo, False, PACKED)
-    q_off = base + q_pos[:, None] * HEAD_DIM + offs_d[None, :]
+    q_off = base_qk + q_pos[:, None] * QK_DIM + offs_qk[None, :]
+    o_off = base_v + q_pos[:, None] * V_DIM + offs_v[None, :]
     q = tl.load(Q + q_off, mask=row_ok[:, None], other=0.0)
-    do = tl.load(DO + q_off, mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + o_off, mask=row_ok[:, None], other=0.0)
     row_off = bh.to(tl.int64) * N + q_pos
     lse = tl.load(LSE + row_off, mask=row_ok, other=float("inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse)  # empty rows: p = 0, never NaN
     if WRITE_DELTA:
-        o = tl.load(O + q_off, mask=row_ok[:, None], other=0.0)
+        o = tl.load(O + o_off, mask=row_ok[:, None], other=0.0)
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
         tl.store(DELTA + row_off, delta, mask=row_ok)
     else:
         delta = tl.load(DELTA + row_off, mask=row_ok, other=0.0)
-    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    dq = tl.zeros([BLOCK_M, QK_DIM], dtype=tl.float32)
     i_lo = tile * BLOCK_M
     i_hi = tl.minimum(i_lo + BLOCK_M, len_q) - 1
-    Kb = K + base
-    Vb = V + base
-    dq = _dq_part(dq, q, do, lse, delta, Kb, Vb, KD, VD, bh, i_lo, i_hi, offs_m, offs_n, offs_d, col, STEP, len_q,
-                  _key_count(N, len_q, L, C, lo, MODE), W, L, C, lo, scale2, MODE, DMIN, PACKED, HEAD_DIM, BLOCK_N,
-                  UPCAST, TMA)
+    Kb = K + base_qk
+    Vb = V + base_v
+    dq = _dq_part(dq, q, do, lse, delta, Kb, Vb, KD, VD, bh, i_lo, i_hi, offs_m, offs_n, offs_qk, offs_v, col, STEP,
+                  len_q, _key_count(N, len_q, L, C, lo, MODE), W, L, C, lo, scale2, MODE, DMIN, PACKED, QK_DIM, V_DIM,
+                  BLOCK_N, UPCAST, TMA)
     if TWO_PARTS:
-        dq = _dq_part(dq, q, do, lse, delta, Kb, Vb, KD2, VD2, bh, i_lo, i_hi, offs_m, offs_n, offs_d, col, STEP,
-                      len_q, _key_count(N, len_q, L, C, lo, MODE2), W, L, C, lo, scale2, MODE2, DMIN2, PACKED,
-                      HEAD_DIM, BLOCK_N, UPCAST, TMA)
+        dq = _dq_part(dq, q, do, lse, delta, Kb, Vb, KD2, VD2, bh, i_lo, i_hi, offs_m, offs_n, offs_qk, offs_v, col,
+                      STEP, len_q, _key_count(N, len_q, L, C, lo, MODE2), W, L, C, lo, scale2, MODE2, DMIN2, PACKED,
+                      QK_DIM, V_DIM, BLOCK_N, UPCAST, TMA)
     dq = dq * scale
     if ACCUMULATE:  # an earlier part (separate launch) already wrote its share
         dq += tl.load(DQ + q_off, mask=row_ok[:, None], other=0.0).to(tl.float32)
@@ -385,8 +394,8 @@ def _dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, KD, VD, KD2, VD2, N, H, n_tiles, 
 @triton.jit
 def _dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, QD, DOD, N, H, n_tiles, NCOLS, STEP, W, L, C, DISTINCT, scale,
                  scale2, MODE: tl.constexpr, DMIN: tl.constexpr, ACCUMULATE: tl.constexpr, PACKED: tl.constexpr,
-                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
-                 TMA: tl.constexpr):
+                 QK_DIM: tl.constexpr, V_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 UPCAST: tl.constexpr, TMA: tl.constexpr):
     """dK, dV of one key tile, looping over the query tiles that see it. dQ has its own kernel:
     accumulating it here (two matmuls and one exponential fewer) did not pay on an H200. With fp32
     atomics: fixed 16,384 3.55 -> 4.07 ms fwd+bwd, dense 11.9 -> 13.6. With the copy engine's tile
@@ -397,32 +406,35 @@ def _dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, QD, DOD, N, H, n_tiles, NCOLS,
     tile, col, bh, lo = _program(n_tiles, NCOLS, H, L, C, DISTINCT, True)
     len_q = _view_length(N, col, STEP, PACKED)
     len_k = _key_count(N, len_q, L, C, lo, MODE)
-    base = bh.to(tl.int64) * N * HEAD_DIM
+    base_qk = bh.to(tl.int64) * N * QK_DIM
+    base_v = bh.to(tl.int64) * N * V_DIM
     offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)  # this program's key rows
     offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_qk = tl.arange(0, QK_DIM)
+    offs_v = tl.arange(0, V_DIM)
     key_ok = offs_n < len_k
     k_pos = _position(offs_n, col, STEP, W, L, C, lo, MODE == 2, PACKED)
-    k_off = base + k_pos[:, None] * HEAD_DIM + offs_d[None, :]
+    k_off = base_qk + k_pos[:, None] * QK_DIM + offs_qk[None, :]
+    v_off = base_v + k_pos[:, None] * V_DIM + offs_v[None, :]
     k = tl.load(K + k_off, mask=key_ok[:, None], other=0.0)
-    v = tl.load(V + k_off, mask=key_ok[:, None], other=0.0)
-    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    v = tl.load(V + v_off, mask=key_ok[:, None], other=0.0)
+    dk = tl.zeros([BLOCK_N, QK_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, V_DIM], dtype=tl.float32)
     j_lo = tile * BLOCK_N
     j_hi = tl.minimum(j_lo + BLOCK_N, len_k) - 1
     start, full_lo, full_hi, end = _queries_of(j_lo, j_hi, len_q, W, L, C, lo, MODE, DMIN)
     first, a, b = _split(start, full_lo, full_hi, end, BLOCK_M)
-    Qb = Q + base
-    DOb = DO + base
+    Qb = Q + base_qk
+    DOb = DO + base_v
     LSEb = LSE + bh.to(tl.int64) * N
     DELTAb = DELTA + bh.to(tl.int64) * N
     for t in range(first, end, BLOCK_M):
         i = t + offs_m
         q_pos = _position(i, col, STEP, W, L, C, lo, False, PACKED)
         ok_i = i < len_q
-        q = _load_rows(QD, Qb, bh, t, col, STEP, W, L, C, lo, len_q, offs_m, offs_d, HEAD_DIM, BLOCK_M, False,
+        q = _load_rows(QD, Qb, bh, t, col, STEP, W, L, C, lo, len_q, offs_m, offs_qk, QK_DIM, BLOCK_M, False,
                        PACKED, TMA)
-        do = _load_rows(DOD, DOb, bh, t, col, STEP, W, L, C, lo, len_q, offs_m, offs_d, HEAD_DIM, BLOCK_M, False,
+        do = _load_rows(DOD, DOb, bh, t, col, STEP, W, L, C, lo, len_q, offs_m, offs_v, V_DIM, BLOCK_M, False,
                         PACKED, TMA)
         lse = tl.load(LSEb + q_pos, mask=ok_i, other=float("inf"))
         delta = tl.load(DELTAb + q_pos, mask=ok_i, other=0.0)
@@ -438,6 +450,6 @@ def _dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, QD, DOD, N, H, n_tiles, NCOLS,
     dk = dk * scale
     if ACCUMULATE:
         dk += tl.load(DK + k_off, mask=key_ok[:, None], other=0.0).to(tl.float32)
-        dv += tl.load(DV + k_off, mask=key_ok[:, None], other=0.0).to(tl.float32)
+        dv += tl.load(DV + v_off, mask=key_ok[:, None], other=0.0).to(tl.float32)
     tl.store(DK + k_off, dk.to(DK.dtype.element_ty), mask=key_ok[:, None])
-    tl.store(DV + k_off, dv.to(DV.dtype.element_ty), mask=key_ok[:, None])
+    tl.store(DV + v_off, dv.to(DV.dtype.element_ty), mask=key_ok[:, None])

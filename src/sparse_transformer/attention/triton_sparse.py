@@ -29,7 +29,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..patterns import Dense, Fixed, Pattern, Strided
+from ..patterns import Dense, Fixed, Pattern, Strided, parse
+from . import ops
 from . import triton_kernels as tk
 from .triton_launch import Launcher
 
@@ -113,6 +114,43 @@ class KernelConfig:
         if kernel == "dkdv" and part.short and head_dim in tk.SHORT_DKDV_CONFIG:
             return tk.SHORT_DKDV_CONFIG[head_dim], tk.SHORT_DKDV_MAX_REGISTERS
         return tk.DEFAULT_CONFIG[part.kind][head_dim], None
+
+    @property
+    def spec(self) -> str:
+        """This config as a string for :meth:`from_spec` (``""`` for the defaults): how it travels
+        through the registered ops, whose arguments are plain values."""
+        items = [f"{key + ':' if key else ''}{','.join(map(str, getattr(self, field)))}"
+                 for key, field in _CONFIG_KEYS.items() if getattr(self, field) is not None]
+        return "/".join(items + ([f"tma:{int(self.tma)}"] if self.tma is not None else []))
+
+    @staticmethod
+    @functools.lru_cache(maxsize=64)
+    def from_spec(text: str) -> "KernelConfig":
+        """``BM,BN,W,S`` (every part and kernel), or items ``KEY:BM,BN,W,S`` joined by ``/`` with KEY
+        ``local`` / ``global`` (a kind of part) or ``dkdv`` / ``dq`` (a backward kernel), and
+        ``tma:0`` / ``tma:1`` (pointer loads or tensor descriptors); ``""`` is the default config."""
+        fields = {}
+        for item in filter(None, text.split("/")):
+            key, _, tiles = item.rpartition(":")
+            if key == "tma":
+                if tiles not in ("0", "1"):
+                    raise ValueError(f"kernel config: tma takes 0 or 1, got {tiles!r} in {text!r}")
+                fields["tma"] = tiles == "1"
+                continue
+            if key not in _CONFIG_KEYS:
+                raise ValueError(f"kernel config: unknown key {key!r} in {text!r}; expected local, global, dkdv or dq")
+            try:
+                values = tuple(int(x) for x in tiles.split(","))
+            except ValueError:
+                values = ()
+            if len(values) != 4:
+                raise ValueError(f"kernel config: expected BLOCK_M,BLOCK_N,WARPS,STAGES, got {tiles!r}")
+            fields[_CONFIG_KEYS[key]] = values
+        return KernelConfig(**fields)
+
+
+# Spec keys of KernelConfig's tile fields ("" is ``tiles``, written without a key).
+_CONFIG_KEYS = {"": "tiles", "local": "local", "global": "global_", "dkdv": "dkdv", "dq": "dq"}
 
 
 def plan(pattern: Pattern, n: int) -> tuple[Part, ...]:
@@ -259,12 +297,15 @@ class _Launch:
 
 
 @functools.lru_cache(maxsize=256)
-def _pass_plan(parts: tuple[Part, ...], shape: torch.Size, config: KernelConfig, tma_capable: bool,
+def _pass_plan(parts: tuple[Part, ...], shape: torch.Size, value_dim: int, config: KernelConfig, tma_capable: bool,
                upcast: bool, kernels) -> tuple[tuple[_Launch, ...], tuple[_Launch, ...], tuple[_Launch, ...]]:
-    """The forward, dQ and dK/dV launches of ``parts`` on inputs of ``shape``. Worked out once per
-    shape: the pass then spends its host time on the launches alone. ``kernels`` (the kernel
-    module, whose default tiles the plan takes) is part of the key only."""
-    b, h, n, d = shape
+    """The forward, dQ and dK/dV launches of ``parts`` on q/k of ``shape`` and values ``value_dim``
+    wide. Worked out once per shape: the pass then spends its host time on the launches alone.
+    ``kernels`` (the kernel module, whose default tiles the plan takes) is part of the key only.
+    Tiles are chosen by the wider of the two head widths."""
+    b, h, n, qk_dim = shape
+    d = max(qk_dim, value_dim)
+    dims = dict(QK_DIM=qk_dim, V_DIM=value_dim)
     forward, dq, dkdv = [], [], []
     for idx, launch in enumerate(_launches(parts)):
         tma = _use_tma(config, tma_capable, launch)
@@ -278,7 +319,7 @@ def _pass_plan(parts: tuple[Part, ...], shape: torch.Size, config: KernelConfig,
                 flags = dict(MERGE=idx > 0, Q_IN_REGISTERS=all(p.short for p in launch))
             else:
                 flags = dict(ACCUMULATE=idx > 0, WRITE_DELTA=idx == 0)
-            out.append(_Launch(launch, grid, args, dict(**_modes(launch), **flags, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn,
+            out.append(_Launch(launch, grid, args, dict(**_modes(launch), **flags, **dims, BLOCK_M=bm, BLOCK_N=bn,
                                                         UPCAST=upcast, num_warps=warps, num_stages=stages),
                                bn, tma and all(tma_fits(p, n, bn, keys=True) for p in launch)))
     first_covers_all = _first_covers_all_keys(parts)
@@ -287,7 +328,7 @@ def _pass_plan(parts: tuple[Part, ...], shape: torch.Size, config: KernelConfig,
         grid, args = _grid_args((part,), n, h, b * h, bn, keys=True)
         dkdv.append(_Launch((part,), grid, args, dict(
             MODE=part.mode, DMIN=part.dmin, ACCUMULATE=idx > 0 or not first_covers_all, PACKED=part.packed,
-            HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, UPCAST=upcast, num_warps=warps, num_stages=stages,
+            **dims, BLOCK_M=bm, BLOCK_N=bn, UPCAST=upcast, num_warps=warps, num_stages=stages,
             **({"maxnreg": registers} if registers else {})),
             bm, _use_tma(config, tma_capable, (part,)) and tma_fits(part, n, bm, keys=False)))  # query rows
     return tuple(forward), tuple(dq), tuple(dkdv)
@@ -298,8 +339,8 @@ def _first_covers_all_keys(parts: tuple[Part, ...]) -> bool:
     return parts[0].mode != tk.SUMMARY
 
 
-def _plan_of(parts: tuple[Part, ...], q: Tensor, config: KernelConfig):
-    return _pass_plan(parts, q.shape, config, _has_tma(q), _interpreting(), tk)
+def _plan_of(parts: tuple[Part, ...], q: Tensor, v: Tensor, config: KernelConfig):
+    return _pass_plan(parts, q.shape, v.shape[-1], config, _has_tma(q), _interpreting(), tk)
 
 
 @functools.lru_cache(maxsize=None)
@@ -311,10 +352,10 @@ def _launcher(kernel) -> Launcher:
 
 
 def _forward(q: Tensor, k: Tensor, v: Tensor, parts, scale: float, config: KernelConfig):
-    b, h, n, d = q.shape
-    out = torch.empty_like(q)
-    lse = torch.empty((b * h, n), device=q.device, dtype=torch.float32)
-    for launch in _plan_of(parts, q, config)[0]:
+    b, h, n, _ = q.shape
+    out = torch.empty_like(v)
+    lse = torch.empty((b, h, n), device=q.device, dtype=torch.float32)
+    for launch in _plan_of(parts, q, v, config)[0]:
         # A later launch reads the earlier one's output in ``out`` (then overwrites it, row by
         # row in the same program) and its lse.
         tma, *descriptors = _key_descriptors(k, v, launch)
@@ -324,7 +365,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, parts, scale: float, config: Kerne
 
 
 def _backward(q, k, v, out, lse, do, parts, scale: float, config: KernelConfig):
-    _, dq_launches, dkdv_launches = _plan_of(parts, q, config)
+    _, dq_launches, dkdv_launches = _plan_of(parts, q, v, config)
     # dQ first: its first launch covers every query row once and writes delta = rowsum(dO * O),
     # which the dK/dV launches read.
     delta = torch.empty_like(lse)
@@ -346,34 +387,37 @@ def _backward(q, k, v, out, lse, do, parts, scale: float, config: KernelConfig):
     return dq, dk, dv
 
 
-class _SparseAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, parts, scale, config):
-        out, lse = _forward(q, k, v, parts, scale, config)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.parts, ctx.scale, ctx.config = parts, scale, config
-        return out
+@functools.lru_cache(maxsize=256)
+def _parts_of(pattern: str, n: int) -> tuple[Part, ...]:
+    return plan(parse(pattern), n)
 
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(q, k, v, out, lse, do.contiguous(), ctx.parts, ctx.scale, ctx.config)
-        return dq, dk, dv, None, None, None
+
+def forward(q: Tensor, k: Tensor, v: Tensor, pattern: str, scale: float, config: str) -> tuple[Tensor, Tensor]:
+    """The implementation of op ``sparse_transformer::triton_attention`` (see ``ops.py``):
+    ``(out, lse)`` for contiguous inputs, ``pattern`` and ``config`` given as spec strings."""
+    return _forward(q, k, v, _parts_of(pattern, q.shape[2]), scale, KernelConfig.from_spec(config))
+
+
+def backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, grad_out: Tensor, pattern: str,
+             scale: float, config: str) -> tuple[Tensor, Tensor, Tensor]:
+    """The implementation of op ``sparse_transformer::triton_attention_backward``: ``(dq, dk, dv)``."""
+    return _backward(q, k, v, out, lse, grad_out, _parts_of(pattern, q.shape[2]), scale,
+                     KernelConfig.from_spec(config))
 
 
 def triton_attention(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, scale: float,
                      config: Optional[KernelConfig] = None) -> Tensor:
-    """Sparse attention with the Triton kernels. q, k, v: ``[B, H, N, D]`` fp16/bf16, D in
-    16/32/64/128, on CUDA (or CPU under ``TRITON_INTERPRET=1``). Returns ``[B, H, N, D]``."""
-    d = q.shape[-1]
+    """Sparse attention with the Triton kernels, through the registered op
+    ``torch.ops.sparse_transformer.triton_attention`` (differentiable, traceable by torch.compile).
+    q, k: ``[B, H, N, Dqk]``, v: ``[B, H, N, Dv]``, fp16/bf16, widths in 16/32/64/128, on CUDA (or
+    CPU under ``TRITON_INTERPRET=1``). Returns ``[B, H, N, Dv]``."""
     if q.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"the triton backend needs float16 or bfloat16 inputs, got {q.dtype}")
-    if d not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"the triton backend needs head dim D in {SUPPORTED_HEAD_DIMS}, got {d}")
+    for name, d in (("q/k", q.shape[-1]), ("v", v.shape[-1])):
+        if d not in SUPPORTED_HEAD_DIMS:
+            raise ValueError(f"the triton backend needs head widths in {SUPPORTED_HEAD_DIMS}, got {d} for {name}")
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
     if scale <= 0:  # the forward kernel takes row maxima before scaling, so it needs scale > 0
         q, scale = (-q, -scale) if scale < 0 else (q * 0, 1.0)
-    parts = plan(pattern, q.shape[2])
-    q, k, v = (x.contiguous() for x in (q, k, v))
-    return _SparseAttention.apply(q, k, v, parts, scale, config or KernelConfig())
+    return ops.sparse_attention_triton(q, k, v, pattern.spec, scale, (config or KernelConfig()).spec)

@@ -22,7 +22,6 @@ import torch.nn.functional as F
 
 from .. import patterns as P
 from ..attention import sparse_attention
-from ..attention.triton_sparse import KernelConfig
 from ..layout import cost
 from . import flex_forms
 
@@ -95,7 +94,11 @@ def inputs_for(n: int, tokens: int = 65536, heads: int = 8, head_dim: int = 64, 
 
 
 def run(ns, tokens=65536, heads=8, head_dim=64, dtype=torch.bfloat16, pattern_names=("strided", "fixed"),
-        baseline_max_n=65536, configs=(KernelConfig(),), log=print) -> list[Row]:
+        baseline_max_n=65536, configs=None, log=print) -> list[Row]:
+    """Rows for every N and pattern; ``configs`` (default: the default ``KernelConfig``) are timed for ours."""
+    from ..attention.triton_sparse import KernelConfig  # Triton: imported only when the benchmark runs
+
+    configs = configs or (KernelConfig(),)
     # Every (N, mask) is a new specialization of the compiled flex_attention; past dynamo's default
     # limit (8) later shapes fall back to the unfused path, which materializes N x N scores.
     for name in ("recompile_limit", "cache_size_limit"):
@@ -222,34 +225,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for <gpu>.json/.md")
 
 
-CONFIG_KEYS = {"": "tiles", "local": "local", "global": "global_", "dkdv": "dkdv", "dq": "dq"}
-
-
-def parse_config(text: str) -> KernelConfig:
-    """``BM,BN,W,S`` (every part and kernel), or items ``KEY:BM,BN,W,S`` joined by ``/`` with KEY
-    ``local`` / ``global`` (a kind of part) or ``dkdv`` / ``dq`` (a backward kernel), and
-    ``tma:0`` / ``tma:1`` (pointer loads or tensor descriptors)."""
-    fields = {}
-    for item in text.split("/"):
-        key, _, tiles = item.rpartition(":")
-        if key == "tma":
-            if tiles not in ("0", "1"):
-                raise ValueError(f"--configs: tma takes 0 or 1, got {tiles!r} in {text!r}")
-            fields["tma"] = tiles == "1"
-            continue
-        if key not in CONFIG_KEYS:
-            raise ValueError(f"--configs: unknown key {key!r} in {text!r}; expected local, global, dkdv or dq")
-        values = tuple(int(x) for x in tiles.split(","))
-        if len(values) != 4:
-            raise ValueError(f"--configs: expected BLOCK_M,BLOCK_N,WARPS,STAGES, got {tiles!r}")
-        fields[CONFIG_KEYS[key]] = values
-    return KernelConfig(**fields)
-
-
 def run_cli(args) -> int:
     if not torch.cuda.is_available():
         raise ValueError("the attention benchmark needs a CUDA GPU")
-    configs = [KernelConfig()] + [parse_config(c) for c in args.configs]
+    from ..attention.triton_sparse import KernelConfig
+
+    configs = [KernelConfig()] + [KernelConfig.from_spec(c) for c in args.configs]
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     rows = run(args.n, args.tokens, args.heads, args.head_dim, dtype, tuple(args.patterns), args.baseline_max_n,
                tuple(configs), log=lambda r: print(r, flush=True))

@@ -29,7 +29,8 @@ def add_parser(sub) -> None:
     p.add_argument("--lr", type=float, default=None, help="peak learning rate")
     p.add_argument("--precision", default=None, choices=("auto", "fp32", "bf16", "fp16"))
     p.add_argument("--parallel", default=None, choices=("ddp", "fsdp"), help="multi-process strategy")
-    p.add_argument("--compile", action="store_true", help="torch.compile each block")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model (default: on with a GPU, off on the CPU)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: this process's GPU, else CPU)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override any config field, e.g. --set model.dropout=0.1 --set grad_accum=4")
@@ -52,8 +53,8 @@ def build_config(args: argparse.Namespace):
                         ("parallel", "parallel")):
         if getattr(args, flag) is not None:
             sets.append(f"{field}={getattr(args, flag)}")
-    if args.compile:
-        sets.append("compile=true")
+    if args.compile is not None:
+        sets.append(f"compile={args.compile}")
     for assignment in sets:
         config = override(config, assignment)
     return config

@@ -3,7 +3,8 @@
 Grammar: parts joined by ``+``, each a token and its integer arguments joined by ``:`` (spaces
 around either are ignored): ``local:W``, ``column:S``, ``block:S``, ``summary:S:C`` or
 ``summary:S:C:D``, ``global_tokens:N``, ``dense``, and the paper's names ``strided:L``,
-``fixed:L:C``, ``fixed:L:C:D``. Examples: ``local:256+global_tokens:16``, ``fixed:128:32:4``.
+``fixed:L:C``, ``fixed:L:C:D`` (a trailing ``:row``, ``:column``, ``:local`` or ``:summary``
+picks one of their two parts). Examples: ``local:256+global_tokens:16``, ``fixed:128:32:4``.
 The same strings are the CLI's ``--pattern`` and the config's ``model.pattern``.
 """
 
@@ -14,7 +15,7 @@ import functools
 from typing import Optional
 
 from .base import Pattern
-from .paper import fixed, strided
+from .paper import FIXED_PARTS, STRIDED_PARTS, fixed, strided
 
 PAPER = {"strided": strided, "fixed": fixed}
 
@@ -36,17 +37,20 @@ def forms() -> dict[str, str]:
 
 def _term(text: str, spec: str) -> Pattern:
     from . import PARTS
-    token, *numbers = (x.strip() for x in text.split(":"))
+    token, *fields = (x.strip() for x in text.split(":"))
     builders = {part.token: part for part in PARTS} | PAPER
     if token not in builders:
         raise ValueError(f"pattern spec {spec!r}: unknown part {token!r}; known: {', '.join(forms().values())}")
+    piece = {}
+    if token in PAPER and fields and fields[-1] in STRIDED_PARTS + FIXED_PARTS:  # "strided:8:row" reads too
+        piece["part"] = fields.pop()
     try:
-        args = [int(x) for x in numbers]
+        args = [int(x) for x in fields]
     except ValueError:
         raise ValueError(f"pattern spec {spec!r}: {text.strip()!r} needs integer arguments, "
                          f"written {forms()[token]}") from None
     try:
-        return builders[token](*args)
+        return builders[token](*args, **piece)
     except TypeError:  # too many or too few numbers
         raise ValueError(f"pattern spec {spec!r}: {text.strip()!r} has {len(args)} numbers, "
                          f"expected {forms()[token]}") from None

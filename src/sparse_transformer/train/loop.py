@@ -24,14 +24,15 @@ from torch import nn
 from ..config import ModelConfig, TrainConfig, from_dict, to_dict
 from ..data import ByteDataset, check_context, position_axes
 from ..data.batches import Prefetcher, TrainBatches
-from ..model import SparseTransformer, byte_loss
-from ..parallel import (World, all_reduce_mean, autocast, close_world, init_world, make_scaler, no_sync,
+from ..model import SparseTransformer
+from ..parallel import (World, all_reduce_mean, close_world, compiles, init_world, make_scaler,
                         main_process_first, parallelize, resolve_precision, wait_for_all)
 from . import checkpoint as ckpt
 from .checkpoint import checkpoint_dir
 from .evaluate import evaluate, sample_bytes
 from .metrics import Metrics, plot_metrics
 from .source import load_dataset
+from .step import PROBLEMS, StepStats, TrainStep, build_optimizer
 from .stopping import StopRequest
 
 
@@ -48,17 +49,7 @@ class RunResult:
     test_bytes: int = 0                         # bytes scored for the test figure
     test_split_bytes: int = 0                   # bytes in the whole test split
     sample: Optional[bytes] = None
-
-
-def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW; weight decay on weight matrices only (not biases, norms or embedding tables)."""
-    decay, rest = [], []
-    for name, p in model.named_parameters():
-        is_table = name.startswith(("token.", "positions.", "start"))
-        (decay if p.dim() >= 2 and not is_table else rest).append(p)
-    o = config.optim
-    return torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay}, {"params": rest, "weight_decay": 0.0}],
-                             lr=o.lr, betas=o.betas, eps=o.eps)
+    nonfinite: int = 0                          # skipped (non-finite) steps in a row at the end
 
 
 class Schedule:
@@ -116,15 +107,6 @@ def _load_optimizer(model: nn.Module, optimizer, state: dict, fsdp: bool) -> Non
         optimizer.load_state_dict(state)
 
 
-def _clip_gradients(model: nn.Module, max_norm: float) -> float:
-    """Clip the global gradient norm to ``max_norm`` (0: no clipping) and return the norm before
-    clipping (inf or nan when some gradient is not finite). Collective under FSDP."""
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else math.inf)
-    if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor
-        norm = norm.full_tensor()
-    return float(norm)
-
-
 def _agreed_checkpoint(run_dir: Path, world: World) -> Optional[Path]:
     """The checkpoint to resume from: rank 0 finds and verifies the newest intact one and tells the
     others, so every rank resumes from the same step."""
@@ -159,9 +141,10 @@ def train(config: TrainConfig, run_dir: str | Path, dataset: Optional[ByteDatase
           on_step: Optional[Callable[[int, float], None]] = None) -> RunResult:
     """Train ``config`` writing checkpoints and metrics into ``run_dir``; see the module docstring.
 
-    ``on_step(step, loss)`` runs after every step (raising ``KeyboardInterrupt`` there stops the
-    run like Ctrl-C: a checkpoint is written and the run can be resumed). Under torchrun every
-    process calls this; rank 0 reports.
+    ``on_step(step, loss)`` runs after every step with the step's loss as a 0-dim tensor on the
+    device (reading it waits for the GPU; the loop itself reads losses only at log steps). Raising
+    ``KeyboardInterrupt`` there stops the run like Ctrl-C: a checkpoint is written and the run can be
+    resumed. Under torchrun every process calls this; rank 0 reports.
     """
     run_dir = Path(run_dir)
     world = init_world(device)
@@ -218,6 +201,38 @@ def _model_differences(saved: ModelConfig, current: ModelConfig) -> str:
 
 
 def _train(config, run_dir, dataset, resume, world: World, progress, final_eval, on_step) -> RunResult:
+    run = _setup(config, run_dir, dataset, resume, world, progress)
+    result = RunResult(step=run.step, checkpoint=run.found)
+    reason, updating = _cadence(run, result, on_step)
+    return _finish(run, result, reason, updating, final_eval)
+
+
+@dataclass
+class _Run:
+    """A run being trained: what :func:`_setup` built, and where the run stands (``step``,
+    ``elapsed``: seconds of training, checkpoints and evaluations excluded)."""
+
+    config: TrainConfig
+    run_dir: Path
+    world: World
+    precision: str
+    dataset: ByteDataset
+    model: nn.Module
+    wrapped: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    batches: TrainBatches
+    schedule: Schedule
+    metrics: Metrics
+    found: Optional[Path]
+    fsdp: bool
+    step: int
+    elapsed: float
+
+
+def _setup(config, run_dir, dataset, resume, world: World, progress) -> _Run:
+    """Everything before the first step: the checkpoint to resume, the data, the model and its
+    wrappers, the optimizer, the metrics; refusals come before anything is built or written."""
     precision = resolve_precision(config.precision, world.device)
     found = _resume_point(run_dir, resume, world)  # before loading data: a refusal should be quick
     if dataset is None:
@@ -270,104 +285,146 @@ def _train(config, run_dir, dataset, resume, world: World, progress, final_eval,
         metrics.write(f"{config.model.n_layer} layers, {model.num_parameters():,} parameters, "
                       f"{world.world_size} process(es) on {world.device.type}, {precision}; "
                       + (f"resuming from {found.name}" if found else "starting fresh"))
-    result = RunResult(step=step, checkpoint=found)
+    return _Run(config, run_dir, world, precision, dataset, model, wrapped, optimizer, scaler, batches, schedule,
+                metrics, found, fsdp, step, elapsed)
 
-    def save() -> Path:
-        model_state, optim_state = _states(model, optimizer, fsdp)
-        train_state = {"step": step, "elapsed": elapsed, "optimizer": optim_state, "scaler": scaler.state_dict(),
-                       "batches": dict(batches.state_dict(), step=step)}
-        return ckpt.save_checkpoint(run_dir, step, model_state if world.main else None, config,
-                                    train_state if world.main else None, world.rank, world.world_size,
-                                    config.keep_checkpoints)
 
-    def validate() -> float:
-        bpb, count = evaluate(model, dataset.validation, context, world, stride=config.data.eval_stride,
-                              example_length=dataset.example_length, max_bytes=config.data.eval_bytes,
-                              batch_size=config.data.eval_batch_size, precision=precision)
-        metrics.log({"split": "validation", "step": step, "time": round(elapsed, 3), "bits_per_byte": bpb,
+def _save(run: _Run) -> Path:
+    model_state, optim_state = _states(run.model, run.optimizer, run.fsdp)
+    world = run.world
+    train_state = {"step": run.step, "elapsed": run.elapsed, "optimizer": optim_state,
+                   "scaler": run.scaler.state_dict(), "batches": dict(run.batches.state_dict(), step=run.step)}
+    return ckpt.save_checkpoint(run.run_dir, run.step, model_state if world.main else None, run.config,
+                                train_state if world.main else None, world.rank, world.world_size,
+                                run.config.keep_checkpoints)
+
+
+def _evaluate(run: _Run, split: str) -> tuple[float, int]:
+    data = run.config.data
+    return evaluate(run.model, getattr(run.dataset, split), run.config.model.context, run.world,
+                    stride=data.eval_stride, example_length=run.dataset.example_length, max_bytes=data.eval_bytes,
+                    batch_size=data.eval_batch_size, precision=run.precision)
+
+
+def _validate(run: _Run) -> float:
+    bpb, count = _evaluate(run, "validation")
+    run.metrics.log({"split": "validation", "step": run.step, "time": round(run.elapsed, 3), "bits_per_byte": bpb,
                      "bytes": count})
-        metrics.write(f"step {step}: validation {bpb:.4f} bits per byte ({count:,} bytes)")
-        return bpb
+    run.metrics.write(f"step {run.step}: validation {bpb:.4f} bits per byte ({count:,} bytes)")
+    return bpb
 
-    prefetch = Prefetcher(iter(batches), depth=4)
-    nonfinite, updating, tokens_seen = 0, False, 0
+
+class _Pending:
+    """Steps whose loss and skip flag are still on the device: :meth:`read` fetches them all with one
+    wait for the GPU, records the losses in ``result`` and warns about skipped steps."""
+
+    def __init__(self, result: RunResult, metrics: Metrics, max_nonfinite: int):
+        self.result, self.metrics, self.max_nonfinite = result, metrics, max_nonfinite
+        self.stats: list[tuple[int, StepStats]] = []
+        self.nonfinite = 0  # skipped steps in a row, as of the last read
+
+    def add(self, step: int, stats: StepStats) -> None:
+        self.stats.append((step, stats))
+
+    def read(self) -> Optional[float]:
+        """The loss of the last step added (None if there is none), after reading all of them."""
+        if not self.stats:
+            return None
+        values = torch.stack([torch.stack([s.loss.float(), s.problem.float()]) for _, s in self.stats]).tolist()
+        for (step, _), (loss, problem) in zip(self.stats, values):
+            self.result.losses.append(loss)
+            if problem:
+                self.nonfinite += 1
+                what = PROBLEMS[int(problem)]
+                self.metrics.write(f"warning: non-finite {what} at step {step - 1}; step skipped "
+                                   f"({self.nonfinite} in a row, stopping at {self.max_nonfinite})")
+                warnings.warn(f"non-finite {what} at step {step - 1}; step skipped")
+            else:
+                self.nonfinite = 0
+        self.stats.clear()
+        return values[-1][0]
+
+
+def _cadence(run: _Run, result: RunResult, on_step) -> tuple[str, bool]:
+    """Steps until a limit, a stop request or too many non-finite steps; returns ``(why it stopped,
+    whether it was interrupted inside an optimizer update)``. The host reads the GPU's results only
+    at log, checkpoint and evaluation steps; several processes agree on stopping at log steps (one
+    all-reduce carries the logged loss, stop requests and the time limit)."""
+    config, world, metrics, schedule = run.config, run.world, run.metrics, run.schedule
+    compiling = compiles(config, world.device)
+    step_fn = TrainStep(run.model, run.wrapped, run.optimizer, run.scaler, run.precision, config, run.fsdp,
+                        compile=compiling)
+    if compiling:
+        metrics.write("compiling the model with torch.compile: the first steps take longer (--no-compile: eager)")
+    pending = _Pending(result, metrics, config.max_nonfinite)
+    prefetch = Prefetcher(iter(run.batches), depth=4)
+    tokens_seen, reason, voted = 0, None, None
     wall0 = last = time.perf_counter()
-    wrapped.train()
+    run.wrapped.train()
     stop = StopRequest()
     stop.install()
     try:
-        while (reason := schedule.stop(step, elapsed)) is None:
-            lr = schedule.lr(step, elapsed)
-            for group in optimizer.param_groups:
+        while True:
+            # Step limits are the same on every process; several agree on the time limit at log steps.
+            reason = voted or schedule.stop(run.step, 0.0 if world.distributed else run.elapsed)
+            if reason is not None:
+                break
+            lr = schedule.lr(run.step, run.elapsed)
+            for group in run.optimizer.param_groups:
                 group["lr"] = lr
             data_step, batch = next(prefetch)
-            assert data_step == step, (data_step, step)
-            x = batch.to(world.device, non_blocking=True).long()
-            total = torch.zeros((), device=world.device)
-            for i, micro in enumerate(x.chunk(config.grad_accum)):
-                last_micro = i == config.grad_accum - 1
-                if fsdp:
-                    wrapped.set_requires_gradient_sync(last_micro)
-                with no_sync(wrapped, last_micro), autocast(precision, world.device):
-                    logits = wrapped(micro)
-                loss = byte_loss(logits, micro)
-                scaler.scale(loss / config.grad_accum).backward()
-                total += loss.detach() / config.grad_accum
-            if world.distributed:  # the stop request rides on the loss all-reduce: all ranks stop together
-                votes = total.new_tensor(float(stop.requested))
-                loss_value, stop_votes = all_reduce_mean(torch.stack([total, votes]), world).tolist()
-            else:
-                loss_value = total.item()
-            problem = None if math.isfinite(loss_value) else "loss"
-            if problem is None:
-                scaler.unscale_(optimizer)  # a no-op unless fp16
-                norm = _clip_gradients(model, config.optim.grad_clip)
-                # fp16: the loss scaler skips a step with overflowed gradients and lowers its scale
-                if not math.isfinite(norm) and precision != "fp16":
-                    problem = "gradient"
-            if problem is None:
-                nonfinite = 0
-                updating = True
-                scaler.step(optimizer)
-                scaler.update()
-                updating = False
-            else:
-                nonfinite += 1
-                metrics.write(f"warning: non-finite {problem} at step {step}; step skipped "
-                              f"({nonfinite} in a row, stopping at {config.max_nonfinite})")
-                warnings.warn(f"non-finite {problem} at step {step}; step skipped")
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
+            assert data_step == run.step, (data_step, run.step)
+            stats = step_fn(batch.to(world.device, non_blocking=True))
+            if compiling and tokens_seen == 0:  # the first step compiled the forward and backward passes
+                metrics.write(f"compiled in {time.perf_counter() - last:.0f} s")
+            run.step += 1
+            pending.add(run.step, stats)
             now = time.perf_counter()
-            elapsed += now - last
+            run.elapsed += now - last
             last = now
-            tokens_seen += x.numel() * world.world_size
-            result.losses.append(loss_value)
-            metrics.step(step, elapsed, loss_value, lr, tokens_seen / max(now - wall0, 1e-9),
-                         log=step % config.log_every == 0)
-            if nonfinite >= config.max_nonfinite:
+            tokens_seen += batch.numel() * world.world_size
+            logged = run.step % config.log_every == 0
+            loss = pending.read() if logged else None
+            if logged and world.distributed:  # the logged loss, stop requests and time limit, agreed
+                time_up = schedule.stop(run.step, run.elapsed) == "time"
+                votes = torch.tensor([loss, float(stop.requested), float(time_up)], device=world.device)
+                loss, stop_votes, time_votes = all_reduce_mean(votes, world).tolist()
+                voted = "interrupted" if stop_votes > 0 else "time" if time_votes > 0 else None
+            metrics.step(run.step, run.elapsed, loss, lr, tokens_seen / max(now - wall0, 1e-9), log=logged)
+            if pending.nonfinite >= config.max_nonfinite:
                 reason = "non-finite"
                 break
             if on_step is not None:
-                on_step(step, loss_value)
-            # One process stops after this step; several after the step whose all-reduce carried the request.
-            if (stop_votes > 0) if world.distributed else stop.requested:
+                on_step(run.step, stats.loss)
+            # One process stops after this step; several after the log step whose all-reduce carried the request.
+            if voted == "interrupted" or (stop.requested and not world.distributed):
                 metrics.write(f"stop requested{' (' + stop.name + ')' if stop.name else ''}: "
-                              f"checkpointing after step {step}")
+                              f"checkpointing after step {run.step}")
                 reason = "interrupted"
                 break
-            if config.checkpoint_every and step % config.checkpoint_every == 0 and nonfinite == 0:
-                result.checkpoint = save()
-            if config.eval_every and step % config.eval_every == 0:
-                result.validation_bits_per_byte = validate()
+            if config.checkpoint_every and run.step % config.checkpoint_every == 0:
+                pending.read()  # a checkpoint holds no skipped step
+                if pending.nonfinite == 0:
+                    result.checkpoint = _save(run)
+            if config.eval_every and run.step % config.eval_every == 0:
+                result.validation_bits_per_byte = _validate(run)
             last = time.perf_counter()  # checkpoints and evaluation do not count as training time
     except KeyboardInterrupt:
         reason = "interrupted"
     finally:
         stop.restore()
         prefetch.close()
-    result.step, result.stopped = step, reason
-    run_summary = {"split": "summary", "step": step, "time": round(elapsed, 3), "stopped": reason}
+    pending.read()
+    result.nonfinite = pending.nonfinite
+    return reason, step_fn.updating
+
+
+def _finish(run: _Run, result: RunResult, reason: str, updating: bool, final_eval: bool) -> RunResult:
+    """The run summary, the last checkpoint, and unless the run was interrupted or diverged the final
+    evaluation, a sample and the metrics plot."""
+    config, world, metrics = run.config, run.world, run.metrics
+    result.step, result.stopped = run.step, reason
+    run_summary = {"split": "summary", "step": run.step, "time": round(run.elapsed, 3), "stopped": reason}
     if world.device.type == "cuda":
         run_summary["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(world.device) / 2 ** 30, 3)
     metrics.log(run_summary)
@@ -376,29 +433,30 @@ def _train(config, run_dir, dataset, resume, world: World, progress, final_eval,
                       f"the last good checkpoint is {result.checkpoint}")
     elif updating:
         metrics.write("interrupted during an optimizer update: no checkpoint written for this step")
-    elif nonfinite == 0 and (result.checkpoint is None or result.checkpoint.name != f"{ckpt.PREFIX}{step:08d}"):
-        result.checkpoint = save()
+    elif result.nonfinite == 0 and (result.checkpoint is None
+                                    or result.checkpoint.name != f"{ckpt.PREFIX}{run.step:08d}"):
+        result.checkpoint = _save(run)
     metrics.close()
     if reason == "interrupted":
         if world.main:
-            print(f"interrupted at step {step}; continue with --resume (checkpoint {result.checkpoint})")
+            print(f"interrupted at step {run.step}; continue with --resume (checkpoint {result.checkpoint})")
         return result
     if final_eval and reason != "non-finite":
         if config.eval_every:
-            result.validation_bits_per_byte = validate()
-        bpb, count = evaluate(model, dataset.test, context, world, stride=config.data.eval_stride,
-                              example_length=dataset.example_length, max_bytes=config.data.eval_bytes,
-                              batch_size=config.data.eval_batch_size, precision=precision)
+            result.validation_bits_per_byte = _validate(run)
+        bpb, count = _evaluate(run, "test")
         result.test_bits_per_byte, result.test_bytes = bpb, count
-        result.test_split_bytes = len(dataset.test)
-        metrics.log({"split": "test", "step": step, "time": round(elapsed, 3), "bits_per_byte": bpb, "bytes": count})
-        if config.sample_bytes and dataset.kind == "text":
-            sampler = _unsharded_copy(model, config.model, world) if fsdp else (model if world.main else None)
+        result.test_split_bytes = len(run.dataset.test)
+        metrics.log({"split": "test", "step": run.step, "time": round(run.elapsed, 3), "bits_per_byte": bpb,
+                     "bytes": count})
+        if config.sample_bytes and run.dataset.kind == "text":
+            model = run.model
+            sampler = _unsharded_copy(model, config.model, world) if run.fsdp else (model if world.main else None)
             if sampler is not None:
                 result.sample = sample_bytes(sampler, config.sample_bytes, seed=config.seed,
                                              device=sampler.head.weight.device)
     if world.main:
-        plot_metrics(run_dir / "metrics.jsonl", run_dir / "metrics.png")
+        plot_metrics(run.run_dir / "metrics.jsonl", run.run_dir / "metrics.png")
     return result
 
 

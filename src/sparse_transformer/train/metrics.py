@@ -36,6 +36,7 @@ class Metrics:
                 self.bar = tqdm(total=total, initial=min(initial, total or initial), dynamic_ncols=True,
                                 unit="s" if self.by_time else "step", desc="train")
         self.shown_time = float(int(start_time))
+        self.shown_loss: Optional[float] = None  # the last loss read from the device
 
     def _set_aside_after(self, start_step: int) -> None:
         """Keep only the training and validation rows of steps up to ``start_step``, the resumed run's
@@ -64,8 +65,10 @@ class Metrics:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
-    def step(self, step: int, elapsed: float, loss: float, lr: float, tokens_per_s: float, log: bool) -> None:
-        """Advance the bar to ``step`` (completed) and optionally log the training loss."""
+    def step(self, step: int, elapsed: float, loss: Optional[float], lr: float, tokens_per_s: float,
+             log: bool) -> None:
+        """Advance the bar to ``step`` (completed); with ``loss`` (read from the GPU at log steps only)
+        show it, and with ``log`` write the training row."""
         if not self.enabled:
             return
         if self.bar is not None:
@@ -76,9 +79,12 @@ class Metrics:
                     self.shown_time += int(advance)
             else:
                 self.bar.update(step - self.bar.n)
-            self.bar.set_postfix(loss=f"{loss:.3f}", bpb=f"{loss / LN2:.3f}", lr=f"{lr:.2e}",
-                                 tok_s=f"{tokens_per_s:,.0f}", refresh=False)
-        if log:
+            if loss is not None:
+                self.shown_loss = loss
+            if self.shown_loss is not None:
+                self.bar.set_postfix(loss=f"{self.shown_loss:.3f}", bpb=f"{self.shown_loss / LN2:.3f}", lr=f"{lr:.2e}",
+                                     tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+        if log and loss is not None:
             self.log({"split": "train", "step": step, "time": round(elapsed, 3), "loss": loss,
                       "bits_per_byte": loss / LN2, "lr": lr, "tokens_per_s": tokens_per_s})
 
