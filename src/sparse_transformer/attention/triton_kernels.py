@@ -15,8 +15,16 @@ per-(query, key) condition from their positions (``MODE``):
                ``f // W + (f % W) * STEP``, ``W = N / STEP``): the strided column part when its
                columns are shorter than a tile, so that one tile holds several of them.
 - ``SUMMARY``: key row ``g`` is the g-th summary slot, at position ``(g // C) * L + lo + g % C``
-               with ``lo`` from the head group (fixed summary); ``DMIN = 1`` keeps only keys of
-               earlier blocks (merged with the local part), else keys at positions ``<= i``.
+               with ``lo`` the head's, read from the host's table ``LO`` (fixed summary); ``DMIN = 1``
+               keeps only keys of earlier blocks (merged with the local part), else keys ``<= i``.
+
+``KEYS > 0`` keeps a BAND or BLOCK part to the first ``KEYS`` key rows (global tokens: a causal
+band over the first ``KEYS`` positions). ``patterns/plans.py`` says which part is which launch.
+
+Keys an earlier part of a union already admits are left out, so every key counts once: by
+``DMIN`` where the structure allows it (a window before a column or a block, a block before the
+summary of its stride), else by testing positions against each earlier part's own condition
+(``EXCL``: their modes, 3 bits each; ``XP``: their arguments and per-head ``lo``), on every tile.
 
 Each kernel runs one loop over a part's tiles and evaluates the part's condition only on the
 edge tiles (a uniform branch per tile), so interior tiles pay no mask arithmetic. One loop, not
@@ -178,8 +186,9 @@ def _split(start, full_lo, full_hi, end, BLOCK_SIZE: tl.constexpr):
 
 
 @triton.jit
-def _program(n_tiles, NCOLS, H, L, C, DISTINCT, KEY_TILES: tl.constexpr):
-    """Decode a 1-D program id into (tile, view column, batch*head, summary offset ``lo``).
+def _program(n_tiles, NCOLS, H, LO, KEY_TILES: tl.constexpr):
+    """Decode a 1-D program id into (tile, view column, batch*head, the head's summary offset ``lo``
+    from the host's table ``LO``).
 
     Longest work first, for load balance in causal parts: the last query tile sees the most keys,
     the first key tile is seen by the most queries."""
@@ -191,18 +200,48 @@ def _program(n_tiles, NCOLS, H, L, C, DISTINCT, KEY_TILES: tl.constexpr):
     rest = pid // n_tiles
     col = rest % NCOLS
     bh = rest // NCOLS
-    lo = L - ((bh % H) % DISTINCT + 1) * C
+    lo = tl.load(LO + bh % H)
     return tile, col, bh, lo
 
 
 @triton.jit
-def _key_count(N, len_q, L, C, lo, MODE: tl.constexpr):
-    """Length of a part's list of key rows: the summary slots, else the view itself."""
+def _key_count(N, len_q, KEYS, L, C, lo, MODE: tl.constexpr):
+    """Length of a part's list of key rows: the summary slots, else the view (its first ``KEYS`` rows
+    when ``KEYS > 0``)."""
     if MODE == 2:
         count = _summary_count(N, L, C, lo)
     else:
-        count = len_q
+        count = tl.where(KEYS > 0, tl.minimum(len_q, KEYS), len_q)
     return count
+
+
+@triton.jit
+def _excluded(ip, jp, XP, h, H, EXCL: tl.constexpr, EXCL_COUNT: tl.constexpr):
+    """Where query position ``ip`` and key position ``jp`` (broadcast against each other) are a pair
+    an earlier part admits: ``EXCL_COUNT`` parts, the x-th of mode ``(EXCL >> 3x) & 7`` (1: a band
+    over the sequence, 2: a band over the columns of ``[N/step, step]``, 3: a block, 4: summary
+    slots) with arguments ``XP[x]``: ``W, step, DMIN, keys, L, C``, then ``lo`` per head."""
+    hit = (ip < 0) & (jp < 0)
+    for x in tl.static_range(EXCL_COUNT):
+        kind: tl.constexpr = (EXCL >> (3 * x)) & 7
+        row = XP + x * (8 + H)
+        w = tl.load(row)
+        if kind == 1:
+            d = ip - jp
+            mine = (d >= tl.load(row + 2)) & (d < w) & (jp < tl.load(row + 3))
+        elif kind == 2:
+            step = tl.load(row + 1)
+            d = ip // step - jp // step
+            mine = (ip % step == jp % step) & (d >= tl.load(row + 2)) & (d < w)
+        elif kind == 3:
+            mine = (ip // w == jp // w) & (ip - jp >= tl.load(row + 2))
+        else:
+            block = tl.load(row + 4)
+            offset = jp % block - tl.load(row + 8 + h)
+            mine = (offset >= 0) & (offset < tl.load(row + 5))
+            mine = mine & ((tl.load(row + 2) == 0) | (jp < (ip // block) * block))
+        hit = hit | mine
+    return hit
 
 
 # ----------------------------------------------------------------------------- configs
@@ -235,11 +274,12 @@ SHORT_DKDV_MAX_REGISTERS = 168
 # ----------------------------------------------------------------------------- forward
 @triton.jit
 def _fwd_part(acc, l_i, m_i, q, Kb, Vb, KD, VD, bh, i_lo, i_hi, offs_m, offs_n, offs_qk, offs_v, col, STEP, len_q,
-              len_k, W, L, C, lo, scale2, MODE: tl.constexpr, DMIN: tl.constexpr, PACKED: tl.constexpr,
+              len_k, W, L, C, lo, scale2, q_pos, XP, H, MODE: tl.constexpr, DMIN: tl.constexpr, PACKED: tl.constexpr,
               QK_DIM: tl.constexpr, V_DIM: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
-              TMA: tl.constexpr):
+              TMA: tl.constexpr, EXCL: tl.constexpr, EXCL_COUNT: tl.constexpr):
     """One part's keys for the query rows ``[i_lo, i_hi]``, continuing the online softmax."""
     start, full_lo, full_hi, end = _keys_of(i_lo, i_hi, W, L, C, lo, MODE, DMIN)
+    end, full_hi = tl.minimum(end, len_k), tl.minimum(full_hi, len_k)  # a part kept to its first KEYS rows
     first, a, b = _split(start, full_lo, full_hi, end, BLOCK_N)
     for t in range(first, end, BLOCK_N):
         j = t + offs_n
@@ -251,6 +291,9 @@ def _fwd_part(acc, l_i, m_i, q, Kb, Vb, KD, VD, bh, i_lo, i_hi, offs_m, offs_n, 
         if (t < a) | (t >= b):  # an edge tile
             s = tl.where(_allowed(offs_m[:, None], j[None, :], len_q, len_k, W, L, C, lo, MODE, DMIN), s,
                          float("-inf"))
+        if EXCL_COUNT > 0:  # keys an earlier part of the union admits
+            k_pos = _position(j, col, STEP, W, L, C, lo, MODE == 2, PACKED)
+            s = tl.where(_excluded(q_pos[:, None], k_pos[None, :], XP, bh % H, H, EXCL, EXCL_COUNT), float("-inf"), s)
         m_new = tl.maximum(m_i, tl.max(s, 1) * scale2)
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet: no NaN
         p = tl.math.exp2(s * scale2 - m_use[:, None])
@@ -263,17 +306,18 @@ def _fwd_part(acc, l_i, m_i, q, Kb, Vb, KD, VD, bh, i_lo, i_hi, offs_m, offs_n, 
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE, O_PREV, KD, VD, KD2, VD2, N, H, n_tiles, NCOLS, STEP, W, L, C, DISTINCT, scale2,
-                MODE: tl.constexpr, DMIN: tl.constexpr, MODE2: tl.constexpr, DMIN2: tl.constexpr,
+def _fwd_kernel(Q, K, V, O, LSE, O_PREV, KD, VD, KD2, VD2, LO, XP, XP2, N, H, n_tiles, NCOLS, STEP, W, KEYS, L, C,
+                scale2, MODE: tl.constexpr, DMIN: tl.constexpr, MODE2: tl.constexpr, DMIN2: tl.constexpr,
                 TWO_PARTS: tl.constexpr, MERGE: tl.constexpr, PACKED: tl.constexpr, Q_IN_REGISTERS: tl.constexpr,
                 QK_DIM: tl.constexpr, V_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                UPCAST: tl.constexpr, TMA: tl.constexpr):
+                UPCAST: tl.constexpr, TMA: tl.constexpr, EXCL: tl.constexpr, EXCL_COUNT: tl.constexpr,
+                EXCL2: tl.constexpr, EXCL_COUNT2: tl.constexpr):
     """One part (``MODE``), or with ``TWO_PARTS`` a second one (``MODE2``) over the same query view
     in the same online softmax; with ``MERGE``, continue from an earlier launch's output and lse.
     With ``TMA``, keys and values come through the descriptors ``KD, VD`` (``KD2, VD2``: the second
     part's) instead of pointers (see ``_load_rows``). With ``Q_IN_REGISTERS`` the ``QK^T`` matmul reads
     q from registers, not shared memory (see "register operands" above)."""
-    tile, col, bh, lo = _program(n_tiles, NCOLS, H, L, C, DISTINCT, False)
+    tile, col, bh, lo = _program(n_tiles, NCOLS, H, LO, False)
     len_q = _view_length(N, col, STEP, PACKED)
     base_qk = bh.to(tl.int64) * N * QK_DIM
     base_v = bh.to(tl.int64) * N * V_DIM
@@ -302,12 +346,13 @@ def _fwd_kernel(Q, K, V, O, LSE, O_PREV, KD, VD, KD2, VD2, N, H, n_tiles, NCOLS,
     Kb = K + base_qk
     Vb = V + base_v
     acc, l_i, m_i = _fwd_part(acc, l_i, m_i, q, Kb, Vb, KD, VD, bh, i_lo, i_hi, offs_m, offs_n, offs_qk, offs_v, col,
-                              STEP, len_q, _key_count(N, len_q, L, C, lo, MODE), W, L, C, lo, scale2, MODE, DMIN,
-                              PACKED, QK_DIM, V_DIM, BLOCK_N, UPCAST, TMA)
-    if TWO_PARTS:
+                              STEP, len_q, _key_count(N, len_q, KEYS, L, C, lo, MODE), W, L, C, lo, scale2, q_pos, XP,
+                              H, MODE, DMIN, PACKED, QK_DIM, V_DIM, BLOCK_N, UPCAST, TMA, EXCL, EXCL_COUNT)
+    if TWO_PARTS:  # the second part is a summary part: it reads L, C and lo, the first W and KEYS
         acc, l_i, m_i = _fwd_part(acc, l_i, m_i, q, Kb, Vb, KD2, VD2, bh, i_lo, i_hi, offs_m, offs_n, offs_qk, offs_v,
-                                  col, STEP, len_q, _key_count(N, len_q, L, C, lo, MODE2), W, L, C, lo, scale2, MODE2,
-                                  DMIN2, PACKED, QK_DIM, V_DIM, BLOCK_N, UPCAST, TMA)
+                                  col, STEP, len_q, _key_count(N, len_q, 0, L, C, lo, MODE2), W, L, C, lo, scale2,
+                                  q_pos, XP2, H, MODE2, DMIN2, PACKED, QK_DIM, V_DIM, BLOCK_N, UPCAST, TMA, EXCL2,
+                                  EXCL_COUNT2)
     empty = l_i == 0.0  # no admissible key: output 0, lse -inf
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
@@ -319,10 +364,11 @@ def _fwd_kernel(Q, K, V, O, LSE, O_PREV, KD, VD, KD2, VD2, N, H, n_tiles, NCOLS,
 # ----------------------------------------------------------------------------- backward
 @triton.jit
 def _dq_part(dq, q, do, lse, delta, Kb, Vb, KD, VD, bh, i_lo, i_hi, offs_m, offs_n, offs_qk, offs_v, col, STEP, len_q,
-             len_k, W, L, C, lo, scale2, MODE: tl.constexpr, DMIN: tl.constexpr, PACKED: tl.constexpr,
+             len_k, W, L, C, lo, scale2, q_pos, XP, H, MODE: tl.constexpr, DMIN: tl.constexpr, PACKED: tl.constexpr,
              QK_DIM: tl.constexpr, V_DIM: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
-             TMA: tl.constexpr):
+             TMA: tl.constexpr, EXCL: tl.constexpr, EXCL_COUNT: tl.constexpr):
     start, full_lo, full_hi, end = _keys_of(i_lo, i_hi, W, L, C, lo, MODE, DMIN)
+    end, full_hi = tl.minimum(end, len_k), tl.minimum(full_hi, len_k)
     first, a, b = _split(start, full_lo, full_hi, end, BLOCK_N)
     for t in range(first, end, BLOCK_N):
         j = t + offs_n
@@ -335,22 +381,26 @@ def _dq_part(dq, q, do, lse, delta, Kb, Vb, KD, VD, bh, i_lo, i_hi, offs_m, offs
         p = tl.math.exp2(qk * scale2 - lse[:, None])
         if (t < a) | (t >= b):  # an edge tile
             p = tl.where(_allowed(offs_m[:, None], j[None, :], len_q, len_k, W, L, C, lo, MODE, DMIN), p, 0.0)
+        if EXCL_COUNT > 0:
+            k_pos = _position(j, col, STEP, W, L, C, lo, MODE == 2, PACKED)
+            p = tl.where(_excluded(q_pos[:, None], k_pos[None, :], XP, bh % H, H, EXCL, EXCL_COUNT), 0.0, p)
         ds = p * (dp - delta[:, None])
         dq = _dot(ds.to(k.dtype), k, dq, UPCAST)
     return dq
 
 
 @triton.jit
-def _dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, KD, VD, KD2, VD2, N, H, n_tiles, NCOLS, STEP, W, L, C, DISTINCT,
-               scale, scale2, MODE: tl.constexpr, DMIN: tl.constexpr, MODE2: tl.constexpr, DMIN2: tl.constexpr,
+def _dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, KD, VD, KD2, VD2, LO, XP, XP2, N, H, n_tiles, NCOLS, STEP, W, KEYS,
+               L, C, scale, scale2, MODE: tl.constexpr, DMIN: tl.constexpr, MODE2: tl.constexpr, DMIN2: tl.constexpr,
                TWO_PARTS: tl.constexpr, ACCUMULATE: tl.constexpr, WRITE_DELTA: tl.constexpr, PACKED: tl.constexpr,
                QK_DIM: tl.constexpr, V_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               UPCAST: tl.constexpr, TMA: tl.constexpr):
+               UPCAST: tl.constexpr, TMA: tl.constexpr, EXCL: tl.constexpr, EXCL_COUNT: tl.constexpr,
+               EXCL2: tl.constexpr, EXCL_COUNT2: tl.constexpr):
     """dQ of one query tile over one part (or two, as the forward). With ``WRITE_DELTA`` it also
     computes delta = rowsum(dO * O), the softmax backward's correction term, and stores it for the
     dK/dV launches: the first dQ launch covers every query row once, so no launch of its own
     computes delta (a launch costs the host about as much as the delta kernel cost the GPU)."""
-    tile, col, bh, lo = _program(n_tiles, NCOLS, H, L, C, DISTINCT, False)
+    tile, col, bh, lo = _program(n_tiles, NCOLS, H, LO, False)
     len_q = _view_length(N, col, STEP, PACKED)
     base_qk = bh.to(tl.int64) * N * QK_DIM
     base_v = bh.to(tl.int64) * N * V_DIM
@@ -379,12 +429,12 @@ def _dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, KD, VD, KD2, VD2, N, H, n_tiles, 
     Kb = K + base_qk
     Vb = V + base_v
     dq = _dq_part(dq, q, do, lse, delta, Kb, Vb, KD, VD, bh, i_lo, i_hi, offs_m, offs_n, offs_qk, offs_v, col, STEP,
-                  len_q, _key_count(N, len_q, L, C, lo, MODE), W, L, C, lo, scale2, MODE, DMIN, PACKED, QK_DIM, V_DIM,
-                  BLOCK_N, UPCAST, TMA)
+                  len_q, _key_count(N, len_q, KEYS, L, C, lo, MODE), W, L, C, lo, scale2, q_pos, XP, H, MODE, DMIN,
+                  PACKED, QK_DIM, V_DIM, BLOCK_N, UPCAST, TMA, EXCL, EXCL_COUNT)
     if TWO_PARTS:
         dq = _dq_part(dq, q, do, lse, delta, Kb, Vb, KD2, VD2, bh, i_lo, i_hi, offs_m, offs_n, offs_qk, offs_v, col,
-                      STEP, len_q, _key_count(N, len_q, L, C, lo, MODE2), W, L, C, lo, scale2, MODE2, DMIN2, PACKED,
-                      QK_DIM, V_DIM, BLOCK_N, UPCAST, TMA)
+                      STEP, len_q, _key_count(N, len_q, 0, L, C, lo, MODE2), W, L, C, lo, scale2, q_pos, XP2, H, MODE2,
+                      DMIN2, PACKED, QK_DIM, V_DIM, BLOCK_N, UPCAST, TMA, EXCL2, EXCL_COUNT2)
     dq = dq * scale
     if ACCUMULATE:  # an earlier part (separate launch) already wrote its share
         dq += tl.load(DQ + q_off, mask=row_ok[:, None], other=0.0).to(tl.float32)
@@ -392,10 +442,11 @@ def _dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, KD, VD, KD2, VD2, N, H, n_tiles, 
 
 
 @triton.jit
-def _dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, QD, DOD, N, H, n_tiles, NCOLS, STEP, W, L, C, DISTINCT, scale,
-                 scale2, MODE: tl.constexpr, DMIN: tl.constexpr, ACCUMULATE: tl.constexpr, PACKED: tl.constexpr,
-                 QK_DIM: tl.constexpr, V_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 UPCAST: tl.constexpr, TMA: tl.constexpr):
+def _dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, QD, DOD, LO, XP, N, H, n_tiles, NCOLS, STEP, W, KEYS, L, C,
+                 scale, scale2, MODE: tl.constexpr, DMIN: tl.constexpr, ACCUMULATE: tl.constexpr,
+                 PACKED: tl.constexpr, QK_DIM: tl.constexpr, V_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr, EXCL: tl.constexpr,
+                 EXCL_COUNT: tl.constexpr):
     """dK, dV of one key tile, looping over the query tiles that see it. dQ has its own kernel:
     accumulating it here (two matmuls and one exponential fewer) did not pay on an H200. With fp32
     atomics: fixed 16,384 3.55 -> 4.07 ms fwd+bwd, dense 11.9 -> 13.6. With the copy engine's tile
@@ -403,9 +454,9 @@ def _dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, QD, DOD, N, H, n_tiles, NCOLS,
     128-key programs of 8 warps, 3.66. Scheduling the next tile's two matmuls under this tile's
     exponentials by hand (a Gluon version of this kernel) took only 3% off fixed at 16,384 and
     nothing at 65,536, so the kernel stays in Triton (2026-12-02)."""
-    tile, col, bh, lo = _program(n_tiles, NCOLS, H, L, C, DISTINCT, True)
+    tile, col, bh, lo = _program(n_tiles, NCOLS, H, LO, True)
     len_q = _view_length(N, col, STEP, PACKED)
-    len_k = _key_count(N, len_q, L, C, lo, MODE)
+    len_k = _key_count(N, len_q, KEYS, L, C, lo, MODE)
     base_qk = bh.to(tl.int64) * N * QK_DIM
     base_v = bh.to(tl.int64) * N * V_DIM
     offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)  # this program's key rows
@@ -444,6 +495,8 @@ def _dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, QD, DOD, N, H, n_tiles, NCOLS,
         pT = tl.math.exp2(qkT * scale2 - lse[None, :])  # [BN, BM]
         if (t < a) | (t >= b):  # an edge tile
             pT = tl.where(_allowed(i[None, :], offs_n[:, None], len_q, len_k, W, L, C, lo, MODE, DMIN), pT, 0.0)
+        if EXCL_COUNT > 0:
+            pT = tl.where(_excluded(q_pos[None, :], k_pos[:, None], XP, bh % H, H, EXCL, EXCL_COUNT), 0.0, pT)
         dv = _dot(pT.to(do.dtype), do, dv, UPCAST)
         dsT = pT * (dpT - delta[None, :])
         dk = _dot(dsT.to(q.dtype), q, dk, UPCAST)

@@ -1,21 +1,25 @@
-"""``backend="triton"``: a pattern becomes a list of parts, each one launch of the kernels in
-``triton_kernels.py``; an autograd.Function chains them (PAPER.md, "Efficiency in the paper").
+"""``backend="triton"``: each part of a pattern is one launch of the kernels in
+``triton_kernels.py``, planned by the part's own module (``Part.kernel``, a
+:class:`~sparse_transformer.patterns.plans.KernelPart`); the registered ops chain them (PAPER.md,
+"Efficiency in the paper"). For the paper's patterns:
 
 - dense:     one causal band of width N
-- strided:   band of width ``stride`` (each query block sees at most two key blocks) plus the
-             column part as causal attention along the columns of the [N/stride, stride] view,
+- strided:   ``local``: a band of width ``stride`` (each query block sees at most two key blocks);
+             ``column``: causal attention along the columns of the [N/stride, stride] view,
              addressed with a row step of ``stride`` (no transpose copy); columns of at most
-             :data:`PACKED_COLUMN_ROWS` rows are packed, several to a tile (a BLOCK part of width
+             ``PACKED_COLUMN_ROWS`` rows are packed, several to a tile (a BLOCK part of width
              N/stride over the columns laid end to end), so that short columns fill the tiles
-- fixed:     block-diagonal local part plus the summary slots of the head's group
-             (``u = h % distinct``), addressed in place as a contiguous list of key rows
+- fixed:     ``block``, block-diagonal, plus ``summary``: the head's summary slots, addressed in
+             place as a contiguous list of key rows (their offset ``lo`` per head from the host)
 
-Forward: fixed runs both parts in one launch (they share the query rows), so there is one online
-softmax. Strided's two parts tile the queries differently (rows, then columns), so its second
-launch continues the first one's online softmax from its output and lse: the log-sum-exp merge,
-fused into the kernel. Backward: every part uses the merged lse and ``delta = rowsum(dO * O)``
-(which the first dQ launch computes), so each part's probabilities are those of the one softmax;
-a later launch adds to the gradients an earlier one wrote (dQ of fixed is one launch).
+Forward: a part over the sequence's rows and a summary part after it run in one launch (they
+share the query rows, fixed's two parts do), so there is one online softmax. Other parts tile the
+queries differently (rows, then columns), so a later launch continues the earlier one's online
+softmax from its output and lse: the log-sum-exp merge, fused into the kernel. Each part leaves
+out the keys of the parts before it (``KernelPart.dmin`` or ``exclude``). Backward: every part
+uses the merged lse and ``delta = rowsum(dO * O)`` (which the first dQ launch computes), so each
+part's probabilities are those of the one softmax; a later launch adds to the gradients an earlier
+one wrote.
 """
 
 from __future__ import annotations
@@ -29,7 +33,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..patterns import Dense, Fixed, Pattern, Strided, parse
+from ..patterns import Pattern, parse
+from ..patterns.base import has_form
+from ..patterns.column import PACKED_COLUMN_ROWS  # noqa: F401  (tests and tools read it here)
+from ..patterns.plans import BAND, BLOCK, SUMMARY, KernelPart
 from . import ops
 from . import triton_kernels as tk
 from .triton_launch import Launcher
@@ -39,41 +46,9 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 
 
-@dataclass(frozen=True)
-class Part:
-    """One launch: ``mode`` (BAND, BLOCK, SUMMARY), ``dmin`` (1: exclude ``j = i`` / own block),
-    ``width`` (W of BAND/BLOCK), ``step`` (view row step: the column view's stride, else 1),
-    ``stride``/``summary``/``distinct`` (SUMMARY's L, C, V). ``kind`` picks the tile config:
-    ``local`` (a narrow band or block: few keys per query) or ``global`` (causal over a whole view
-    or over the summary keys: dense-like work)."""
-
-    mode: int
-    kind: str = "local"
-    dmin: int = 0
-    width: int = 1
-    step: int = 1
-    stride: int = 1
-    summary: int = 0
-    distinct: int = 1
-
-    @property
-    def packed(self) -> bool:
-        """Whether the view is the columns of ``[N/step, step]`` end to end: a BLOCK part over a
-        stepped view is the strided column part packed (see ``triton_kernels``, BLOCK)."""
-        return self.mode == tk.BLOCK and self.step > 1
-
-    @property
-    def short(self) -> bool:
-        """Whether each key is seen by few queries: a local part, or the strided column part."""
-        return self.kind == "local" or self.step > 1
-
+Part = KernelPart  # one launch's part (the name the tools and tests use)
 
 KERNELS = ("forward", "dkdv", "dq")
-# Strided columns this short (N / stride rows) are packed several to a tile. One column a program
-# left most of each 64-row tile empty: at N = 4,096 and stride 128, 32 rows of 64 (H200, fwd+bwd
-# 1.085 -> 0.910 ms). Longer columns lost or tied when packed: 40 rows 0.971 -> 1.018, 48 rows
-# 0.920 -> 0.920, 64 rows 0.914 -> 0.932.
-PACKED_COLUMN_ROWS = 32
 
 
 @dataclass(frozen=True)
@@ -154,25 +129,13 @@ _CONFIG_KEYS = {"": "tiles", "local": "local", "global": "global_", "dkdv": "dkd
 
 
 def plan(pattern: Pattern, n: int) -> tuple[Part, ...]:
-    """The parts whose union is ``pattern`` at length ``n``; the first covers every key position."""
-    if isinstance(pattern, Dense):
-        return (Part(tk.BAND, "global", width=n),)
-    if isinstance(pattern, Strided):
-        row = Part(tk.BAND, width=pattern.stride)
-        # stride >= n leaves only j = i in a column, as with stride = n.
-        step, dmin = min(pattern.stride, n), int(pattern.part is None)
-        if n % step == 0 and n // step <= PACKED_COLUMN_ROWS:
-            column = Part(tk.BLOCK, dmin=dmin, width=n // step, step=step)
-        else:
-            column = Part(tk.BAND, "global", dmin=dmin, width=n, step=step)
-        return {"row": (row,), "column": (column,), None: (row, column)}[pattern.part]
-    if isinstance(pattern, Fixed):
-        local = Part(tk.BLOCK, width=pattern.stride)
-        summary = Part(tk.SUMMARY, "global", dmin=int(pattern.part is None), stride=pattern.stride,
-                       summary=pattern.summary, distinct=pattern.distinct)
-        return {"local": (local,), "summary": (summary,), None: (local, summary)}[pattern.part]
-    raise ValueError(f"the triton backend runs dense, strided and fixed patterns, got {pattern} "
-                     f"(use backend='flex' or 'torch' for custom patterns)")
+    """One launch description per part of ``pattern`` at length ``n``, from the parts' modules; each
+    leaves out the keys of the parts before it."""
+    parts = pattern.parts
+    if not parts or not all(has_form(p, "kernel") for p in parts):
+        raise ValueError(f"the triton backend runs patterns whose parts all have a kernel form, got {pattern} "
+                         f"(use backend='flex' or 'torch' for custom patterns)")
+    return tuple(part.kernel(n, parts[:index]) for index, part in enumerate(parts))
 
 
 def _interpreting() -> bool:
@@ -182,27 +145,37 @@ def _interpreting() -> bool:
 
 
 def _launches(parts: tuple[Part, ...]) -> tuple[tuple[Part, ...], ...]:
-    """Parts grouped into query-tiled launches. The fixed pattern's local and summary parts share
-    the query view and no launch argument (BLOCK reads ``W``, SUMMARY ``L, C``), so one launch runs
-    both in one online softmax: no partial output between them."""
-    if len(parts) == 2 and [p.mode for p in parts] == [tk.BLOCK, tk.SUMMARY]:
-        return (parts,)
-    return tuple((p,) for p in parts)
+    """Parts grouped into query-tiled launches. A part over the sequence's rows followed by a
+    summary part share the query view and no launch argument (BAND and BLOCK read ``W`` and
+    ``KEYS``, SUMMARY ``L, C`` and ``lo``), so one launch runs both in one online softmax: no
+    partial output between them (the fixed pattern's two parts)."""
+    launches, index = [], 0
+    while index < len(parts):
+        first = parts[index]
+        pair = parts[index:index + 2]
+        if (len(pair) == 2 and first.mode != SUMMARY and pair[1].mode == SUMMARY and first.step == 1
+                and pair[1].step == 1):
+            launches.append(pair)
+            index += 2
+        else:
+            launches.append((first,))
+            index += 1
+    return tuple(launches)
 
 
 def _grid_args(launch: tuple[Part, ...], n: int, heads: int, bh: int, block: int, keys: bool):
     """Program count and the shared launch arguments of one launch (one part, or two that share
     the query view: see :func:`_launches`)."""
     first = launch[0]
-    summary = next((p for p in launch if p.mode == tk.SUMMARY), None)
+    summary = next((p for p in launch if p.mode == SUMMARY), None)
     cols = 1 if first.packed else first.step
-    if summary is not None and keys:  # key tiles run over the longest head group's summary slots
-        rows = max(_summary_count(n, summary, u) for u in range(min(summary.distinct, heads)))
+    if keys:  # key tiles run over the longest column or head group's key rows
+        rows = max(first.key_rows(n, h) for h in range(min(len(first.offsets), heads)))
     else:
         rows = -(-n // cols)
     tiles = max(-(-rows // block), 1)
-    stride, count, distinct = (summary.stride, summary.summary, summary.distinct) if summary else (1, 0, 1)
-    args = (n, heads, tiles, cols, first.step, first.width, stride, count, distinct)
+    stride, count = (summary.stride, summary.summary) if summary else (1, 0)
+    args = (n, heads, tiles, cols, first.step, first.width, first.keys, stride, count)
     return (tiles * cols * bh,), args
 
 
@@ -210,12 +183,34 @@ def _modes(launch: tuple[Part, ...]) -> dict:
     """The constexpr part arguments of a query-tiled launch."""
     last = launch[-1]
     return dict(MODE=launch[0].mode, DMIN=launch[0].dmin, MODE2=last.mode, DMIN2=last.dmin,
-                TWO_PARTS=len(launch) == 2, PACKED=launch[0].packed)
+                TWO_PARTS=len(launch) == 2, PACKED=launch[0].packed, **_exclusion_modes(launch[0]),
+                **{f"{key}2": value for key, value in _exclusion_modes(last).items()})
 
 
-def _summary_count(n: int, part: Part, u: int) -> int:
-    lo = part.stride - (u + 1) * part.summary
-    return (n // part.stride) * part.summary + min(max(n % part.stride - lo, 0), part.summary)
+def _exclusion_modes(part: Part) -> dict:
+    """``EXCL`` (each earlier part's kind, 3 bits: see ``triton_kernels._excluded``) and ``EXCL_COUNT``."""
+    code = 0
+    for x, earlier in enumerate(part.exclude):
+        code |= _exclusion_kind(earlier) << (3 * x)
+    return dict(EXCL=code, EXCL_COUNT=len(part.exclude))
+
+
+def _exclusion_kind(part: Part) -> int:
+    if part.mode == SUMMARY:
+        return 4
+    if part.step > 1:  # a column view, packed or not: a band over the columns
+        return 2
+    return 1 if part.mode == BAND else 3
+
+
+def _exclusion_table(part: Part, n: int, heads: int) -> list[int]:
+    """``XP``: per earlier part, ``W, step, DMIN, keys, L, C, 0, 0`` and ``lo`` per head."""
+    rows = []
+    for earlier in part.exclude:
+        width = n if earlier.packed else earlier.width  # a packed column is the whole column
+        rows += [width, earlier.step, earlier.dmin, earlier.keys or n, earlier.stride, earlier.summary, 0, 0]
+        rows += [earlier.offset(h) for h in range(heads)]
+    return rows or [0]
 
 
 def tma_fits(part: Part, n: int, block: int, keys: bool) -> bool:
@@ -225,7 +220,7 @@ def tma_fits(part: Part, n: int, block: int, keys: bool) -> bool:
     Packed columns are no box of either view."""
     if part.packed:
         return False
-    if keys and part.mode == tk.SUMMARY:
+    if keys and part.mode == SUMMARY:
         c = part.summary
         return n % part.stride == 0 and c & (c - 1) == 0 and (block % c == 0 or c % block == 0)
     return n % part.step == 0
@@ -258,7 +253,7 @@ def _descriptor(x: Tensor, part: Part, block: int, keys: bool):
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     b, h, n, d = x.shape
-    if keys and part.mode == tk.SUMMARY:
+    if keys and part.mode == SUMMARY:
         l, c = part.stride, part.summary
         box = [1, max(block // c, 1), min(c, block), d]
         return TensorDescriptor(x, [b * h, n // l, l, d], [n * d, l * d, d, 1], box)
@@ -294,6 +289,24 @@ class _Launch:
     constexprs: dict
     block: int
     tma: bool
+    tables: tuple[tuple[int, ...], ...]  # LO, then XP per part: int32 tables the kernels read
+
+    def table_tensors(self, device: torch.device) -> tuple[Tensor, ...]:
+        return tuple(_device_table(table, device) for table in self.tables)
+
+
+@functools.lru_cache(maxsize=1024)
+def _device_table(values: tuple[int, ...], device: torch.device) -> Tensor:
+    """An int32 tensor of ``values`` on ``device``, made once (a launch passes it every call)."""
+    return torch.tensor(values, dtype=torch.int32, device=device)
+
+
+def _tables(launch: tuple[Part, ...], n: int, heads: int) -> tuple[tuple[int, ...], ...]:
+    """``(LO, XP, XP2)`` of a launch: the summary part's ``lo`` per head (zeros without one), and each
+    part's exclusion table."""
+    summary = next((p for p in launch if p.mode == SUMMARY), None)
+    lo = tuple(summary.offset(h) if summary else 0 for h in range(heads))
+    return (lo,) + tuple(tuple(_exclusion_table(p, n, heads)) for p in (launch[0], launch[-1]))
 
 
 @functools.lru_cache(maxsize=256)
@@ -321,22 +334,23 @@ def _pass_plan(parts: tuple[Part, ...], shape: torch.Size, value_dim: int, confi
                 flags = dict(ACCUMULATE=idx > 0, WRITE_DELTA=idx == 0)
             out.append(_Launch(launch, grid, args, dict(**_modes(launch), **flags, **dims, BLOCK_M=bm, BLOCK_N=bn,
                                                         UPCAST=upcast, num_warps=warps, num_stages=stages),
-                               bn, tma and all(tma_fits(p, n, bn, keys=True) for p in launch)))
-    first_covers_all = _first_covers_all_keys(parts)
+                               bn, tma and all(tma_fits(p, n, bn, keys=True) for p in launch), _tables(launch, n, h)))
+    first_covers_all = _first_covers_all_keys(parts, n)
     for idx, part in enumerate(parts):
         (bm, bn, warps, stages), registers = config.launch(d, part, "dkdv")
         grid, args = _grid_args((part,), n, h, b * h, bn, keys=True)
         dkdv.append(_Launch((part,), grid, args, dict(
             MODE=part.mode, DMIN=part.dmin, ACCUMULATE=idx > 0 or not first_covers_all, PACKED=part.packed,
-            **dims, BLOCK_M=bm, BLOCK_N=bn, UPCAST=upcast, num_warps=warps, num_stages=stages,
-            **({"maxnreg": registers} if registers else {})),
-            bm, _use_tma(config, tma_capable, (part,)) and tma_fits(part, n, bm, keys=False)))  # query rows
+            **_exclusion_modes(part), **dims, BLOCK_M=bm, BLOCK_N=bn, UPCAST=upcast, num_warps=warps,
+            num_stages=stages, **({"maxnreg": registers} if registers else {})),
+            bm, _use_tma(config, tma_capable, (part,)) and tma_fits(part, n, bm, keys=False),  # query rows
+            _tables((part,), n, h)[:2]))
     return tuple(forward), tuple(dq), tuple(dkdv)
 
 
-def _first_covers_all_keys(parts: tuple[Part, ...]) -> bool:
-    """Whether the first dK/dV launch writes every key row: all but a summary-only pattern."""
-    return parts[0].mode != tk.SUMMARY
+def _first_covers_all_keys(parts: tuple[Part, ...], n: int) -> bool:
+    """Whether the first dK/dV launch writes every key row (not a summary part, nor global tokens)."""
+    return parts[0].covers_every_key(n)
 
 
 def _plan_of(parts: tuple[Part, ...], q: Tensor, v: Tensor, config: KernelConfig):
@@ -359,8 +373,8 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, parts, scale: float, config: Kerne
         # A later launch reads the earlier one's output in ``out`` (then overwrites it, row by
         # row in the same program) and its lse.
         tma, *descriptors = _key_descriptors(k, v, launch)
-        _launcher(tk._fwd_kernel)[launch.grid](q, k, v, out, lse, out, *descriptors, *launch.args,
-                                               scale * LOG2E, TMA=tma, **launch.constexprs)
+        _launcher(tk._fwd_kernel)[launch.grid](q, k, v, out, lse, out, *descriptors, *launch.table_tensors(q.device),
+                                               *launch.args, scale * LOG2E, TMA=tma, **launch.constexprs)
     return out, lse
 
 
@@ -372,9 +386,10 @@ def _backward(q, k, v, out, lse, do, parts, scale: float, config: KernelConfig):
     dq = torch.empty_like(q)
     for launch in dq_launches:
         tma, *descriptors = _key_descriptors(k, v, launch)
-        _launcher(tk._dq_kernel)[launch.grid](q, k, v, out, do, dq, lse, delta, *descriptors, *launch.args,
-                                              scale, scale * LOG2E, TMA=tma, **launch.constexprs)
-    first_covers_all = _first_covers_all_keys(parts)  # else dK/dV rows no part writes stay zero
+        _launcher(tk._dq_kernel)[launch.grid](q, k, v, out, do, dq, lse, delta, *descriptors,
+                                              *launch.table_tensors(q.device), *launch.args, scale, scale * LOG2E,
+                                              TMA=tma, **launch.constexprs)
+    first_covers_all = _first_covers_all_keys(parts, q.shape[2])  # else dK/dV rows no part writes stay zero
     dk = torch.empty_like(k) if first_covers_all else torch.zeros_like(k)
     dv = torch.empty_like(v) if first_covers_all else torch.zeros_like(v)
     for launch in dkdv_launches:
@@ -382,8 +397,9 @@ def _backward(q, k, v, out, lse, do, parts, scale: float, config: KernelConfig):
         part = launch.parts[0]
         qd, dod = (_descriptor(q, part, launch.block, False), _descriptor(do, part, launch.block, False)) if tma \
             else (None, None)
-        _launcher(tk._dkdv_kernel)[launch.grid](q, k, v, do, dk, dv, lse, delta, qd, dod, *launch.args,
-                                                scale, scale * LOG2E, TMA=tma, **launch.constexprs)
+        _launcher(tk._dkdv_kernel)[launch.grid](q, k, v, do, dk, dv, lse, delta, qd, dod,
+                                                *launch.table_tensors(q.device), *launch.args, scale,
+                                                scale * LOG2E, TMA=tma, **launch.constexprs)
     return dq, dk, dv
 
 
