@@ -39,7 +39,7 @@ def _counts(pattern: Pattern, start: int, stop: int, head: int, chunk: int = 512
 def keys_per_query(pattern: Pattern, n: int, head: int = 0, chunk: int = 1024) -> Tensor:
     """Number of admissible keys for each query position, LongTensor ``[n]`` (O(n) memory)."""
     check_int("n", n, 0, MAX_LENGTH)
-    closed = pattern.count(torch.arange(n), head)
+    closed = pattern.keys_per_query(torch.arange(n), head)
     if closed is not None:
         return closed
     if not pattern.parts:  # custom

@@ -88,10 +88,10 @@ class Pattern:
         return any(p.heads_differ() for p in self.parts)
 
     # Closed forms of the keys per query (``layout`` counts a pattern without them from its parts).
-    def count(self, i: Tensor, head: int) -> Optional[Tensor]:
+    def keys_per_query(self, i: Tensor, head: int) -> Optional[Tensor]:
         """Exact number of admissible keys of queries at positions ``i`` (LongTensor, any shape),
         or None when there is no closed form."""
-        return self.parts[0].count(i, head) if len(self.parts) == 1 else None
+        return self.parts[0].keys_per_query(i, head) if len(self.parts) == 1 else None
 
     def pairs(self, n: int, head: int) -> Optional[int]:
         """Admissible (query, key) pairs at length ``n`` in Python ints, or None."""
@@ -168,7 +168,7 @@ class Part(Pattern):
         return True
 
     # ---------------------------------------------------------------- keys per query
-    # A part defines ``count``, ``pairs`` and ``max_keys`` (see Pattern) in closed form.
+    # A part defines ``keys_per_query``, ``pairs`` and ``max_keys`` (see Pattern) in closed form.
 
     def structure(self) -> tuple[int, int, int]:
         """``(period, reach, prefix)`` for counting a union exactly at any length (``layout``):

@@ -44,7 +44,7 @@ class Block(Part):
     def allowed(self, b, h, q_idx, kv_idx):
         return q_idx // self.size == kv_idx // self.size
 
-    def count(self, i: Tensor, head: int) -> Tensor:
+    def keys_per_query(self, i: Tensor, head: int) -> Tensor:
         return i % self.size + 1
 
     def pairs(self, n: int, head: int) -> int:

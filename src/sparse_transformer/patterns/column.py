@@ -56,7 +56,7 @@ class Column(Part):
     def allowed(self, b, h, q_idx, kv_idx):
         return (q_idx - kv_idx) % self.stride == 0
 
-    def count(self, i: Tensor, head: int) -> Tensor:
+    def keys_per_query(self, i: Tensor, head: int) -> Tensor:
         return i // self.stride + 1
 
     def pairs(self, n: int, head: int) -> int:

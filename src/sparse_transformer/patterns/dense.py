@@ -35,7 +35,7 @@ class Dense(Part):
     def allowed(self, b, h, q_idx, kv_idx):
         return torch.ones_like(q_idx - kv_idx, dtype=torch.bool)
 
-    def count(self, i: Tensor, head: int) -> Tensor:
+    def keys_per_query(self, i: Tensor, head: int) -> Tensor:
         return i + 1
 
     def pairs(self, n: int, head: int) -> int:

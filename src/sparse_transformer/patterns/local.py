@@ -48,7 +48,7 @@ class Local(Part):
     def allowed(self, b, h, q_idx, kv_idx):
         return q_idx - kv_idx < self.window
 
-    def count(self, i: Tensor, head: int) -> Tensor:
+    def keys_per_query(self, i: Tensor, head: int) -> Tensor:
         return torch.clamp(i + 1, max=self.window)
 
     def pairs(self, n: int, head: int) -> int:

@@ -55,15 +55,15 @@ class Strided(Pattern):
         return "strided"
 
     # Closed forms: the column's keys i - m * stride, m >= 1, lie outside the row; only j = i is shared.
-    def count(self, i, head):
-        row, column = self._parts[0].count(i, head), self._parts[-1].count(i, head)
-        return row + column - 1 if self.part is None else super().count(i, head)
+    def keys_per_query(self, i, head):
+        row, column = self._parts[0].keys_per_query(i, head), self._parts[-1].keys_per_query(i, head)
+        return row + column - 1 if self.part is None else super().keys_per_query(i, head)
 
     def pairs(self, n, head):
         return sum(p.pairs(n, head) for p in self._parts) - (n if self.part is None else 0)
 
     def max_keys(self, n, head):  # both counts grow with i
-        return int(self.count(torch.tensor(n - 1), head)) if self.part is None else super().max_keys(n, head)
+        return int(self.keys_per_query(torch.tensor(n - 1), head)) if self.part is None else super().max_keys(n, head)
 
     @property
     def name(self) -> str:
@@ -102,10 +102,10 @@ class Fixed(Pattern):
         return "fixed"
 
     # Closed forms: the block, plus the summary slots of the earlier blocks (i // stride of them).
-    def count(self, i, head):
+    def keys_per_query(self, i, head):
         if self.part is not None:
-            return super().count(i, head)
-        return self._parts[0].count(i, head) + (i // self.stride) * self.summary
+            return super().keys_per_query(i, head)
+        return self._parts[0].keys_per_query(i, head) + (i // self.stride) * self.summary
 
     def pairs(self, n, head):
         if self.part is not None:
@@ -116,7 +116,7 @@ class Fixed(Pattern):
         if self.part is not None:
             return super().max_keys(n, head)
         ends = torch.tensor([n - 1, n // self.stride * self.stride - 1])
-        return int(self.count(ends[ends >= 0], head).max())
+        return int(self.keys_per_query(ends[ends >= 0], head).max())
 
     @property
     def name(self) -> str:

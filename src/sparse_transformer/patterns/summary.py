@@ -86,7 +86,7 @@ class Summary(Part):
         offset = kv_idx % self.stride
         return (offset >= lo) & (offset < lo + self.summary)
 
-    def count(self, i: Tensor, head: int) -> Tensor:
+    def keys_per_query(self, i: Tensor, head: int) -> Tensor:
         lo = self.offset(head)
         return (i // self.stride) * self.summary + torch.clamp(i % self.stride + 1 - lo, min=0, max=self.summary)
 
@@ -97,7 +97,7 @@ class Summary(Part):
                 + capped_triangle(max(r - lo, 0), self.summary))
 
     def max_keys(self, n: int, head: int) -> int:
-        return int(self.count(torch.tensor(n - 1), head))
+        return int(self.keys_per_query(torch.tensor(n - 1), head))
 
     def portable(self, q, k, v, scale, earlier):
         from ..attention.portable import attend, by_head_group
