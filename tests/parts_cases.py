@@ -56,6 +56,7 @@ MAKERS = {
     "column": lambda rng, m: P.column(rng.randint(1, m)),
     "block": lambda rng, m: P.block(rng.randint(1, m)),
     "summary": _summary,
+    "global_tokens": lambda rng, m: P.global_tokens(rng.randint(1, m)),
 }
 
 

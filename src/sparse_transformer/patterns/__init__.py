@@ -25,13 +25,14 @@ from .block import Block
 from .column import Column
 from .custom import Custom, custom
 from .dense import Dense
+from .global_tokens import GlobalTokens, global_tokens
 from .local import Local
 from .paper import FIXED_PARTS, STRIDED_PARTS, Fixed, Strided, fixed, pieces, strided
 from .spec import by_name, parse
 from .summary import Summary
 from .union import Union, union
 
-PARTS = (Dense, Local, Column, Block, Summary)
+PARTS = (Dense, Local, Column, Block, Summary, GlobalTokens)
 """Every primitive part (the spec parser reads their tokens)."""
 
 
@@ -69,5 +70,6 @@ def parts(pattern: Pattern) -> tuple[Pattern, ...]:
 
 __all__ = ["Pattern", "Part", "Union", "MaskMod", "PARTS", "MAX_PARAMETER", "MAX_LENGTH",
            "dense", "local", "column", "block", "summary", "union", "strided", "fixed", "custom",
-           "parse", "by_name", "parts", "Dense", "Local", "Column", "Block", "Summary", "Strided", "Fixed",
+           "global_tokens", "parse", "by_name", "parts", "Dense", "Local", "Column", "Block", "Summary",
+           "GlobalTokens", "Strided", "Fixed",
            "Custom", "STRIDED_PARTS", "FIXED_PARTS"]

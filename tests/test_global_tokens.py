@@ -1,0 +1,80 @@
+"""``global_tokens(count)``, the part added as one module (patterns/global_tokens.py): its mask,
+counts, spec and checks, and every backend and the cache on unions with it."""
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+import sparse_transformer as st
+from parts_cases import LENGTHS, brute_force
+from sparse_transformer.kvcache import KeyPlan
+from sparse_transformer.layout import cost, keys_per_query
+from test_unions import against_reference
+from tolerances import assert_close, assert_close_norm
+
+P = st.patterns
+UNIONS = [P.local(6) | P.global_tokens(4), P.local(5) | P.column(8) | P.global_tokens(3),
+          P.global_tokens(10) | P.fixed(8, 2, 2), P.global_tokens(2) | P.column(3) | P.block(6)]
+needs_interpreter = pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None or os.environ.get("TRITON_INTERPRET") != "1",
+    reason="CPU tensors need the Triton interpreter (TRITON_INTERPRET=1)")
+
+
+def test_mask_counts_and_spec():
+    part = P.global_tokens(5)
+    assert torch.equal(part.mask(12), brute_force(part, 12, 0))
+    assert part.mask(12)[11].tolist() == [True] * 5 + [False] * 7  # no window: only the first five
+    assert part.spec == "global_tokens:5" and P.parse("global_tokens:5") == part
+    union = P.parse("local:256+global_tokens:16")
+    assert union == P.local(256) | P.global_tokens(16) and union.spec == "global_tokens:16+local:256"
+    assert P.global_tokens(3) | P.global_tokens(7) == P.global_tokens(7)
+    for n in LENGTHS:
+        assert torch.equal(keys_per_query(part, n, 0), part.mask(n).sum(-1))
+    assert cost(P.global_tokens(64) | P.local(512), 10 ** 11).max_keys_per_query == 576
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda: P.global_tokens(0), "count must be >= 1"),
+    (lambda: P.global_tokens(2 ** 31), r"count must be >= 1 and <= 2,147,483,647"),
+    (lambda: P.parse("global_tokens"), "expected global_tokens:count"),
+])
+def test_invalid(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+@pytest.mark.parametrize("pattern", UNIONS, ids=str)
+def test_torch_backend(pattern):
+    for n in LENGTHS:
+        against_reference("torch", pattern, (1, 2, n, 8), torch.float32, assert_close, seed=n)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("pattern", UNIONS[:2], ids=str)
+def test_triton_backend(pattern):
+    for n in LENGTHS:
+        against_reference("triton", pattern, (1, 2, n, 16), torch.float16, assert_close_norm, seed=n)
+
+
+@pytest.mark.parametrize("pattern", UNIONS, ids=str)
+def test_cache_reads_each_key_once(pattern):
+    plan = KeyPlan([pattern], 2, 37)
+    for t in range(37):
+        for h, chosen in enumerate(plan.keys(t)):
+            assert chosen == pattern.mask(37, head=h)[t].nonzero().flatten().tolist(), (t, h)
+
+
+def test_flex_decomposed_and_concatenated_forms_on_cpu():
+    """The benchmark's Flex forms (eager on the CPU: forward only) equal the reference."""
+    from sparse_transformer.attention import BACKENDS
+    from sparse_transformer.benchmark import flex_forms
+
+    pattern = P.local(40) | P.global_tokens(16)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 256, 16, generator=g) for _ in range(3))
+    ref = BACKENDS["reference"].load()(q, k, v, pattern, 0.25)
+    assert_close(flex_forms.decomposed(q, k, v, pattern, 0.25), ref, torch.float32)
+    assert flex_forms.concatenated_supported(pattern)
+    assert_close(flex_forms.concatenated(q, k, v, pattern, 0.25), ref, torch.float32)
