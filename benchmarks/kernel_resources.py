@@ -27,7 +27,7 @@ import torch
 
 from sparse_transformer.attention import triton_kernels as tk
 from sparse_transformer.attention import triton_sparse as ts
-from sparse_transformer.benchmark.attention import PATTERNS
+from sparse_transformer.benchmark.attention import PATTERNS, pattern_of
 
 KERNELS = ("_fwd_kernel", "_dkdv_kernel", "_dq_kernel")
 
@@ -94,7 +94,7 @@ def resources(name: str, args: tuple, kwargs: dict, arch: int = 90) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pattern", choices=sorted(PATTERNS), default="strided")
+    parser.add_argument("--pattern", default="strided", help=f"one of {sorted(PATTERNS)} or a pattern spec")
     parser.add_argument("--n", type=int, default=16384)
     parser.add_argument("--tokens", type=int, default=65536, help="B * N, as in benchmarks/attention.py")
     parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
@@ -105,7 +105,7 @@ def main(argv=None) -> int:
     for text in ["default"] + args.configs:
         config = ts.KernelConfig() if text == "default" else ts.KernelConfig.from_spec(text)
         print(f"{args.pattern}, N = {args.n:,}, {text}, sm_{args.arch}:")
-        launches = record_launches(PATTERNS[args.pattern], args.n, config, batch=max(1, args.tokens // args.n))
+        launches = record_launches(pattern_of(args.pattern), args.n, config, batch=max(1, args.tokens // args.n))
         for i, (name, grid, launch_args, kwargs) in enumerate(launches):
             tiles = f"{kwargs.get('BLOCK_M')}x{kwargs['BLOCK_N']}" if "BLOCK_N" in kwargs else f"{kwargs['BLOCK_M']}"
             r = resources(name, launch_args, kwargs, args.arch)

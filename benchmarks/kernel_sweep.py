@@ -16,19 +16,19 @@ import torch
 import torch.nn.functional as F
 
 from sparse_transformer.attention.triton_sparse import KernelConfig, triton_attention
-from sparse_transformer.benchmark.attention import PATTERNS, _time, inputs_for
+from sparse_transformer.benchmark.attention import PATTERNS, _time, inputs_for, pattern_of
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("pattern", choices=sorted(PATTERNS))
+    parser.add_argument("pattern", help=f"one of {sorted(PATTERNS)} or a pattern spec")
     parser.add_argument("n", type=int)
     parser.add_argument("configs", nargs="*", help="config strings, as benchmarks/attention.py --configs")
     parser.add_argument("--tokens", type=int, default=65536)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise ValueError("the kernel sweep needs a CUDA GPU")
-    pattern = PATTERNS[args.pattern]
+    pattern = pattern_of(args.pattern)
     q, k, v, grad = inputs_for(args.n, args.tokens)
     runs = []
     if args.pattern == "dense":

@@ -23,12 +23,12 @@ import time
 import torch
 
 from sparse_transformer.attention.triton_sparse import KernelConfig, triton_attention
-from sparse_transformer.benchmark.attention import PATTERNS, inputs_for
+from sparse_transformer.benchmark.attention import PATTERNS, inputs_for, pattern_of
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pattern", choices=["strided", "fixed"], default="fixed")
+    parser.add_argument("--pattern", default="fixed", help=f"one of {sorted(PATTERNS)} or a pattern spec")
     parser.add_argument("--n", type=int, default=16384)
     parser.add_argument("--tokens", type=int, default=65536)
     parser.add_argument("--heads", type=int, default=8)
@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise ValueError("profiling the kernels needs a CUDA GPU")
-    pattern = PATTERNS[args.pattern]
+    pattern = pattern_of(args.pattern)
     config = KernelConfig.from_spec(args.config) if args.config else KernelConfig()
     q, k, v, grad = inputs_for(args.n, args.tokens, args.heads, args.head_dim)
     batch = q.shape[0]

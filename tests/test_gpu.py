@@ -166,3 +166,55 @@ def test_one_million_tokens_forward_backward():
     scores = (q[0, 0, i].float() @ k[0, 0].float().T) * 64 ** -0.5
     ref = torch.softmax(scores.masked_fill(~mask, float("-inf")), -1) @ v[0, 0].float()
     assert_close(got[0][0, 0, i].float(), ref, torch.bfloat16)
+
+
+# ------------------------------------------------------------------ unions of parts (issue 27)
+UNIONS = [P.local(512) | P.global_tokens(64), P.local(128) | P.column(128) | P.global_tokens(16),
+          P.local(300) | P.column(100), P.block(64) | P.summary(128, 16, 4) | P.global_tokens(7),
+          P.local(64) | P.block(96) | P.column(33)]
+
+
+@pytest.mark.parametrize("pattern", UNIONS, ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_triton_unions_against_reference(pattern, dtype):
+    q, k, v, grad = inputs((2, 2, 4099, 64), dtype, seed=11)
+    got = run("triton", pattern, q, k, v, grad)
+    want = run("reference", pattern, q.double(), k.double(), v.double(), grad.double())
+    for a, b in zip(got, want):
+        assert_close_norm(a, b, dtype)
+
+
+@pytest.mark.parametrize("pattern", UNIONS[:2], ids=str)
+def test_triton_unions_at_65536_against_portable_fp32(pattern):
+    q, k, v, grad = inputs((1, 2, 65536, 64), torch.bfloat16, seed=12)
+    got = run("triton", pattern, q, k, v, grad)
+    want = run("torch", pattern, q.float(), k.float(), v.float(), grad.float())
+    for a, b in zip(got, want):
+        assert_close_norm(a, b, torch.bfloat16)
+
+
+@pytest.mark.parametrize("pattern", [UNIONS[0], UNIONS[1], UNIONS[3]], ids=str)
+def test_flex_forms_of_unions(pattern):
+    """The benchmark's Flex forms against the reference: as-is and concatenated with gradients, the
+    parts merged by their log-sum-exps forward (the benchmark times each part's output alone)."""
+    from sparse_transformer.benchmark import flex_forms
+
+    q, k, v, grad = inputs((1, 4, 2048, 64), torch.float32, seed=13)
+    want = run("reference", pattern, q.double(), k.double(), v.double(), grad.double())
+    forms = [lambda a, b, c: BACKENDS["flex"].load()(a, b, c, pattern, 0.125)]
+    if flex_forms.concatenated_supported(pattern):
+        forms.append(lambda a, b, c: flex_forms.concatenated(a, b, c, pattern, 0.125))
+    for form in forms:
+        a, b, c = (x.detach().requires_grad_() for x in (q, k, v))
+        out = form(a, b, c)
+        out.backward(grad)
+        for x, y in zip([out.detach(), a.grad, b.grad, c.grad], want):
+            assert_close_norm(x, y, torch.float32)
+    with torch.no_grad():
+        assert_close_norm(flex_forms.decomposed(q, k, v, pattern, 0.125), want[0], torch.float32)
+
+
+def test_auto_routes_unions_by_their_parts():
+    q = torch.zeros(1, 1, 64, 64, device="cuda", dtype=torch.bfloat16)
+    assert choose_backend(q, UNIONS[0]) == "triton" and choose_backend(q, UNIONS[1]) == "triton"
+    assert choose_backend(q.float(), UNIONS[0]) == "flex"

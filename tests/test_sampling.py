@@ -289,3 +289,14 @@ def test_decoder_runs_the_models_own_blocks(monkeypatch):
     decoder.prefill(torch.zeros(1, 2, dtype=torch.long))
     decoder(torch.zeros(1, dtype=torch.long), torch.tensor(2))
     assert calls == [True] * 6  # prefill and one step, three blocks each
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("spec", ["local:5+column:6", "global_tokens:3+local:4+summary:6:2:2"])
+def test_union_decoding_on_gpu_with_cuda_graphs(spec, backend):
+    model = tiny_model(spec, "merged", seed=10).cuda()
+    prime = torch.randint(0, 256, (3, 4), generator=torch.Generator().manual_seed(10)).cuda()
+    graphed = generate(model, prime, CONTEXT - 4, temperature=0, compile="cudagraph", backend=backend)
+    assert torch.equal(graphed, generate(model, prime, CONTEXT - 4, temperature=0, compile=False, backend=backend))
+    assert torch.equal(graphed.cpu(), naive_greedy(model.cpu(), prime.cpu(), CONTEXT - 4))

@@ -25,9 +25,17 @@ from ..attention import sparse_attention
 from ..layout import cost
 from . import flex_forms
 
-# The patterns the kernel benchmarks time, name -> pattern: issue 4's settings, then issue 27's unions.
-PATTERNS = {"strided": P.strided(128), "fixed": P.fixed(128, 32), "dense": P.dense()}
-DEFAULT_PATTERNS = ("strided", "fixed")
+# The patterns the kernel benchmarks time, name -> pattern: issue 4's settings, then issue 27's unions
+# (a sliding window with global tokens; a window, a dilated column and global tokens).
+PATTERNS = {"strided": P.strided(128), "fixed": P.fixed(128, 32), "dense": P.dense(),
+            "window_global": P.local(512) | P.global_tokens(64),
+            "window_column_global": P.local(128) | P.column(128) | P.global_tokens(16)}
+DEFAULT_PATTERNS = ("strided", "fixed", "window_global", "window_column_global")
+
+
+def pattern_of(name: str) -> P.Pattern:
+    """A pattern of :data:`PATTERNS` by name, or any pattern spec (``local:512+global_tokens:64``)."""
+    return PATTERNS[name] if name in PATTERNS else P.parse(name)
 
 
 @dataclass
@@ -117,7 +125,7 @@ def run(ns, tokens=65536, heads=8, head_dim=64, dtype=torch.bfloat16, pattern_na
                                 n, batch, dense_pairs, heads, head_dim, grad, inputs))
             log(rows[-1])
         for name in pattern_names:
-            pattern = PATTERNS[name] if name in PATTERNS else P.parse(name)
+            pattern = pattern_of(name)
             pairs = cost(pattern, n).pairs
             for i, config in enumerate(configs):
                 method = "triton" if len(configs) == 1 else f"triton_cfg{i}"
