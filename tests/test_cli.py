@@ -48,3 +48,18 @@ def test_console_entry_point_runs():
     result = subprocess.run([sys.executable, "-m", "sparse_transformer", "patterns", "--n", "16"],
                             capture_output=True, text=True)
     assert result.returncode == 0 and "strided_l4" in result.stdout
+
+
+def test_patterns_takes_a_union_spec_and_any_length(tmp_path, capsys):
+    """--pattern takes any spec; the cost of n = 10^11 is closed-form (it used to allocate 800 GB)."""
+    out = tmp_path / "union.png"
+    assert main(["patterns", "--pattern", "local:6+column:8+global_tokens:3", "--n", "48", "--out", str(out)]) == 0
+    assert "global_tokens:3+local:6+column:8" in capsys.readouterr().out and out.stat().st_size > 0
+    assert main(["patterns", "--pattern", "fixed", "--stride", "128", "--summary", "32", "--n", "100000000000"]) == 0
+    assert "max 25,000,000,096" in capsys.readouterr().out
+    assert main(["patterns", "--pattern", "local:0"]) == 2
+    assert "window must be >= 1" in capsys.readouterr().err
+    assert main(["patterns", "--pattern", "strided", "--stride", str(2 ** 63)]) == 2
+    assert "stride must be >= 1 and <= 2,147,483,647" in capsys.readouterr().err
+    assert main(["patterns", "--n", str(2 ** 63)]) == 2
+    assert "n must be in [0, 4,611,686,018,427,387,904]" in capsys.readouterr().err

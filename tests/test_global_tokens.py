@@ -78,3 +78,28 @@ def test_flex_decomposed_and_concatenated_forms_on_cpu():
     assert_close(flex_forms.decomposed(q, k, v, pattern, 0.25), ref, torch.float32)
     assert flex_forms.concatenated_supported(pattern)
     assert_close(flex_forms.concatenated(q, k, v, pattern, 0.25), ref, torch.float32)
+
+
+@needs_interpreter
+def test_triton_splits_the_queries_of_few_global_key_tiles():
+    """Global tokens' dK/dV has few key tiles, each seen by every query: several programs share a
+    tile's queries and their fp32 shares are added up. Same gradients as the reference."""
+    from sparse_transformer.attention import triton_kernels as tk
+    from sparse_transformer.attention.triton_sparse import KernelConfig, _pass_plan, plan, triton_attention
+
+    pattern = P.global_tokens(16) | P.local(24)
+    config = KernelConfig(tiles=(16, 16, 1, 1))
+    _, _, dkdv = _pass_plan(plan(pattern, 257), torch.Size((1, 2, 257, 16)), 16, config, False, True, tk)
+    assert dkdv[0].constexprs["SPLIT"] and dkdv[0].args[-1] == 4  # 17 query tiles: 4 shares of at most 5
+    assert not dkdv[1].constexprs["SPLIT"]  # the window: as many programs as key tiles
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 257, 16, generator=g).half().requires_grad_() for _ in range(3))
+    out = triton_attention(q, k, v, pattern, 0.25, config)
+    grad = torch.randn(out.shape, generator=g).half()
+    out.backward(grad)
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    from sparse_transformer.attention import BACKENDS
+    ref = BACKENDS["reference"].load()(q64, k64, v64, pattern, 0.25)
+    ref.backward(grad.double())
+    for x, y in ((out, ref), (q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)):
+        assert_close_norm(x, y, torch.float16)

@@ -151,3 +151,34 @@ def test_from_pretrained_names_the_bad_file(tmp_path):
     config.write_text(good_config.replace('"n_layer": 2', '"n_layer": 3'))  # weights of another shape
     with pytest.raises(ValueError, match=r"model.safetensors does not fit the model in .*config.json: Missing key"):
         SparseTransformer.from_pretrained(tmp_path / "m")
+
+
+def test_model_pattern_takes_a_spec():
+    """model.pattern is a name sized by stride/summary/distinct, or any spec string (issue 27)."""
+    from sparse_transformer.config import TrainConfig, from_dict, override, to_dict
+    spec = dataclasses.replace(TINY, pattern="local:6+column:8+global_tokens:3", n_head=3, d_model=48)
+    merged = layer_patterns(spec)
+    assert merged[0] == (patterns.local(6) | patterns.column(8) | patterns.global_tokens(3),)
+    inter = layer_patterns(dataclasses.replace(spec, n_layer=8, integration="interleaved", interleave_ratio=2))
+    assert [p[0].spec for p in inter[:4]] == ["global_tokens:3", "global_tokens:3", "local:6", "column:8"]
+    split = layer_patterns(dataclasses.replace(spec, integration="split"))
+    assert [p.spec for p in split[0]] == ["global_tokens:3", "local:6", "column:8"]
+    torch.manual_seed(0)
+    _trains(SparseTransformer(spec))
+    # The old way and the spec build the same model; a checkpoint's config round-trips.
+    old = dataclasses.replace(TINY, pattern="fixed", stride=8, summary=2, distinct=2)
+    new = dataclasses.replace(TINY, pattern="fixed:8:2:2")
+    assert layer_patterns(old) == layer_patterns(new)
+    assert from_dict(ModelConfig, to_dict(spec)) == spec
+    assert override(TrainConfig(), "model.pattern=local:16+global_tokens:4").model.pattern == "local:16+global_tokens:4"
+
+
+@pytest.mark.parametrize("fields,message", [
+    (dict(pattern="banded"), "model.pattern: pattern must be one of"),
+    (dict(pattern="local:0"), "window must be >= 1"),
+    (dict(pattern="local:3+column:4+block:5", integration="split", n_head=2), r"n_head >= 3"),
+    (dict(pattern="fixed", stride=4, summary=5), r"summary must be in \[1, 4\]"),
+])
+def test_bad_model_patterns(fields, message):
+    with pytest.raises(ValueError, match=message):
+        dataclasses.replace(TINY, **fields)

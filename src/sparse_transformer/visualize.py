@@ -66,7 +66,7 @@ def draw(pattern: Pattern, n: int, out: str | Path, heads: Sequence[int] = (0,),
         ax = axes[row, 0]
         ax.imshow(image, cmap="Blues", vmin=0, vmax=1.3, interpolation="nearest")
         unit = "position" if cell == 1 else f"block of {cell}"
-        ax.set_title(f"{pattern.name}, head {head}: query (row) x key (column), per {unit}", fontsize=9)
+        ax.set_title(f"{pattern.name}, head {head}\nquery (row) x key (column), per {unit}", fontsize=9)
         ax.set_xlabel("key")
         ax.set_ylabel("query")
         grid = grid_view(pattern, n, width, query, head)

@@ -186,9 +186,9 @@ def _split(start, full_lo, full_hi, end, BLOCK_SIZE: tl.constexpr):
 
 
 @triton.jit
-def _program(n_tiles, NCOLS, H, LO, KEY_TILES: tl.constexpr):
-    """Decode a 1-D program id into (tile, view column, batch*head, the head's summary offset ``lo``
-    from the host's table ``LO``).
+def _program(n_tiles, NCOLS, H, LO, KEY_TILES: tl.constexpr, LO_TABLE: tl.constexpr):
+    """Decode a 1-D program id into (tile, view column, batch*head, the head's summary offset ``lo``:
+    from the host's per-head table ``LO`` with ``LO_TABLE``, else ``LO`` itself, every head's).
 
     Longest work first, for load balance in causal parts: the last query tile sees the most keys,
     the first key tile is seen by the most queries."""
@@ -200,18 +200,23 @@ def _program(n_tiles, NCOLS, H, LO, KEY_TILES: tl.constexpr):
     rest = pid // n_tiles
     col = rest % NCOLS
     bh = rest // NCOLS
-    lo = tl.load(LO + bh % H)
+    if LO_TABLE:
+        lo = tl.load(LO + bh % H)
+    else:  # one offset: an argument, which the compiler folds into the index arithmetic
+        lo = LO + bh * 0
     return tile, col, bh, lo
 
 
 @triton.jit
-def _key_count(N, len_q, KEYS, L, C, lo, MODE: tl.constexpr):
+def _key_count(N, len_q, KEYS, L, C, lo, MODE: tl.constexpr, KEYED: tl.constexpr):
     """Length of a part's list of key rows: the summary slots, else the view (its first ``KEYS`` rows
-    when ``KEYS > 0``)."""
+    with ``KEYED``)."""
     if MODE == 2:
         count = _summary_count(N, L, C, lo)
+    elif KEYED:
+        count = tl.minimum(len_q, KEYS)
     else:
-        count = tl.where(KEYS > 0, tl.minimum(len_q, KEYS), len_q)
+        count = len_q
     return count
 
 
@@ -276,10 +281,11 @@ SHORT_DKDV_MAX_REGISTERS = 168
 def _fwd_part(acc, l_i, m_i, q, Kb, Vb, KD, VD, bh, i_lo, i_hi, offs_m, offs_n, offs_qk, offs_v, col, STEP, len_q,
               len_k, W, L, C, lo, scale2, q_pos, XP, H, MODE: tl.constexpr, DMIN: tl.constexpr, PACKED: tl.constexpr,
               QK_DIM: tl.constexpr, V_DIM: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
-              TMA: tl.constexpr, EXCL: tl.constexpr, EXCL_COUNT: tl.constexpr):
+              TMA: tl.constexpr, EXCL: tl.constexpr, EXCL_COUNT: tl.constexpr, KEYED: tl.constexpr):
     """One part's keys for the query rows ``[i_lo, i_hi]``, continuing the online softmax."""
     start, full_lo, full_hi, end = _keys_of(i_lo, i_hi, W, L, C, lo, MODE, DMIN)
-    end, full_hi = tl.minimum(end, len_k), tl.minimum(full_hi, len_k)  # a part kept to its first KEYS rows
+    if KEYED:  # a part kept to its first KEYS rows
+        end, full_hi = tl.minimum(end, len_k), tl.minimum(full_hi, len_k)
     first, a, b = _split(start, full_lo, full_hi, end, BLOCK_N)
     for t in range(first, end, BLOCK_N):
         j = t + offs_n
@@ -311,13 +317,13 @@ def _fwd_kernel(Q, K, V, O, LSE, O_PREV, KD, VD, KD2, VD2, LO, XP, XP2, N, H, n_
                 TWO_PARTS: tl.constexpr, MERGE: tl.constexpr, PACKED: tl.constexpr, Q_IN_REGISTERS: tl.constexpr,
                 QK_DIM: tl.constexpr, V_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 UPCAST: tl.constexpr, TMA: tl.constexpr, EXCL: tl.constexpr, EXCL_COUNT: tl.constexpr,
-                EXCL2: tl.constexpr, EXCL_COUNT2: tl.constexpr):
+                EXCL2: tl.constexpr, EXCL_COUNT2: tl.constexpr, KEYED: tl.constexpr, LO_TABLE: tl.constexpr):
     """One part (``MODE``), or with ``TWO_PARTS`` a second one (``MODE2``) over the same query view
     in the same online softmax; with ``MERGE``, continue from an earlier launch's output and lse.
     With ``TMA``, keys and values come through the descriptors ``KD, VD`` (``KD2, VD2``: the second
     part's) instead of pointers (see ``_load_rows``). With ``Q_IN_REGISTERS`` the ``QK^T`` matmul reads
     q from registers, not shared memory (see "register operands" above)."""
-    tile, col, bh, lo = _program(n_tiles, NCOLS, H, LO, False)
+    tile, col, bh, lo = _program(n_tiles, NCOLS, H, LO, False, LO_TABLE)
     len_q = _view_length(N, col, STEP, PACKED)
     base_qk = bh.to(tl.int64) * N * QK_DIM
     base_v = bh.to(tl.int64) * N * V_DIM
@@ -346,13 +352,14 @@ def _fwd_kernel(Q, K, V, O, LSE, O_PREV, KD, VD, KD2, VD2, LO, XP, XP2, N, H, n_
     Kb = K + base_qk
     Vb = V + base_v
     acc, l_i, m_i = _fwd_part(acc, l_i, m_i, q, Kb, Vb, KD, VD, bh, i_lo, i_hi, offs_m, offs_n, offs_qk, offs_v, col,
-                              STEP, len_q, _key_count(N, len_q, KEYS, L, C, lo, MODE), W, L, C, lo, scale2, q_pos, XP,
-                              H, MODE, DMIN, PACKED, QK_DIM, V_DIM, BLOCK_N, UPCAST, TMA, EXCL, EXCL_COUNT)
+                              STEP, len_q, _key_count(N, len_q, KEYS, L, C, lo, MODE, KEYED), W, L, C, lo, scale2,
+                              q_pos, XP, H, MODE, DMIN, PACKED, QK_DIM, V_DIM, BLOCK_N, UPCAST, TMA, EXCL, EXCL_COUNT,
+                              KEYED)
     if TWO_PARTS:  # the second part is a summary part: it reads L, C and lo, the first W and KEYS
         acc, l_i, m_i = _fwd_part(acc, l_i, m_i, q, Kb, Vb, KD2, VD2, bh, i_lo, i_hi, offs_m, offs_n, offs_qk, offs_v,
-                                  col, STEP, len_q, _key_count(N, len_q, 0, L, C, lo, MODE2), W, L, C, lo, scale2,
-                                  q_pos, XP2, H, MODE2, DMIN2, PACKED, QK_DIM, V_DIM, BLOCK_N, UPCAST, TMA, EXCL2,
-                                  EXCL_COUNT2)
+                                  col, STEP, len_q, _key_count(N, len_q, 0, L, C, lo, MODE2, False), W, L, C, lo,
+                                  scale2, q_pos, XP2, H, MODE2, DMIN2, PACKED, QK_DIM, V_DIM, BLOCK_N, UPCAST, TMA,
+                                  EXCL2, EXCL_COUNT2, False)
     empty = l_i == 0.0  # no admissible key: output 0, lse -inf
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
@@ -366,9 +373,10 @@ def _fwd_kernel(Q, K, V, O, LSE, O_PREV, KD, VD, KD2, VD2, LO, XP, XP2, N, H, n_
 def _dq_part(dq, q, do, lse, delta, Kb, Vb, KD, VD, bh, i_lo, i_hi, offs_m, offs_n, offs_qk, offs_v, col, STEP, len_q,
              len_k, W, L, C, lo, scale2, q_pos, XP, H, MODE: tl.constexpr, DMIN: tl.constexpr, PACKED: tl.constexpr,
              QK_DIM: tl.constexpr, V_DIM: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
-             TMA: tl.constexpr, EXCL: tl.constexpr, EXCL_COUNT: tl.constexpr):
+             TMA: tl.constexpr, EXCL: tl.constexpr, EXCL_COUNT: tl.constexpr, KEYED: tl.constexpr):
     start, full_lo, full_hi, end = _keys_of(i_lo, i_hi, W, L, C, lo, MODE, DMIN)
-    end, full_hi = tl.minimum(end, len_k), tl.minimum(full_hi, len_k)
+    if KEYED:
+        end, full_hi = tl.minimum(end, len_k), tl.minimum(full_hi, len_k)
     first, a, b = _split(start, full_lo, full_hi, end, BLOCK_N)
     for t in range(first, end, BLOCK_N):
         j = t + offs_n
@@ -395,12 +403,12 @@ def _dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, KD, VD, KD2, VD2, LO, XP, XP2, N,
                TWO_PARTS: tl.constexpr, ACCUMULATE: tl.constexpr, WRITE_DELTA: tl.constexpr, PACKED: tl.constexpr,
                QK_DIM: tl.constexpr, V_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                UPCAST: tl.constexpr, TMA: tl.constexpr, EXCL: tl.constexpr, EXCL_COUNT: tl.constexpr,
-               EXCL2: tl.constexpr, EXCL_COUNT2: tl.constexpr):
+               EXCL2: tl.constexpr, EXCL_COUNT2: tl.constexpr, KEYED: tl.constexpr, LO_TABLE: tl.constexpr):
     """dQ of one query tile over one part (or two, as the forward). With ``WRITE_DELTA`` it also
     computes delta = rowsum(dO * O), the softmax backward's correction term, and stores it for the
     dK/dV launches: the first dQ launch covers every query row once, so no launch of its own
     computes delta (a launch costs the host about as much as the delta kernel cost the GPU)."""
-    tile, col, bh, lo = _program(n_tiles, NCOLS, H, LO, False)
+    tile, col, bh, lo = _program(n_tiles, NCOLS, H, LO, False, LO_TABLE)
     len_q = _view_length(N, col, STEP, PACKED)
     base_qk = bh.to(tl.int64) * N * QK_DIM
     base_v = bh.to(tl.int64) * N * V_DIM
@@ -429,12 +437,12 @@ def _dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, KD, VD, KD2, VD2, LO, XP, XP2, N,
     Kb = K + base_qk
     Vb = V + base_v
     dq = _dq_part(dq, q, do, lse, delta, Kb, Vb, KD, VD, bh, i_lo, i_hi, offs_m, offs_n, offs_qk, offs_v, col, STEP,
-                  len_q, _key_count(N, len_q, KEYS, L, C, lo, MODE), W, L, C, lo, scale2, q_pos, XP, H, MODE, DMIN,
-                  PACKED, QK_DIM, V_DIM, BLOCK_N, UPCAST, TMA, EXCL, EXCL_COUNT)
+                  len_q, _key_count(N, len_q, KEYS, L, C, lo, MODE, KEYED), W, L, C, lo, scale2, q_pos, XP, H, MODE,
+                  DMIN, PACKED, QK_DIM, V_DIM, BLOCK_N, UPCAST, TMA, EXCL, EXCL_COUNT, KEYED)
     if TWO_PARTS:
         dq = _dq_part(dq, q, do, lse, delta, Kb, Vb, KD2, VD2, bh, i_lo, i_hi, offs_m, offs_n, offs_qk, offs_v, col,
-                      STEP, len_q, _key_count(N, len_q, 0, L, C, lo, MODE2), W, L, C, lo, scale2, q_pos, XP2, H, MODE2,
-                      DMIN2, PACKED, QK_DIM, V_DIM, BLOCK_N, UPCAST, TMA, EXCL2, EXCL_COUNT2)
+                      STEP, len_q, _key_count(N, len_q, 0, L, C, lo, MODE2, False), W, L, C, lo, scale2, q_pos, XP2, H,
+                      MODE2, DMIN2, PACKED, QK_DIM, V_DIM, BLOCK_N, UPCAST, TMA, EXCL2, EXCL_COUNT2, False)
     dq = dq * scale
     if ACCUMULATE:  # an earlier part (separate launch) already wrote its share
         dq += tl.load(DQ + q_off, mask=row_ok[:, None], other=0.0).to(tl.float32)
@@ -442,21 +450,29 @@ def _dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, KD, VD, KD2, VD2, LO, XP, XP2, N,
 
 
 @triton.jit
-def _dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, QD, DOD, LO, XP, N, H, n_tiles, NCOLS, STEP, W, KEYS, L, C,
-                 scale, scale2, MODE: tl.constexpr, DMIN: tl.constexpr, ACCUMULATE: tl.constexpr,
+def _dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, QD, DOD, LO, XP, DKP, DVP, N, H, n_tiles, NCOLS, STEP, W, KEYS,
+                 L, C, SPLITS, scale, scale2, MODE: tl.constexpr, DMIN: tl.constexpr, ACCUMULATE: tl.constexpr,
                  PACKED: tl.constexpr, QK_DIM: tl.constexpr, V_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr, EXCL: tl.constexpr,
-                 EXCL_COUNT: tl.constexpr):
+                 EXCL_COUNT: tl.constexpr, SPLIT: tl.constexpr, KEYED: tl.constexpr, LO_TABLE: tl.constexpr):
     """dK, dV of one key tile, looping over the query tiles that see it. dQ has its own kernel:
     accumulating it here (two matmuls and one exponential fewer) did not pay on an H200. With fp32
     atomics: fixed 16,384 3.55 -> 4.07 ms fwd+bwd, dense 11.9 -> 13.6. With the copy engine's tile
     reduce-add (``desc.atomic_add``): fixed 16,384 3.18 -> 3.20, dense 10.90 -> 10.73 at 64x64;
     128-key programs of 8 warps, 3.66. Scheduling the next tile's two matmuls under this tile's
     exponentials by hand (a Gluon version of this kernel) took only 3% off fixed at 16,384 and
-    nothing at 65,536, so the kernel stays in Triton (2026-12-02)."""
-    tile, col, bh, lo = _program(n_tiles, NCOLS, H, LO, True)
+    nothing at 65,536, so the kernel stays in Triton (2026-12-02).
+
+    With ``SPLIT`` (a part of few key tiles that many queries see: global tokens), ``SPLITS``
+    programs share a key tile's queries, each writing its fp32 share to ``DKP, DVP``
+    ``[SPLITS, B*H, key rows, D]``; the host adds the shares up. Else one program runs them all."""
+    if SPLIT:
+        shared, col, bh, lo = _program(n_tiles * SPLITS, NCOLS, H, LO, True, LO_TABLE)
+        tile, split = shared % n_tiles, shared // n_tiles
+    else:
+        tile, col, bh, lo = _program(n_tiles, NCOLS, H, LO, True, LO_TABLE)
     len_q = _view_length(N, col, STEP, PACKED)
-    len_k = _key_count(N, len_q, KEYS, L, C, lo, MODE)
+    len_k = _key_count(N, len_q, KEYS, L, C, lo, MODE, KEYED)
     base_qk = bh.to(tl.int64) * N * QK_DIM
     base_v = bh.to(tl.int64) * N * V_DIM
     offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)  # this program's key rows
@@ -479,6 +495,10 @@ def _dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, QD, DOD, LO, XP, N, H, n_tiles
     DOb = DO + base_v
     LSEb = LSE + bh.to(tl.int64) * N
     DELTAb = DELTA + bh.to(tl.int64) * N
+    if SPLIT:  # this program's share of the query tiles
+        share = ((end - first + BLOCK_M - 1) // BLOCK_M + SPLITS - 1) // SPLITS * BLOCK_M
+        first = first + split * share
+        end = tl.minimum(first + share, end)
     for t in range(first, end, BLOCK_M):
         i = t + offs_m
         q_pos = _position(i, col, STEP, W, L, C, lo, False, PACKED)
@@ -501,8 +521,13 @@ def _dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, QD, DOD, LO, XP, N, H, n_tiles
         dsT = pT * (dpT - delta[None, :])
         dk = _dot(dsT.to(q.dtype), q, dk, UPCAST)
     dk = dk * scale
-    if ACCUMULATE:
-        dk += tl.load(DK + k_off, mask=key_ok[:, None], other=0.0).to(tl.float32)
-        dv += tl.load(DV + v_off, mask=key_ok[:, None], other=0.0).to(tl.float32)
-    tl.store(DK + k_off, dk.to(DK.dtype.element_ty), mask=key_ok[:, None])
-    tl.store(DV + v_off, dv.to(DV.dtype.element_ty), mask=key_ok[:, None])
+    if SPLIT:
+        row = (split * tl.num_programs(0) // (n_tiles * SPLITS) + bh).to(tl.int64) * n_tiles * BLOCK_N + offs_n
+        tl.store(DKP + row[:, None] * QK_DIM + offs_qk[None, :], dk, mask=key_ok[:, None])
+        tl.store(DVP + row[:, None] * V_DIM + offs_v[None, :], dv, mask=key_ok[:, None])
+    else:
+        if ACCUMULATE:
+            dk += tl.load(DK + k_off, mask=key_ok[:, None], other=0.0).to(tl.float32)
+            dv += tl.load(DV + v_off, mask=key_ok[:, None], other=0.0).to(tl.float32)
+        tl.store(DK + k_off, dk.to(DK.dtype.element_ty), mask=key_ok[:, None])
+        tl.store(DV + v_off, dv.to(DV.dtype.element_ty), mask=key_ok[:, None])

@@ -49,6 +49,10 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 Part = KernelPart  # one launch's part (the name the tools and tests use)
 
 KERNELS = ("forward", "dkdv", "dq")
+# A part kept to its first few key rows (global tokens) has few dK/dV programs (its key tiles x B x
+# H), each looping over every query: their queries are split between programs up to about this
+# many programs (two per SM of an H100 or H200), each split at least four query tiles long.
+TARGET_PROGRAMS = 264
 
 
 @dataclass(frozen=True)
@@ -183,8 +187,15 @@ def _modes(launch: tuple[Part, ...]) -> dict:
     """The constexpr part arguments of a query-tiled launch."""
     last = launch[-1]
     return dict(MODE=launch[0].mode, DMIN=launch[0].dmin, MODE2=last.mode, DMIN2=last.dmin,
-                TWO_PARTS=len(launch) == 2, PACKED=launch[0].packed, **_exclusion_modes(launch[0]),
+                TWO_PARTS=len(launch) == 2, PACKED=launch[0].packed, KEYED=launch[0].keys > 0,
+                LO_TABLE=_per_head_offsets(launch),
+                **_exclusion_modes(launch[0]),
                 **{f"{key}2": value for key, value in _exclusion_modes(last).items()})
+
+
+def _per_head_offsets(launch: tuple[Part, ...]) -> bool:
+    """Whether the launch's summary part has more than one offset (``distinct > 1``)."""
+    return any(p.mode == SUMMARY and len(set(p.offsets)) > 1 for p in launch)
 
 
 def _exclusion_modes(part: Part) -> dict:
@@ -291,8 +302,12 @@ class _Launch:
     tma: bool
     tables: tuple[tuple[int, ...], ...]  # LO, then XP per part: int32 tables the kernels read
 
-    def table_tensors(self, device: torch.device) -> tuple[Tensor, ...]:
-        return tuple(_device_table(table, device) for table in self.tables)
+    def table_tensors(self, device: torch.device) -> tuple:
+        """The tables as device tensors; ``LO`` as a plain int when every head has the same offset
+        (then the kernels fold it into their index arithmetic: ``LO_TABLE`` False)."""
+        lo, *rest = self.tables
+        first = lo[0] if len(set(lo)) == 1 else _device_table(lo, device)
+        return (first, *(_device_table(table, device) for table in rest))
 
 
 @functools.lru_cache(maxsize=1024)
@@ -339,13 +354,24 @@ def _pass_plan(parts: tuple[Part, ...], shape: torch.Size, value_dim: int, confi
     for idx, part in enumerate(parts):
         (bm, bn, warps, stages), registers = config.launch(d, part, "dkdv")
         grid, args = _grid_args((part,), n, h, b * h, bn, keys=True)
+        splits = _splits(part, grid[0], n, bm)
+        grid, args = (grid[0] * splits,), (*args, splits)
         dkdv.append(_Launch((part,), grid, args, dict(
             MODE=part.mode, DMIN=part.dmin, ACCUMULATE=idx > 0 or not first_covers_all, PACKED=part.packed,
             **_exclusion_modes(part), **dims, BLOCK_M=bm, BLOCK_N=bn, UPCAST=upcast, num_warps=warps,
-            num_stages=stages, **({"maxnreg": registers} if registers else {})),
+            num_stages=stages, SPLIT=splits > 1, KEYED=part.keys > 0, LO_TABLE=_per_head_offsets((part,)),
+            **({"maxnreg": registers} if registers else {})),
             bm, _use_tma(config, tma_capable, (part,)) and tma_fits(part, n, bm, keys=False),  # query rows
             _tables((part,), n, h)[:2]))
     return tuple(forward), tuple(dq), tuple(dkdv)
+
+
+def _splits(part: Part, programs: int, n: int, block_m: int) -> int:
+    """How many programs share each key tile's queries in the dK/dV launch (see ``TARGET_PROGRAMS``):
+    only for a part over the sequence's rows kept to its first key rows, whose rows are positions."""
+    if not part.keys or part.mode == SUMMARY or part.step != 1 or programs >= TARGET_PROGRAMS:
+        return 1
+    return max(1, min(-(-TARGET_PROGRAMS // programs), -(-n // block_m) // 4))
 
 
 def _first_covers_all_keys(parts: tuple[Part, ...], n: int) -> bool:
@@ -379,6 +405,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, parts, scale: float, config: Kerne
 
 
 def _backward(q, k, v, out, lse, do, parts, scale: float, config: KernelConfig):
+    b, h, n, _ = q.shape
     _, dq_launches, dkdv_launches = _plan_of(parts, q, v, config)
     # dQ first: its first launch covers every query row once and writes delta = rowsum(dO * O),
     # which the dK/dV launches read.
@@ -397,9 +424,19 @@ def _backward(q, k, v, out, lse, do, parts, scale: float, config: KernelConfig):
         part = launch.parts[0]
         qd, dod = (_descriptor(q, part, launch.block, False), _descriptor(do, part, launch.block, False)) if tma \
             else (None, None)
+        split = launch.constexprs["SPLIT"]
+        # Each program's fp32 share of its key tile, [splits, B*H, key tiles' rows, D]; added up below.
+        dkp, dvp = ((torch.empty(launch.args[-1], b * h, launch.args[2] * launch.constexprs["BLOCK_N"],
+                                 x.shape[-1], device=x.device, dtype=torch.float32) for x in (k, v)) if split
+                    else (dk, dv))
         _launcher(tk._dkdv_kernel)[launch.grid](q, k, v, do, dk, dv, lse, delta, qd, dod,
-                                                *launch.table_tensors(q.device), *launch.args, scale,
+                                                *launch.table_tensors(q.device), dkp, dvp, *launch.args, scale,
                                                 scale * LOG2E, TMA=tma, **launch.constexprs)
+        if split:  # key rows are positions here (a part over the sequence's rows)
+            rows = part.key_rows(n, 0)
+            for grad, shares in ((dk, dkp), (dv, dvp)):
+                total = shares[:, :, :rows].sum(0).view(b, h, rows, -1)
+                grad[:, :, :rows] = (grad[:, :, :rows].float() + total).to(grad.dtype)
     return dq, dk, dv
 
 
