@@ -10,20 +10,23 @@ forward, 10 D backward), and peak GPU memory. ``B = tokens // N`` (at least 1). 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
 from .. import patterns as P
 from ..attention import sparse_attention
-from ..attention.triton_sparse import KernelConfig
 from ..layout import cost
 from . import flex_forms
+
+if TYPE_CHECKING:  # Triton is optional: the kernels' module is imported where they run
+    from ..attention.triton_sparse import KernelConfig
 
 # The patterns every kernel benchmark times (issue 4's settings): name -> pattern.
 PATTERNS = {"strided": P.strided(128), "fixed": P.fixed(128, 32), "dense": P.dense()}
@@ -93,7 +96,9 @@ def inputs_for(n: int, tokens: int = 65536, heads: int = 8, head_dim: int = 64, 
 
 
 def run(ns, tokens=65536, heads=8, head_dim=64, dtype=torch.bfloat16, pattern_names=("strided", "fixed"),
-        baseline_max_n=65536, configs=(KernelConfig(),), log=print) -> list[Row]:
+        baseline_max_n=65536, configs=None, log=print) -> list[Row]:
+    from ..attention.triton_sparse import KernelConfig  # Triton is optional: imported only to run kernels
+    configs = configs or (KernelConfig(),)
     # Every (N, mask) is a new specialization of the compiled flex_attention; past dynamo's default
     # limit (8) later shapes fall back to the unfused path, which materializes N x N scores.
     for name in ("recompile_limit", "cache_size_limit"):
@@ -213,6 +218,7 @@ def parse_config(text: str) -> KernelConfig:
     """``BM,BN,W,S`` (every part and kernel), or items ``KEY:BM,BN,W,S`` joined by ``/`` with KEY
     ``local`` / ``global`` (a kind of part) or ``dkdv`` / ``dq`` (a backward kernel), and
     ``tma:0`` / ``tma:1`` (pointer loads or tensor descriptors)."""
+    from ..attention.triton_sparse import KernelConfig
     fields = {}
     for item in text.split("/"):
         key, _, tiles = item.rpartition(":")
@@ -233,6 +239,9 @@ def parse_config(text: str) -> KernelConfig:
 def run_cli(args) -> int:
     if not torch.cuda.is_available():
         raise ValueError("the attention benchmark needs a CUDA GPU")
+    if importlib.util.find_spec("triton") is None:
+        raise ValueError("the attention benchmark needs Triton: pip install triton")
+    from ..attention.triton_sparse import KernelConfig
     configs = [KernelConfig()] + [parse_config(c) for c in args.configs]
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     rows = run(args.n, args.tokens, args.heads, args.head_dim, dtype, tuple(args.patterns), args.baseline_max_n,
