@@ -118,8 +118,10 @@ def test_any_file_or_folder(tmp_path):
     assert (len(d.train), len(d.validation), len(d.test)) == (900, 50, 50)
     plain = tmp_path / "one.bin"
     plain.write_bytes(bytes(range(200)))
-    p = load_bytes(plain)
-    assert isinstance(p.train, np.memmap) and Path(p.train.filename) == plain  # mapped in place, no copy
+    p = load_bytes(plain, cache=tmp_path / "c")
+    # A private copy in the cache: the run does not depend on a file the user may change under it.
+    assert isinstance(p.train, np.memmap) and Path(p.train.filename).parent.parent == tmp_path / "c"
+    plain.write_bytes(b"")
     assert p.test.tolist() == list(range(190, 200))
 
 
