@@ -28,6 +28,7 @@ from ..model import SparseTransformer, byte_loss
 from ..parallel import (World, all_reduce_mean, autocast, close_world, init_world, make_scaler, no_sync,
                         main_process_first, parallelize, resolve_precision, wait_for_all)
 from . import checkpoint as ckpt
+from . import run_folder
 from .checkpoint import checkpoint_dir
 from .evaluate import evaluate, sample_bytes
 from .metrics import Metrics, plot_metrics
@@ -66,6 +67,9 @@ class Schedule:
 
     def __init__(self, config: TrainConfig, steps_per_epoch: int):
         s = config.schedule
+        if s.epochs and s.epochs * steps_per_epoch >= 2 ** 62:  # would overflow counting steps
+            raise ValueError(f"schedule.epochs {s.epochs:g} is more steps than can be counted ({steps_per_epoch:,} "
+                             f"per epoch); expected at most {2 ** 62 // steps_per_epoch:,} epochs")
         limits = [x for x in (s.steps, s.epochs and math.ceil(s.epochs * steps_per_epoch)) if x]
         self.max_steps = min(limits) if limits else None
         self.max_time, self.peak, self.floor = s.max_time, config.optim.lr, s.min_lr_ratio
@@ -126,9 +130,9 @@ def _clip_gradients(model: nn.Module, max_norm: float) -> float:
 
 
 def _agreed_checkpoint(run_dir: Path, world: World) -> Optional[Path]:
-    """The checkpoint to resume from: rank 0 finds and verifies the newest intact one and tells the
-    others, so every rank resumes from the same step."""
-    found = [ckpt.latest_checkpoint(run_dir) if world.main else None]
+    """The checkpoint to resume from: rank 0 finds the newest one that is intact and loads and tells
+    the others, so every rank resumes from the same step."""
+    found = [ckpt.latest_checkpoint(run_dir, deep=True) if world.main else None]
     if world.distributed:
         torch.distributed.broadcast_object_list(found, src=0, group=world.wait_group)
     return found[0]
@@ -156,18 +160,23 @@ def _load_model(model: nn.Module, state: dict, fsdp: bool) -> None:
 
 def train(config: TrainConfig, run_dir: str | Path, dataset: Optional[ByteDataset] = None, resume: bool = False,
           *, device: Optional[str] = None, progress: bool = True, final_eval: bool = True,
-          on_step: Optional[Callable[[int, float], None]] = None) -> RunResult:
+          on_step: Optional[Callable[[int, float], None]] = None, force: bool = False) -> RunResult:
     """Train ``config`` writing checkpoints and metrics into ``run_dir``; see the module docstring.
 
     ``on_step(step, loss)`` runs after every step (raising ``KeyboardInterrupt`` there stops the
     run like Ctrl-C: a checkpoint is written and the run can be resumed). Under torchrun every
-    process calls this; rank 0 reports.
+    process calls this; rank 0 reports. The run holds ``run_dir``'s lock throughout: a second
+    training there is refused. A fresh run into a folder that holds an earlier run's
+    ``train.json`` or metrics is refused unless ``force``.
     """
     run_dir = Path(run_dir)
     world = init_world(device)
     try:
-        result = _train(config, run_dir, dataset, resume, world, progress, final_eval, on_step)
-        wait_for_all(world)  # rank 0 may still be sampling: no rank tears the group down before it
+        with run_folder.hold(run_dir, world):
+            if not resume:
+                run_folder.refuse_overwrite(run_dir, force)
+            result = _train(config, run_dir, dataset, resume, world, progress, final_eval, on_step)
+            wait_for_all(world)  # rank 0 may still be sampling: no rank tears the group down before it
         return result
     finally:
         close_world(world)
@@ -228,6 +237,8 @@ def _train(config, run_dir, dataset, resume, world: World, progress, final_eval,
         check_context(dataset, context)
     except ValueError as err:  # name the file the bytes came from, not only the dataset
         raise ValueError(f"{config.data.path}: {err}" if config.data.path else str(err)) from None
+    run_folder.check_vocab(config.model.vocab_size, dataset)
+    changes = run_folder.resume_changes(found, config) if found else ""
     saved = from_dict(TrainConfig, json.loads((found / "train.json").read_text())).model if found else None
     config = _positions_from_data(config, dataset, saved)
     if found is not None:
@@ -269,7 +280,10 @@ def _train(config, run_dir, dataset, resume, world: World, progress, final_eval,
         (run_dir / "train.json").write_text(json.dumps(to_dict(config), indent=2))
         metrics.write(f"{config.model.n_layer} layers, {model.num_parameters():,} parameters, "
                       f"{world.world_size} process(es) on {world.device.type}, {precision}; "
+                      f"data {run_folder.describe_data(config, dataset)}; "
                       + (f"resuming from {found.name}" if found else "starting fresh"))
+        if changes:
+            metrics.write(changes)
     result = RunResult(step=step, checkpoint=found)
 
     def save() -> Path:
@@ -283,7 +297,8 @@ def _train(config, run_dir, dataset, resume, world: World, progress, final_eval,
     def validate() -> float:
         bpb, count = evaluate(model, dataset.validation, context, world, stride=config.data.eval_stride,
                               example_length=dataset.example_length, max_bytes=config.data.eval_bytes,
-                              batch_size=config.data.eval_batch_size, precision=precision)
+                              batch_size=config.data.eval_batch_size, precision=precision,
+                              progress=progress and world.main, desc="validation")
         metrics.log({"split": "validation", "step": step, "time": round(elapsed, 3), "bits_per_byte": bpb,
                      "bytes": count})
         metrics.write(f"step {step}: validation {bpb:.4f} bits per byte ({count:,} bytes)")
@@ -384,11 +399,14 @@ def _train(config, run_dir, dataset, resume, world: World, progress, final_eval,
             print(f"interrupted at step {step}; continue with --resume (checkpoint {result.checkpoint})")
         return result
     if final_eval and reason != "non-finite":
+        metrics.write(f"final evaluation on {dataset.name}: "
+                      + ("validation and test splits" if config.eval_every else "test split"))
         if config.eval_every:
             result.validation_bits_per_byte = validate()
         bpb, count = evaluate(model, dataset.test, context, world, stride=config.data.eval_stride,
                               example_length=dataset.example_length, max_bytes=config.data.eval_bytes,
-                              batch_size=config.data.eval_batch_size, precision=precision)
+                              batch_size=config.data.eval_batch_size, precision=precision,
+                              progress=progress and world.main, desc="test")
         result.test_bits_per_byte, result.test_bytes = bpb, count
         result.test_split_bytes = len(dataset.test)
         metrics.log({"split": "test", "step": step, "time": round(elapsed, 3), "bits_per_byte": bpb, "bytes": count})
