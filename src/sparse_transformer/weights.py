@@ -79,7 +79,9 @@ def read_config(path: str | Path) -> ModelConfig:
 
 
 def _listed(what: str, names: list[str]) -> list[str]:
-    return [f"{what} {', '.join(names[:3])}" + (f" and {len(names) - 3} more" if len(names) > 3 else "")] if names else []
+    if not names:
+        return []
+    return [f"{what} {', '.join(names[:3])}" + (f" and {len(names) - 3} more" if len(names) > 3 else "")]
 
 
 def check_weights(path: str | Path, config: ModelConfig, cls: Optional[type] = None) -> None:

@@ -78,7 +78,8 @@ def _outputs(kind: str, args: argparse.Namespace) -> list[str]:
     """The files this command writes into --out."""
     names = []
     if args.n:
-        names += {"text": ["samples.txt"], "image": ["samples.png"]}.get(kind, [f"sample-{i}.wav" for i in range(args.n)])
+        audio = [f"sample-{i}.wav" for i in range(args.n)]
+        names += {"text": ["samples.txt"], "image": ["samples.png"]}.get(kind, audio)
     return names + (["completions.png"] if args.complete_images else [])
 
 

@@ -65,18 +65,24 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 
 def build_config(args: argparse.Namespace, saved: TrainConfig | None = None) -> TrainConfig:
     """The command line's overrides (each one type-checked) applied to ``saved`` (the config of the
-    run that ``--resume`` continues), else to the preset."""
-    config = presets.get(args.preset or "tiny") if saved is None else saved
-    if saved is not None and args.preset is not None:
-        model = presets.get(args.preset).model
+    run that ``--resume`` continues), else to the preset. With ``saved``, an explicit ``--preset``
+    must describe the saved run's model."""
+    sets = _overrides(args)
+    config = presets.get(args.preset or "tiny")
+    for assignment in sets:
+        config = override(config, assignment)
+    if saved is None:
+        return config
+    if args.preset is not None:
+        model = config.model
         if model.position_axes is None:  # image runs take theirs from the data
             model = dataclasses.replace(model, position_axes=saved.model.position_axes)
         if model != saved.model:
-            raise ValueError(f"--preset {args.preset} is not the model of the run being resumed; drop --preset "
-                             f"to continue that run with its own config")
-    for assignment in _overrides(args):
-        config = override(config, assignment)
-    return config
+            raise ValueError(f"--preset {args.preset} (with this command's overrides) is not the model of the run "
+                             f"being resumed; drop --preset to continue that run with its own config")
+    for assignment in sets:
+        saved = override(saved, assignment)
+    return saved
 
 
 def run(args: argparse.Namespace) -> int:

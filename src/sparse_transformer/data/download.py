@@ -69,7 +69,8 @@ def _say(text: str) -> None:
 
 def _reason(err: BaseException, timeout: float) -> str:
     """What went wrong with a request, in a few words (the useful part of urllib's nested errors)."""
-    cause = err.reason if isinstance(err, urllib.error.URLError) and not isinstance(err, urllib.error.HTTPError) else err
+    wrapped = isinstance(err, urllib.error.URLError) and not isinstance(err, urllib.error.HTTPError)
+    cause = err.reason if wrapped else err
     if isinstance(cause, socket.gaierror):
         return f"the host name could not be resolved ({cause.strerror or cause})"
     if isinstance(cause, (TimeoutError, socket.timeout)):
@@ -152,7 +153,8 @@ def download(url: str, dest: Path, *, size: Optional[int] = None, sha256: Option
                 if have == 0:
                     what = (f"{url} answered {reason}" if isinstance(err, urllib.error.HTTPError)
                             else f"could not reach {host} ({reason})")
-                    raise ConnectionError(f"{what}; gave up after {tries}; check the network connection{hint}") from None
+                    raise ConnectionError(f"{what}; gave up after {tries}; "
+                                          f"check the network connection{hint}") from None
                 raise ConnectionError(f"download of {url} interrupted ({reason}; {tries}): "
                                       f"{have:,}{f' of {size:,}' if size else ''} bytes are in {part}; "
                                       f"run again to resume{hint}") from None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import sys
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ ENWIK8 = TextSource("enwik8", 100_000_000,
 GCIDE = TextSource("gcide", 39_952_321, sha256="802beb667e1fb666203e750f1faea60d5c202ac5430c2083c4180494609f10a7")
 CPYTHON = TextSource("cpython", 31_525_224,
                      sha256="92debcc73de5cb17a70057ce13efc64f61091c06983d72aa9bcd764eb2e0c8df")
+LOUD_COPY = 256 << 20  # bytes: a copy into the cache this large is announced
 KNOWN_FILES = {"gcide.txt.gz": GCIDE, "cpython311-stdlib.txt.gz": CPYTHON, "enwik8": ENWIK8, "enwik8.zip": ENWIK8}
 
 
@@ -103,6 +105,9 @@ def load_bytes(path: Path, name: Optional[str] = None, cache: Optional[Path] = N
     folder = Path(cache or cache_dir()) / f"{name}-{hashlib.sha256(str(path).encode()).hexdigest()[:10]}"
 
     def build(folder: Path) -> None:
+        total = sum(p.stat().st_size for p in files)
+        if total >= LOUD_COPY:  # seconds to minutes of reading and writing: say what is going on
+            print(f"copying {total:,} bytes of {path} into the data cache {folder} (done once)", file=sys.stderr)
         data = b"".join(read_file_bytes(p) for p in files)
         if spec is not None:
             check_bytes(data, spec, str(path))

@@ -229,6 +229,7 @@ def _model_differences(saved: ModelConfig, current: ModelConfig) -> str:
 def _train(config, run_dir, dataset, resume, world: World, progress, final_eval, on_step) -> RunResult:
     precision = resolve_precision(config.precision, world.device)
     found = _resume_point(run_dir, resume, world)  # before loading data: a refusal should be quick
+    changes = run_folder.resume_changes(found, config) if found else ""
     if dataset is None:
         with main_process_first(world):  # rank 0 prepares the cache; the others then read it
             dataset = load_dataset(config.data)
@@ -238,7 +239,6 @@ def _train(config, run_dir, dataset, resume, world: World, progress, final_eval,
     except ValueError as err:  # name the file the bytes came from, not only the dataset
         raise ValueError(f"{config.data.path}: {err}" if config.data.path else str(err)) from None
     run_folder.check_vocab(config.model.vocab_size, dataset)
-    changes = run_folder.resume_changes(found, config) if found else ""
     saved = from_dict(TrainConfig, json.loads((found / "train.json").read_text())).model if found else None
     config = _positions_from_data(config, dataset, saved)
     if found is not None:
