@@ -187,12 +187,27 @@ def test_a_server_that_never_answers_fails_soon_saying_what_is_retried(tmp_path)
     assert (defaults["retries"] + 1) * defaults["timeout"] + defaults["retries"] * defaults["retry_delay"] <= 30
 
 
+def test_a_slow_name_lookup_still_gives_up_within_the_patience(tmp_path, monkeypatch):
+    clock = [0.0]
+
+    def slow_lookup(request, timeout=None):  # getaddrinfo is not bounded by the socket timeout
+        clock[0] += 12.0
+        raise urllib.error.URLError(socket.gaierror(-3, "Temporary failure in name resolution"))
+
+    monkeypatch.setattr(download_module.urllib.request, "urlopen", slow_lookup)
+    monkeypatch.setattr(download_module, "time", types.SimpleNamespace(sleep=lambda s: None,
+                                                                       monotonic=lambda: clock[0]))
+    with pytest.raises(ConnectionError, match=r"could not reach h.example \(the host name could not be resolved"):
+        download("http://h.example/f", tmp_path / "f", progress=False, log=lambda text: None)
+    assert clock[0] == 24  # two lookups of 12 s, not four: a third would end past 30 s
+
+
 def test_no_network_during_data_prepare_is_one_line_naming_the_host_and_from(tmp_path, monkeypatch, capsys):
     def no_network(request, timeout=None):
         raise urllib.error.URLError(socket.gaierror(-3, "Temporary failure in name resolution"))
 
     monkeypatch.setattr(download_module.urllib.request, "urlopen", no_network)
-    monkeypatch.setattr(download_module, "time", types.SimpleNamespace(sleep=lambda s: None))
+    monkeypatch.setattr(download_module, "time", types.SimpleNamespace(sleep=lambda s: None, monotonic=time.monotonic))
     monkeypatch.setenv("SPARSE_TRANSFORMER_DATA", str(tmp_path))
     assert main(["data", "prepare", "enwik8"]) == 2
     err = capsys.readouterr().err

@@ -72,7 +72,7 @@ def _reason(err: BaseException, timeout: float) -> str:
     wrapped = isinstance(err, urllib.error.URLError) and not isinstance(err, urllib.error.HTTPError)
     cause = err.reason if wrapped else err
     if isinstance(cause, socket.gaierror):
-        return f"the host name could not be resolved ({cause.strerror or cause})"
+        return f"the host name could not be resolved: {cause.strerror or cause}"
     if isinstance(cause, (TimeoutError, socket.timeout)):
         return f"no answer within {timeout:g} s"
     if isinstance(cause, ConnectionRefusedError):
@@ -92,17 +92,18 @@ def _set_aside(path: Path) -> Path:
 
 def download(url: str, dest: Path, *, size: Optional[int] = None, sha256: Optional[str] = None,
              md5: Optional[str] = None, check: Optional[Callable[[Path], None]] = None, retries: int = 3,
-             timeout: float = 5.0, retry_delay: float = 1.0, progress: bool = True, chunk: int = 1 << 20,
-             manual: str = "", log: Callable[[str], None] = _say) -> Path:
+             timeout: float = 5.0, retry_delay: float = 1.0, patience: float = 30.0, progress: bool = True,
+             chunk: int = 1 << 20, manual: str = "", log: Callable[[str], None] = _say) -> Path:
     """Fetch ``url`` into ``dest`` with a progress bar, resuming ``dest.part`` and verifying before rename.
 
     ``size``/``sha256``/``md5`` are the expected values (any may be None); ``check(path)`` may add a
     test of the content (raising ``ValueError``). Nothing reaches ``dest`` unless it passes all of
     them. A request that gets no answer within ``timeout`` seconds (connecting or between two
     reads) or whose connection drops is retried (resumed from where it stopped) up to ``retries``
-    more times in a row without progress, each retry said through ``log``; then ``ConnectionError``
-    is raised, naming the host when nothing could be fetched, else keeping the ``.part`` file so
-    the next call resumes it. ``manual``: the command that supplies the file by hand, named in that
+    more times in a row without progress, and not past ``patience`` seconds without progress (a
+    name lookup can block longer than ``timeout``), each retry said through ``log``; then
+    ``ConnectionError`` is raised, naming the host when nothing could be fetched, else keeping the
+    ``.part`` file so the next call resumes it. ``manual``: the command that supplies the file by hand, named in that
     error. A finished file that fails its checks is deleted and ``ValueError`` is raised. An
     existing ``dest`` that passes the checks is not fetched again; one that fails them is moved
     aside (``<dest>.rejected-<n>``) and fetched again. Returns ``dest``.
@@ -125,9 +126,10 @@ def download(url: str, dest: Path, *, size: Optional[int] = None, sha256: Option
     if size is not None and part.exists() and part.stat().st_size > size:
         part.unlink()  # longer than the real file: cannot be a prefix of it
     host = urllib.parse.urlsplit(url).hostname or url
-    failures = 0
+    failures, stalled_since = 0, time.monotonic()
     while True:
         offset = part.stat().st_size if part.exists() else 0
+        started = time.monotonic()
         try:
             if size is None or offset < size:
                 _fetch(url, part, offset, size, timeout, progress, chunk, tqdm)
@@ -145,10 +147,14 @@ def download(url: str, dest: Path, *, size: Optional[int] = None, sha256: Option
             if isinstance(err, urllib.error.HTTPError) and err.code not in (408, 429, 500, 502, 503, 504):
                 raise ValueError(f"{url}: HTTP {err.code} {err.reason}") from err
             have = part.stat().st_size if part.exists() else 0
-            failures = 1 if have > offset else failures + 1  # a retry that made progress starts a new count
+            if have > offset:  # a retry that made progress starts a new count
+                failures, stalled_since = 0, time.monotonic()
+            failures += 1
+            now = time.monotonic()
+            waited, took = now - stalled_since, now - started
             reason = _reason(err, timeout)
             tries = f"{failures} attempt{'s' if failures > 1 else ''}"
-            if failures > retries:
+            if failures > retries or waited + retry_delay + max(timeout, took) > patience:
                 hint = f"; or get {url} another way and run `{manual}`" if manual else ""
                 if have == 0:
                     what = (f"{url} answered {reason}" if isinstance(err, urllib.error.HTTPError)

@@ -27,8 +27,9 @@ def evaluate(model: nn.Module, data: np.ndarray, context: int, world: World = Wo
              progress: bool = False, desc: str = "eval") -> tuple[float, int]:
     """Bits per byte of ``model`` on the uint8 split ``data``; returns ``(bits_per_byte, bytes_scored)``.
 
-    ``max_bytes`` bounds the evaluation to the first ``max_bytes`` bytes of a stream (whole images of
-    an image set: at least one). ``progress`` shows a bar over the forward passes, titled ``desc``.
+    ``max_bytes`` bounds the evaluation to the first ``max_bytes`` bytes of a stream, or to the
+    whole images of an image set that fit in it (at least one must). ``progress`` shows a bar over
+    the forward passes, titled ``desc``.
     """
     # A batch of 0 or less gives no forward pass at all, and the result NaN over 0 bytes.
     if batch_size < 1 or (max_bytes is not None and max_bytes < 1):
