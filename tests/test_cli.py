@@ -31,7 +31,8 @@ def test_patterns_stride_longer_than_n_and_limits(tmp_path, capsys):
     out = tmp_path / "s.png"
     assert main(["patterns", "--pattern", "strided", "--stride", "128", "--n", "32", "--out", str(out)]) == 0
     assert out.stat().st_size > 0  # used to fail: the default query was n - 1 - stride // 2 < 0
-    assert main(["patterns", "--pattern", "strided", "--stride", "128", "--n", "1000000", "--out", str(out)]) == 2
+    assert main(["patterns", "--pattern", "strided", "--stride", "128", "--n", "1000000", "--out", str(out),
+                 "--force"]) == 2
     assert "n must be <= 32,768 to draw" in capsys.readouterr().err
     assert main(["patterns", "--pattern", "dense", "--part", "row"]) == 2
     assert "part must be None for the dense pattern" in capsys.readouterr().err

@@ -107,10 +107,15 @@ def test_http_error_and_existing_wrong_file(tmp_path):
     with LocalServer(Served()) as url:
         with pytest.raises(ValueError, match="HTTP 404"):
             download(f"{url}/missing", tmp_path / "m", progress=False)
+    # A wrong file where the download belongs is moved aside (not deleted, not used) and fetched again.
     wrong = tmp_path / "w.bin"
     wrong.write_bytes(b"not it")
-    with pytest.raises(ValueError, match="w.bin: expected 1,024,004 bytes, found 6"):
-        download("http://127.0.0.1:9/never", wrong, size=len(PAYLOAD), progress=False)
+    said = []
+    with LocalServer(Served(files={"/w.bin": PAYLOAD})) as url:
+        download(f"{url}/w.bin", wrong, size=len(PAYLOAD), sha256=SHA, progress=False, log=said.append)
+    assert wrong.read_bytes() == PAYLOAD and (tmp_path / "w.bin.rejected-1").read_bytes() == b"not it"
+    assert said == [f"{wrong}: expected 1,024,004 bytes, found 6 (truncated or wrong file); moved aside to "
+                    f"w.bin.rejected-1, fetching it again"]
 
 
 def test_cache_dir_env(tmp_path, monkeypatch):

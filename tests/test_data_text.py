@@ -3,6 +3,7 @@ gcide / cpython corpora, and any file or folder."""
 
 import gzip
 import hashlib
+import os
 import zipfile
 from dataclasses import replace
 from pathlib import Path
@@ -14,9 +15,13 @@ from local_http import LocalServer, Served
 from sparse_transformer.data import load
 from sparse_transformer.data.text import CPYTHON, ENWIK8, GCIDE, load_bytes, load_enwik8
 
-SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
-if not SHARED.is_dir():  # worktrees sit beside main; the shared folder is next to both
-    SHARED = Path("/work/shared/data")
+# The real corpora, when a folder of them is at hand: $SPARSE_TRANSFORMER_TEST_DATA, else a `shared/data`
+# folder beside the checkout (or beside the folder of checkouts).
+SHARED = Path(os.environ.get("SPARSE_TRANSFORMER_TEST_DATA")
+              or Path(__file__).resolve().parents[1] / ".." / "shared" / "data")
+if not SHARED.is_dir() and not os.environ.get("SPARSE_TRANSFORMER_TEST_DATA"):
+    SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+HOW = "set SPARSE_TRANSFORMER_TEST_DATA to a folder holding it to run this test"
 
 TEXT = b"<mediawiki>" + bytes(np.random.default_rng(1).integers(0, 256, 20_000 - 11, dtype=np.uint8))
 
@@ -68,8 +73,7 @@ def test_enwik8_rejects_wrong_data(tmp_path):
 
 
 @pytest.mark.skipif(not (SHARED / "enwik8.zip").exists() and not (SHARED / "enwik8").exists(),
-                    reason="enwik8 is not staged in ../shared/data (no internet on the build machines; "
-                           "see SOURCES.md): the format is tested on a small zip above")
+                    reason=f"enwik8.zip is not in {SHARED} ({HOW}); the format is tested on a small zip above")
 def test_real_enwik8(tmp_path):
     source = SHARED / "enwik8.zip" if (SHARED / "enwik8.zip").exists() else SHARED / "enwik8"
     d = load_enwik8(source, cache=tmp_path)
@@ -84,7 +88,7 @@ def test_real_enwik8(tmp_path):
 def test_real_staged_corpora(tmp_path, name, spec, first):
     source = SHARED / ("gcide.txt.gz" if name == "gcide" else "cpython311-stdlib.txt.gz")
     if not source.exists():
-        pytest.skip(f"{source} is not staged here")
+        pytest.skip(f"{source} is not there ({HOW})")
     d = load(name, source, cache=tmp_path)  # checks the sha256 from SOURCES.md
     assert len(d.train) + len(d.validation) + len(d.test) == spec.size
     assert len(d.train) == spec.size * 9 // 10 and len(d.validation) == spec.size // 20
@@ -118,8 +122,10 @@ def test_any_file_or_folder(tmp_path):
     assert (len(d.train), len(d.validation), len(d.test)) == (900, 50, 50)
     plain = tmp_path / "one.bin"
     plain.write_bytes(bytes(range(200)))
-    p = load_bytes(plain)
-    assert isinstance(p.train, np.memmap) and Path(p.train.filename) == plain  # mapped in place, no copy
+    p = load_bytes(plain, cache=tmp_path / "c")
+    # A private copy in the cache: the run does not depend on a file the user may change under it.
+    assert isinstance(p.train, np.memmap) and Path(p.train.filename).parent.parent == tmp_path / "c"
+    plain.write_bytes(b"")
     assert p.test.tolist() == list(range(190, 200))
 
 

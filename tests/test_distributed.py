@@ -67,7 +67,7 @@ def test_two_processes_match_one(single, tmp_path, parallel, monkeypatch):
     if parallel == "fsdp":  # resume from the step-2 checkpoint: steps 3 and 4 again, same losses
         shutil.rmtree(tmp_path / "run" / "checkpoints" / "step-00000004")
         (tmp_path / "run" / "metrics.jsonl").unlink()
-        torchrun(args(data, tmp_path / "run", "--parallel", parallel, "--resume"))
+        torchrun(args(gz, tmp_path / "run", "--parallel", parallel, "--resume"))  # the run's own data
         resumed = losses(tmp_path / "run")
         assert sorted(resumed) == [3, 4]
         assert all(resumed[s] == got[s] for s in (3, 4))

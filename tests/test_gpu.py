@@ -168,6 +168,120 @@ def test_one_million_tokens_forward_backward():
     assert_close(got[0][0, 0, i].float(), ref, torch.bfloat16)
 
 
+@pytest.mark.parametrize("pattern", [P.strided(128), P.fixed(128, 32, distinct=4), P.dense()], ids=str)
+def test_triton_half_size_queries_and_keys(pattern):
+    """q/k of 32 and v of 64 (half-size attention), no padding, against the reference; both load paths."""
+    from sparse_transformer.attention.triton_sparse import KernelConfig, triton_attention
+
+    g = torch.Generator(device="cuda").manual_seed(11)
+    q, k = (torch.randn(1, 2, 4096, 32, device="cuda", generator=g).bfloat16() for _ in range(2))
+    v, grad = (torch.randn(1, 2, 4096, 64, device="cuda", generator=g).bfloat16() for _ in range(2))
+    want = run("reference", pattern, q.double(), k.double(), v.double(), grad.double())
+    for tma in (True, False):
+        x = [t.detach().requires_grad_() for t in (q, k, v)]
+        out = triton_attention(*x, pattern, 32 ** -0.5, KernelConfig(tma=tma))
+        out.backward(grad)
+        for a, b in zip([out, *(t.grad for t in x)], want):
+            assert_close_norm(a, b, torch.bfloat16)
+
+
+def _tiny_model(pattern: dict, context: int = 4096, dropout: float = 0.0):
+    from sparse_transformer.config import ModelConfig
+    from sparse_transformer.model import SparseTransformer
+
+    torch.manual_seed(0)
+    model = SparseTransformer(ModelConfig(n_layer=2, n_head=4, d_model=256, context=context, dropout=dropout,
+                                          **pattern)).cuda()
+    for p in model.parameters():  # the logit projection starts at zero: let every gradient carry something
+        torch.nn.init.normal_(p, std=0.02)
+    return model
+
+
+@pytest.mark.parametrize("pattern", [dict(pattern="strided", stride=128),
+                                     dict(pattern="fixed", stride=128, summary=32, distinct=2, half_qk=True),
+                                     dict(pattern="dense"), dict(pattern="dense", backend="torch")],
+                         ids=["strided", "fixed-half-size", "dense-triton", "dense-sdpa"])
+def test_compiled_model_fullgraph_matches_eager(pattern):
+    """torch.compile(model, fullgraph=True) with Inductor on the GPU: no graph break, the eager loss
+    and gradients (bf16 autocast, so within bf16 rounding)."""
+    from sparse_transformer.model import byte_loss
+
+    model = _tiny_model(pattern)
+    tokens = torch.randint(0, 256, (2, 4096), device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
+    explained = torch._dynamo.explain(model)(tokens)
+    assert explained.graph_break_count == 0, [str(b.reason)[:200] for b in explained.break_reasons]
+
+    def loss_and_grads(forward):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", torch.bfloat16):
+            loss = byte_loss(forward(tokens), tokens)
+        loss.backward()
+        return [loss.detach()] + [p.grad.clone() for p in model.parameters()]
+
+    eager = loss_and_grads(model)
+    compiled = loss_and_grads(torch.compile(model, fullgraph=True))
+    for a, b in zip(compiled, eager):
+        assert_close_norm(a, b, torch.bfloat16)
+
+
+def test_flex_backend_compiles_in_a_fullgraph_model():
+    """A custom pattern (flex backend) inside torch.compile(fullgraph=True): no graph break, eager numbers."""
+    from sparse_transformer.model import SparseTransformer
+
+    window = P.custom(lambda b, h, q, k: q - k < 200, "window", per_head=False)
+    weights = _tiny_model(dict(pattern="dense"), context=1024)
+    model = SparseTransformer(weights.config, pattern=window).cuda()
+    model.load_state_dict(weights.state_dict())
+    tokens = torch.randint(0, 256, (2, 1024), device="cuda")
+    with torch.autocast("cuda", torch.bfloat16):
+        eager = model(tokens).float()
+        compiled = torch.compile(model, fullgraph=True)(tokens).float()
+    assert_close_norm(compiled, eager, torch.bfloat16)
+
+
+@pytest.mark.parametrize("pattern", [dict(pattern="strided", stride=128), dict(pattern="fixed", stride=128, summary=32)],
+                         ids=["strided", "fixed"])
+def test_cuda_graph_captures_a_whole_training_step(pattern):
+    """Forward, backward, clipping and the fused AdamW update (with its on-device skip flag) captured
+    as one CUDA graph: its replays give the losses and weights of eager steps on the same batches."""
+    import copy
+
+    from sparse_transformer.config import TrainConfig
+    from sparse_transformer.train.step import TrainStep
+
+    config = TrainConfig()
+    model = _tiny_model(pattern, context=2048)
+    twin = copy.deepcopy(model)
+    batches = torch.randint(0, 256, (4, 2, 2048), device="cuda", dtype=torch.uint8,
+                            generator=torch.Generator(device="cuda").manual_seed(3))
+
+    def stepper(net, capturable):
+        optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3, fused=True, capturable=capturable)
+        return TrainStep(net, net, optimizer, torch.amp.GradScaler("cuda", enabled=False), "bf16", config, False)
+
+    eager_step = stepper(model, False)
+    eager = [float(eager_step(b).loss) for b in batches]
+
+    graph_step = stepper(twin, True)
+    static = batches[0].clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the graph (kernels compiled, allocator primed): step 0
+        first = graph_step(static)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        stats = graph_step(static)
+    replayed = [float(first.loss)]
+    for b in batches[1:]:
+        static.copy_(b)
+        graph.replay()
+        replayed.append(float(stats.loss))
+    assert replayed == pytest.approx(eager, rel=2e-3)
+    for a, b in zip(twin.parameters(), model.parameters()):
+        assert_close_norm(a, b, torch.bfloat16)
+
+
 # ------------------------------------------------------------------ unions of parts (issue 27)
 UNIONS = [P.local(512) | P.global_tokens(64), P.local(128) | P.column(128) | P.global_tokens(16),
           P.local(300) | P.column(100), P.block(64) | P.summary(128, 16, 4) | P.global_tokens(7),

@@ -8,6 +8,7 @@ import torch
 
 from sparse_transformer import patterns
 from sparse_transformer.config import ModelConfig
+from sparse_transformer.weights import load_model
 from sparse_transformer.model import SparseTransformer, byte_loss, layer_patterns
 from tolerances import assert_close
 
@@ -142,15 +143,22 @@ def test_from_pretrained_names_the_bad_file(tmp_path):
     weights, config = tmp_path / "m" / "model.safetensors", tmp_path / "m" / "config.json"
     good_weights, good_config = weights.read_bytes(), config.read_text()
     weights.write_bytes(good_weights[:100])  # truncated: safetensors' own error is no ValueError
-    with pytest.raises(ValueError, match=r"m/model.safetensors: not a readable safetensors file"):
+    with pytest.raises(ValueError, match=r"m is damaged: model.safetensors does not match its manifest"):
         SparseTransformer.from_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "manifest.json").unlink()  # without the manifest: each file's own error
+    with pytest.raises(ValueError, match=r"m has no manifest.json, so its files cannot be verified"):
+        SparseTransformer.from_pretrained(tmp_path / "m")
+    with pytest.raises(ValueError, match=r"m/model.safetensors: not a readable safetensors file"):
+        load_model(tmp_path / "m", allow_unverified=True)
     weights.write_bytes(good_weights)
     config.write_text("{")
     with pytest.raises(ValueError, match=r"m/config.json: not a valid model config"):
-        SparseTransformer.from_pretrained(tmp_path / "m")
+        load_model(tmp_path / "m", allow_unverified=True)
     config.write_text(good_config.replace('"n_layer": 2', '"n_layer": 3'))  # weights of another shape
-    with pytest.raises(ValueError, match=r"model.safetensors does not fit the model in .*config.json: Missing key"):
-        SparseTransformer.from_pretrained(tmp_path / "m")
+    with pytest.raises(ValueError, match=r"model.safetensors does not fit the model in .*config.json: "
+                                         r"missing blocks.2.norm_attn.weight"):
+        load_model(tmp_path / "m", allow_unverified=True)
+
 
 
 def test_model_pattern_takes_a_spec():

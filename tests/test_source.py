@@ -58,7 +58,8 @@ def test_cli_dataset_and_data_flags():
     args = build_parser().parse_args(["train", "--preset", "tiny", "--dataset", "gcide", "--data", "x.gz",
                                       "--set", "data.tile=16x16"])
     config = build_config(args)
-    assert (config.data.dataset, config.data.path, config.data.tile) == ("gcide", "x.gz", (16, 16))
+    # --data is saved absolute: a resumed run or `eval` started from another folder finds the same file
+    assert (config.data.dataset, config.data.path, config.data.tile) == ("gcide", str(Path("x.gz").resolve()), (16, 16))
 
 
 def test_plot_runs_draws_every_run(tmp_path):

@@ -31,6 +31,15 @@ def data_kind(dataset: str, axes: Sequence[int], context: int) -> tuple[str, Opt
     return "text", None
 
 
+def printable(data: bytes) -> str:
+    """``data`` as UTF-8 for a terminal: newlines and tabs kept, every other character that does not
+    print (control characters such as ESC, which a terminal would obey) and every byte that is not
+    UTF-8 written as an escape (``\\x1b``, ``\\x9f``, ``\\u202e``). Files keep the raw bytes."""
+    text = data.decode("utf-8", errors="backslashreplace")
+    return "".join(c if c in "\n\t" or c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in text)
+
+
 def write_text(samples: Sequence[bytes], path: Path) -> Path:
     """All samples into one file, each after a ``==== sample i ====`` line (raw bytes kept)."""
     path.parent.mkdir(parents=True, exist_ok=True)

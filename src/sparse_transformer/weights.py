@@ -1,14 +1,16 @@
 """Model weights on disk: ``model.safetensors`` plus the ``config.json`` that builds the network.
 
 The format of :meth:`SparseTransformer.save_pretrained` / ``from_pretrained`` and of the weights
-inside every trainer checkpoint. safetensors only: loading never unpickles anything.
+inside every trainer checkpoint, with a ``manifest.json`` (size and SHA-256 of each file) that
+loading checks. safetensors only: loading never unpickles anything.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -16,22 +18,106 @@ from .config import ModelConfig, from_dict, to_dict
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+MANIFEST = "manifest.json"  # size and SHA-256 of the folder's files (trainer checkpoints list every file)
 
 
-def save_weights(path: str | Path, state_dict: dict, config: ModelConfig) -> Path:
-    """Write a model state dict as ``model.safetensors`` plus its ``config.json`` into folder ``path``."""
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: str | Path, names: Sequence[str], **extra) -> Path:
+    """``manifest.json`` in ``folder``: ``extra`` fields plus ``files``, each name's bytes and SHA-256."""
+    folder = Path(folder)
+    files = {name: {"bytes": (folder / name).stat().st_size, "sha256": _sha256(folder / name)} for name in names}
+    path = folder / MANIFEST
+    path.write_text(json.dumps({**extra, "files": files}, indent=2))
+    return path
+
+
+def check_manifest(folder: str | Path) -> Optional[str]:
+    """None if the files listed in ``folder``'s manifest match it, else what is wrong (files the
+    manifest does not list are not checked)."""
+    folder = Path(folder)
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        for name, meta in manifest["files"].items():
+            f = folder / name
+            if not f.is_file():
+                return f"{name} is missing"
+            if f.stat().st_size != meta["bytes"] or _sha256(f) != meta["sha256"]:
+                return f"{name} does not match its manifest (truncated or modified)"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        return f"unreadable manifest ({err})"
+    return None
+
+
+def save_weights(path: str | Path, state_dict: dict, config: ModelConfig, manifest: bool = True) -> Path:
+    """Write a model state dict as ``model.safetensors`` plus its ``config.json`` into folder ``path``,
+    and a manifest of both unless ``manifest=False`` (a trainer checkpoint writes its own)."""
     from safetensors.torch import save_file
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
     save_file(tensors, str(path / WEIGHTS_FILE))
     (path / CONFIG_FILE).write_text(json.dumps(to_dict(config), indent=2))
+    if manifest:
+        write_manifest(path, (WEIGHTS_FILE, CONFIG_FILE))
     return path
 
 
-def load_model(path: str | Path, device: torch.device | str = "cpu", cls: Optional[type] = None):
+def read_config(path: str | Path) -> ModelConfig:
+    """The :class:`ModelConfig` in folder ``path``'s ``config.json``; errors name the file."""
+    path = Path(path)
+    try:
+        return from_dict(ModelConfig, json.loads((path / CONFIG_FILE).read_text()))
+    except (ValueError, TypeError) as err:  # bad JSON or fields: say which file
+        raise ValueError(f"{path / CONFIG_FILE}: not a valid model config ({err})") from None
+
+
+def _listed(what: str, names: list[str]) -> list[str]:
+    if not names:
+        return []
+    return [f"{what} {', '.join(names[:3])}" + (f" and {len(names) - 3} more" if len(names) > 3 else "")]
+
+
+def check_weights(path: str | Path, config: ModelConfig, cls: Optional[type] = None) -> None:
+    """``ValueError`` unless ``model.safetensors`` in ``path`` holds exactly the tensors, with the
+    shapes, of ``cls(config)``. Reads only the file's header and builds the model on the meta
+    device: nothing is allocated, however large the config says the model is."""
+    from safetensors import SafetensorError, safe_open
+    if cls is None:
+        from .model import SparseTransformer as cls
+    path = Path(path)
+    file = path / WEIGHTS_FILE
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            found = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    except (SafetensorError, OSError) as err:  # truncated or corrupt; not a ValueError
+        raise ValueError(f"{file}: not a readable safetensors file (truncated or corrupt?): {err}") from None
+    with torch.device("meta"):
+        expected = {name: tuple(t.shape) for name, t in cls(config).state_dict().items()}
+    missing = [n for n in expected if n not in found]
+    unexpected = [n for n in found if n not in expected]
+    shapes = [f"{n} is {list(found[n])} in the file, {list(expected[n])} in the config"
+              for n in expected if n in found and found[n] != expected[n]]
+    problems = _listed("missing", missing) + _listed("unexpected", unexpected) + shapes[:2]
+    problems += [f"{len(shapes) - 2} more shapes differ"] if len(shapes) > 2 else []
+    if problems:
+        raise ValueError(f"{file} does not fit the model in {path / CONFIG_FILE}: {'; '.join(problems)}")
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu", cls: Optional[type] = None,
+               allow_unverified: bool = False):
     """The model in folder ``path`` (written by :func:`save_weights`), on ``device``; ``cls``
-    defaults to :class:`~sparse_transformer.model.SparseTransformer`. Errors name the bad file."""
+    defaults to :class:`~sparse_transformer.model.SparseTransformer`. Errors name the bad file.
+
+    The folder's files must match its manifest; a folder without one is refused unless
+    ``allow_unverified``. The weights' names and shapes are checked against the config before the
+    model is allocated."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
     if cls is None:
@@ -39,10 +125,15 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", cls: Option
     path = Path(path)
     if not (path / WEIGHTS_FILE).is_file() or not (path / CONFIG_FILE).is_file():
         raise ValueError(f"{path} must hold {WEIGHTS_FILE} and {CONFIG_FILE} (written by save_pretrained)")
-    try:
-        config = from_dict(ModelConfig, json.loads((path / CONFIG_FILE).read_text()))
-    except ValueError as err:  # bad JSON or fields: say which file
-        raise ValueError(f"{path / CONFIG_FILE}: not a valid model config ({err})") from None
+    if (path / MANIFEST).is_file():
+        problem = check_manifest(path)
+        if problem is not None:
+            raise ValueError(f"checkpoint {path} is damaged: {problem}")
+    elif not allow_unverified:
+        raise ValueError(f"{path} has no {MANIFEST}, so its files cannot be verified; if you trust them, "
+                         f"load it with allow_unverified=True (command line: --allow-unverified)")
+    config = read_config(path)
+    check_weights(path, config, cls)
     model = cls(config).to(device)
     try:
         state = load_file(str(path / WEIGHTS_FILE), device=str(device))

@@ -34,9 +34,9 @@ def attend(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, scale: float) -> tu
     ``-inf`` and a zero output for a query with no admissible key).
     """
     acc = torch.promote_types(q.dtype, torch.float32)  # fp32 statistics; fp64 stays fp64 (gradcheck)
-    if k.shape[-2] == 0:  # nothing to attend: zero output (still connected to q, k, v for autograd)
-        out = (q.to(acc).sum(-1, keepdim=True) + k.to(acc).sum((-2, -1))[..., None, None]) * 0 \
-            + v.to(acc).sum(-2, keepdim=True) * 0  # [..., M, Dv]
+    if k.shape[-2] == 0:  # nothing to attend: zero output (still connected to q for autograd)
+        zero = (q.to(acc).sum(-1, keepdim=True) + k.to(acc).sum((-2, -1), keepdim=True)) * 0  # [..., M, 1]
+        out = zero + v.to(acc).sum(-2, keepdim=True) * 0  # [..., M, Dv]: v's width (half-size q/k are narrower)
         return out, torch.full(q.shape[:-1], float("-inf"), dtype=acc, device=q.device)
     # In place on the fresh matmul output: autograd keeps matmul's inputs, not its output.
     scores = torch.matmul(q.to(acc) * scale, k.to(acc).transpose(-1, -2))

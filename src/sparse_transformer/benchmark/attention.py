@@ -11,11 +11,12 @@ every form of ``flex_forms``: as-is, per part (summed: "decomposed") and concate
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,9 @@ from .. import patterns as P
 from ..attention import sparse_attention
 from ..layout import cost
 from . import flex_forms
+
+if TYPE_CHECKING:  # Triton is optional: the kernels' module is imported where they run
+    from ..attention.triton_sparse import KernelConfig
 
 # The patterns the kernel benchmarks time, name -> pattern: issue 4's settings, then issue 27's unions
 # (a sliding window with global tokens; a window, a dilated column and global tokens).
@@ -104,7 +108,7 @@ def inputs_for(n: int, tokens: int = 65536, heads: int = 8, head_dim: int = 64, 
 def run(ns, tokens=65536, heads=8, head_dim=64, dtype=torch.bfloat16, pattern_names=("strided", "fixed"),
         baseline_max_n=65536, configs=None, log=print) -> list[Row]:
     """Rows for every N and pattern; ``configs`` (default: the default ``KernelConfig``) are timed for ours."""
-    from ..attention.triton_sparse import KernelConfig  # Triton: imported only when the benchmark runs
+    from ..attention.triton_sparse import KernelConfig  # Triton is optional: imported only to run kernels
 
     configs = configs or (KernelConfig(),)
     # Every (N, mask) is a new specialization of the compiled flex_attention; past dynamo's default
@@ -236,6 +240,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run_cli(args) -> int:
     if not torch.cuda.is_available():
         raise ValueError("the attention benchmark needs a CUDA GPU")
+    if importlib.util.find_spec("triton") is None:
+        raise ValueError("the attention benchmark needs Triton: pip install triton")
     from ..attention.triton_sparse import KernelConfig
 
     configs = [KernelConfig()] + [KernelConfig.from_spec(c) for c in args.configs]

@@ -34,6 +34,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0
-    except (ValueError, FileNotFoundError) as err:  # bad input: one clear line, no traceback
+    # Bad input, and what the machine refused (no network, disk full, a file in the way): one clear
+    # line, no traceback.
+    except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside training (which checkpoints and returns 130 itself)
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -12,8 +12,7 @@ from .arguments import DefaultsHelpFormatter, positive_int
 def add_parser(sub) -> None:
     p = sub.add_parser("eval", help="bits per byte of a checkpoint on the validation or test split",
                        formatter_class=DefaultsHelpFormatter)
-    p.add_argument("--checkpoint", required=True,
-                   help="a checkpoint or save_pretrained folder, or a run folder (its latest good checkpoint)")
+    add_load_arguments(p)
     p.add_argument("--split", default="test", choices=("validation", "test"))
     p.add_argument("--data", default=None, help="a plain byte file (default: the data the run trained on)")
     p.add_argument("--dataset", default=None, help="dataset name (default: the run's; 'stdlib' if unknown)")
@@ -24,19 +23,25 @@ def add_parser(sub) -> None:
     p.add_argument("--batch-size", type=positive_int, default=None, help="windows per forward pass")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
     p.add_argument("--device", default=None)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 
+def add_load_arguments(p: argparse.ArgumentParser) -> None:
+    """``--checkpoint`` and ``--allow-unverified`` (eval and sample)."""
+    p.add_argument("--checkpoint", required=True,
+                   help="a checkpoint or save_pretrained folder, or a run folder (its latest good checkpoint)")
+    p.add_argument("--allow-unverified", action="store_true",
+                   help="load a folder that has no manifest.json (its files cannot be checked for damage)")
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A folder with model weights: the path itself, or a run folder's latest good checkpoint."""
+    """A folder with model weights: the path itself, or a run folder's latest good checkpoint.
+    (Loading it checks its manifest, see :func:`~sparse_transformer.weights.load_model`.)"""
     from ..weights import WEIGHTS_FILE
-    from ..train.checkpoint import MANIFEST, check, latest_checkpoint
+    from ..train.checkpoint import latest_checkpoint
     path = Path(path)
     if (path / WEIGHTS_FILE).is_file():
-        # A trainer checkpoint named directly is checked like the latest one is (save_pretrained has no manifest).
-        problem = check(path) if (path / MANIFEST).is_file() else None
-        if problem is not None:
-            raise ValueError(f"checkpoint {path} is damaged: {problem}")
         return path
     found = latest_checkpoint(path)
     if found is None:
@@ -48,9 +53,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     from ..config import DataConfig, TrainConfig, from_dict
-    from ..model import SparseTransformer
     from ..parallel import World, resolve_device, resolve_precision
     from ..train import evaluate, load_dataset
+    from ..train.run_folder import check_vocab
+    from ..weights import load_model
     folder = resolve_checkpoint(args.checkpoint)
     data = DataConfig()
     for candidate in (folder / "train.json", folder.parent.parent / "train.json"):
@@ -62,13 +68,15 @@ def run(args: argparse.Namespace) -> int:
                           eval_stride=data.eval_stride, eval_bytes=data.eval_bytes,
                           eval_batch_size=data.eval_batch_size)
     device = resolve_device(args.device)
-    model = SparseTransformer.from_pretrained(folder, device=device)
+    model = load_model(folder, device, allow_unverified=args.allow_unverified)
     dataset = load_dataset(data)
+    check_vocab(model.config.vocab_size, dataset)
     eval_bytes = args.eval_bytes if args.eval_bytes is not None else data.eval_bytes
     bpb, count = evaluate(model, dataset.split(args.split), model.config.context, World(device=device),
                           stride=args.stride or data.eval_stride, example_length=dataset.example_length,
                           max_bytes=eval_bytes, batch_size=args.batch_size or data.eval_batch_size,
-                          precision=resolve_precision(args.precision, device))
+                          precision=resolve_precision(args.precision, device), progress=not args.no_progress,
+                          desc=f"eval {args.split}")
     unit = "bits per dim" if dataset.kind == "image" else "bits per byte"
     whole = "all" if count == len(dataset.split(args.split)) else "a bounded slice:"
     print(f"{folder}: {args.split} {bpb:.4f} {unit} on {dataset.name} ({whole} {count:,} bytes scored)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from pathlib import Path
 
 from ..layout import cost
 from ..patterns import by_name
@@ -25,6 +26,7 @@ def add_parser(sub) -> None:
                    help="heads to draw (default: the distinct ones, at most 4)")
     p.add_argument("--query", type=int, default=None, help="query shown in the 2-D view")
     p.add_argument("--out", default=None, help="PNG to write (default: only print the cost)")
+    p.add_argument("--force", action="store_true", help="replace the --out file if it exists")
     p.set_defaults(func=run)
 
 
@@ -34,6 +36,11 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--n must be >= 1, got {args.n}")
     if args.heads is not None and args.heads < 1:  # range(0) would silently report and draw nothing
         raise ValueError(f"--heads must be >= 1, got {args.heads}")
+    if args.out:  # checked first: never overwrite a file, never create folders the user did not name
+        if Path(args.out).exists() and not args.force:
+            raise ValueError(f"--out {args.out} exists; pass --force to replace it")
+        if not Path(args.out).parent.is_dir():
+            raise ValueError(f"--out {args.out}: the folder {Path(args.out).parent} does not exist")
     distinct = math.lcm(*(getattr(p, "distinct", 1) for p in pattern.parts)) if pattern.heads_differ() else 1
     heads = range(args.heads if args.heads is not None else min(distinct, 4))
     print(f"pattern {pattern.name}, n = {args.n:,}")

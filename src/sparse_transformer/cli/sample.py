@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from .arguments import DefaultsHelpFormatter, nonnegative_int, positive_int
+from .eval import add_load_arguments
 
 
 def add_parser(sub) -> None:
@@ -17,8 +18,7 @@ def add_parser(sub) -> None:
                        description="Sample from a trained model. What comes out follows the model's training "
                                    "data: text (stdout and samples.txt), images (samples.png, and completions.png "
                                    "with --complete-images) or audio (sample-<i>.wav, mu-law decoded).")
-    p.add_argument("--checkpoint", required=True,
-                   help="a checkpoint or save_pretrained folder, or a run folder (its latest good checkpoint)")
+    add_load_arguments(p)
     p.add_argument("--n", type=nonnegative_int, default=16, help="unconditional samples (with the prime, if any); 0: none")
     p.add_argument("--steps", type=nonnegative_int, default=None, help="new bytes per sample (default: fill the context)")
     prime = p.add_mutually_exclusive_group()
@@ -33,6 +33,7 @@ def add_parser(sub) -> None:
     p.add_argument("--top-k", type=positive_int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--out", default="samples", help="output folder")
+    p.add_argument("--force", action="store_true", help="replace sample files already in --out")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--decode", default="cudagraph", choices=("eager", "cudagraph", "compile"),
@@ -73,14 +74,30 @@ def _test_images(args, train_config, shape, k: int):
     return np.asarray(test[:k * length]).reshape(k, length)
 
 
+def _outputs(kind: str, args: argparse.Namespace) -> list[str]:
+    """The files this command writes into --out."""
+    names = []
+    if args.n:
+        audio = [f"sample-{i}.wav" for i in range(args.n)]
+        names += {"text": ["samples.txt"], "image": ["samples.png"]}.get(kind, audio)
+    return names + (["completions.png"] if args.complete_images else [])
+
+
+def _refuse_overwrite(out: Path, names: list[str], force: bool) -> None:
+    there = [name for name in names if (out / name).exists()]
+    if there and not force:
+        shown = ", ".join(there[:3]) + (f" and {len(there) - 3} more" if len(there) > 3 else "")
+        raise ValueError(f"{out} already holds {shown}; pass --force to replace them, or choose another --out")
+
+
 def run(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
     from .. import sample_io
-    from ..model import SparseTransformer
     from ..parallel import resolve_device
     from ..sampling import generate
+    from ..weights import load_model
     from .eval import resolve_checkpoint
 
     if not args.n and not args.complete_images:
@@ -99,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
         prime = args.prime_text.encode("utf-8")
     folder = resolve_checkpoint(args.checkpoint)
     device = resolve_device(args.device)
-    model = SparseTransformer.from_pretrained(folder, device=device).eval()
+    model = load_model(folder, device, allow_unverified=args.allow_unverified).eval()
     config = model.config
     train_config = _train_config(folder)
     dataset = train_config.data.dataset if train_config is not None else "stdlib"
@@ -118,6 +135,10 @@ def run(args: argparse.Namespace) -> int:
                          f"got {len(prime)} + {steps}")
     if args.complete_images and kind != "image":
         raise ValueError(f"--complete-images needs an image model; this one generates {kind}")
+    if prime and max(prime) >= config.vocab_size:
+        raise ValueError(f"{where} holds byte value {max(prime)}, outside the model's vocabulary of "
+                         f"{config.vocab_size}; expected bytes below {config.vocab_size}")
+    _refuse_overwrite(out, _outputs(kind, args), args.force)
     originals = _test_images(args, train_config, shape, args.complete_images) if args.complete_images else None
     generator = torch.Generator(device=device).manual_seed(args.seed)
     options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=generator,
@@ -129,8 +150,8 @@ def run(args: argparse.Namespace) -> int:
         samples = generate(model, tokens, steps, **options).numpy().astype(np.uint8)
         if kind == "text":
             texts = [row.tobytes() for row in samples]
-            for i, text in enumerate(texts):  # the file keeps the raw bytes; the terminal gets UTF-8
-                print(f"==== sample {i} ====\n" + text.decode("utf-8", errors="replace"))
+            for i, text in enumerate(texts):  # the file keeps the raw bytes; the terminal gets them escaped
+                print(f"==== sample {i} ====\n" + sample_io.printable(text))
             print(f"wrote {sample_io.write_text(texts, out / 'samples.txt')}", file=sys.stderr)
         elif kind == "image":
             images = samples.reshape(-1, *shape)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
+from pathlib import Path
 
 from .. import presets
-from ..config import override
+from ..config import TrainConfig, override
 from .arguments import DefaultsHelpFormatter
 
 
@@ -15,13 +17,18 @@ def add_parser(sub) -> None:
                        formatter_class=DefaultsHelpFormatter,
                        description="Train a Sparse Transformer. Under `torchrun --nproc-per-node N -m "
                                    "sparse_transformer train ...` each process takes a slice of the global batch.")
-    p.add_argument("--preset", default="tiny", choices=presets.names())
+    p.add_argument("--preset", default=None, choices=presets.names(),
+                   help="(default: tiny; with --resume: the run's own config)")
     p.add_argument("--dataset", default=None, help="a dataset name (see `sparse-transformer data info`): "
                    "stdlib (the embedded default), enwik8, cifar10, imagenet64, audio, gcide, cpython, bytes, images")
     p.add_argument("--data", default=None, help="the dataset's local copy; alone: any byte file or folder "
                    "(.gz decompressed), split 90/5/5")
     p.add_argument("--out", default=None, help="run folder for checkpoints and metrics (default: runs/<preset>)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest good checkpoint in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its latest good checkpoint, with its saved config (data, "
+                        "limits, schedule); flags given here change those fields, and the run says so")
+    p.add_argument("--force", action="store_true",
+                   help="let a fresh run replace the train.json and metrics files an earlier run left in --out")
     p.add_argument("--steps", type=int, default=None, help="stop after this many optimizer steps")
     p.add_argument("--epochs", type=float, default=None, help="stop after this many passes over the training split")
     p.add_argument("--time", type=float, default=None, help="stop after this many seconds of training")
@@ -38,14 +45,13 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def build_config(args: argparse.Namespace):
-    """The preset with the command line's overrides applied (each one type-checked)."""
-    config = presets.get(args.preset)
+def _overrides(args: argparse.Namespace) -> list[str]:
+    """The config fields the command line sets explicitly, as ``field=value``."""
     sets = list(args.set)
     if args.dataset is not None:
         sets.append(f"data.dataset={args.dataset}")
-    if args.data is not None:
-        sets.append(f"data.path={args.data}")
+    if args.data is not None:  # absolute: a resumed run or `eval` may start from another folder
+        sets.append(f"data.path={Path(args.data).expanduser().resolve() if args.data.strip() else args.data}")
     if args.steps is not None or args.epochs is not None or args.time is not None:
         # Explicit limits replace the preset's limits.
         sets += [f"schedule.steps={args.steps}", f"schedule.epochs={args.epochs}", f"schedule.max_time={args.time}"]
@@ -55,16 +61,39 @@ def build_config(args: argparse.Namespace):
             sets.append(f"{field}={getattr(args, flag)}")
     if args.compile is not None:
         sets.append(f"compile={args.compile}")
+    return sets
+
+
+def _with(config: TrainConfig, sets: list[str]) -> TrainConfig:
     for assignment in sets:
         config = override(config, assignment)
     return config
 
 
+def build_config(args: argparse.Namespace, saved: TrainConfig | None = None) -> TrainConfig:
+    """The command line's overrides (each one type-checked) applied to ``saved`` (the config of the
+    run that ``--resume`` continues), else to the preset. With ``saved``, an explicit ``--preset``
+    must describe the saved run's model."""
+    sets = _overrides(args)
+    if saved is None:
+        return _with(presets.get(args.preset or "tiny"), sets)
+    if args.preset is not None:
+        model = _with(presets.get(args.preset), sets).model
+        if model.position_axes is None:  # image runs take theirs from the data
+            model = dataclasses.replace(model, position_axes=saved.model.position_axes)
+        if model != saved.model:
+            raise ValueError(f"--preset {args.preset} (with this command's overrides) is not the model of the run "
+                             f"being resumed; drop --preset to continue that run with its own config")
+    return _with(saved, sets)
+
+
 def run(args: argparse.Namespace) -> int:
     from ..train import train  # torch-heavy imports only when training
-    config = build_config(args)
-    result = train(config, args.out or f"runs/{args.preset}", resume=args.resume, device=args.device,
-                   progress=not args.no_progress)
+    from ..train.run_folder import saved_config
+    out = args.out or f"runs/{args.preset or 'tiny'}"
+    config = build_config(args, saved_config(out) if args.resume else None)
+    result = train(config, out, resume=args.resume, device=args.device, progress=not args.no_progress,
+                   force=args.force)
     code = {"non-finite": 1, "interrupted": 130}.get(result.stopped, 0)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
         return code
@@ -76,5 +105,6 @@ def run(args: argparse.Namespace) -> int:
                    if result.test_bytes < result.test_split_bytes else f" (all {result.test_bytes:,} bytes)")
         print(f"test: {result.test_bits_per_byte:.4f} bits per byte on the test split{bounded}")
     if result.sample is not None:
-        print("sample:\n" + result.sample.decode("utf-8", errors="replace"))
+        from ..sample_io import printable
+        print("sample:\n" + printable(result.sample))
     return code

@@ -118,7 +118,9 @@ def eval_windows(length: int, context: int, stride: Optional[int] = None,
     scored byte after the first window has at least ``context - stride`` bytes of context. The last
     window ends at the end of the split. Images (``example_length``): one example per window.
     ``max_bytes`` keeps only the first windows covering at most that many scored bytes (a bounded
-    slice of the split; at least one window).
+    slice of the split): images, whole ones (``max_bytes`` must hold one); streams, exactly
+    ``max_bytes`` when the split is that long and the context no longer (for fewer, pass the split
+    cut to ``max_bytes`` bytes, as :func:`~sparse_transformer.train.evaluate` does).
     """
     if example_length is not None:
         if context != example_length:  # a window must be one whole image, or part of each goes unscored
@@ -126,10 +128,13 @@ def eval_windows(length: int, context: int, stride: Optional[int] = None,
                              f"context must be {example_length:,}, got {context:,}")
         count = length // example_length
         if max_bytes is not None:
-            count = max(1, min(count, max_bytes // example_length))
+            if max_bytes < example_length:  # "at most max_bytes" cannot hold a whole image
+                raise ValueError(f"eval bytes {max_bytes:,} is less than one image of {example_length:,} bytes; "
+                                 f"expected at least {example_length:,}")
+            count = min(count, max_bytes // example_length)
         return [EvalWindow(i * example_length, 0) for i in range(count)]
-    if length < 2:
-        raise ValueError(f"an evaluation split needs at least 2 bytes, got {length}")
+    if length < 1:
+        raise ValueError(f"an evaluation split needs at least 1 byte, got {length}")
     if stride is not None and stride < 1:  # a stride <= 0 never reaches the end of the split
         raise ValueError(f"eval stride must be >= 1 or None (context // 2), got {stride}")
     context = min(context, length)

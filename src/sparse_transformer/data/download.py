@@ -1,8 +1,10 @@
 """Downloads that are resumable and verified, and the cache folder they land in.
 
 A file is fetched into ``<dest>.part`` (resumed with an HTTP ``Range`` request when a previous
-attempt was cut off), its size and checksum are checked, and only then is it renamed to ``dest``.
-A partial or corrupt download is therefore never used: readers only ever look at ``dest``.
+attempt was cut off), its size and checksums are checked, and only then is it renamed to ``dest``.
+A partial or corrupt download is therefore never used: readers only ever look at ``dest``. Every
+request has a timeout of a few seconds, and each retry is said on stderr, so a dead network is
+reported within about half a minute.
 """
 
 from __future__ import annotations
@@ -10,10 +12,14 @@ from __future__ import annotations
 import hashlib
 import http.client
 import os
+import socket
+import sys
+import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 ENV_VAR = "SPARSE_TRANSFORMER_DATA"
 
@@ -57,29 +63,73 @@ def verify_file(path: Path, size: Optional[int] = None, sha256: Optional[str] = 
                 raise ValueError(f"{path}: {algorithm} is {got}, expected {expected} (corrupt or wrong file)")
 
 
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _reason(err: BaseException, timeout: float) -> str:
+    """What went wrong with a request, in a few words (the useful part of urllib's nested errors)."""
+    wrapped = isinstance(err, urllib.error.URLError) and not isinstance(err, urllib.error.HTTPError)
+    cause = err.reason if wrapped else err
+    if isinstance(cause, socket.gaierror):
+        return f"the host name could not be resolved: {cause.strerror or cause}"
+    if isinstance(cause, (TimeoutError, socket.timeout)):
+        return f"no answer within {timeout:g} s"
+    if isinstance(cause, ConnectionRefusedError):
+        return "connection refused"
+    return str(cause) or type(cause).__name__
+
+
+def _set_aside(path: Path) -> Path:
+    """Rename ``path`` to an unused ``<name>.rejected-<n>`` beside it (kept for the user to inspect)."""
+    for n in range(1, 1000):
+        aside = path.with_name(f"{path.name}.rejected-{n}")
+        if not aside.exists():
+            os.replace(path, aside)
+            return aside
+    raise OSError(f"{path}: too many rejected copies beside it; delete them")
+
+
 def download(url: str, dest: Path, *, size: Optional[int] = None, sha256: Optional[str] = None,
-             md5: Optional[str] = None, retries: int = 3, timeout: float = 60.0, progress: bool = True,
-             chunk: int = 1 << 20) -> Path:
+             md5: Optional[str] = None, check: Optional[Callable[[Path], None]] = None, retries: int = 3,
+             timeout: float = 5.0, retry_delay: float = 1.0, patience: float = 30.0, progress: bool = True,
+             chunk: int = 1 << 20, manual: str = "", log: Callable[[str], None] = _say) -> Path:
     """Fetch ``url`` into ``dest`` with a progress bar, resuming ``dest.part`` and verifying before rename.
 
-    ``size``/``sha256``/``md5`` are the expected values (any may be None). A connection that drops is
-    resumed from where it stopped, up to ``retries`` more times; if it still fails, the ``.part`` file
-    is kept so the next call resumes it. A finished file with the wrong size or checksum is deleted
-    and ``ValueError`` is raised. Returns ``dest``. An existing verified ``dest`` is not fetched again.
+    ``size``/``sha256``/``md5`` are the expected values (any may be None); ``check(path)`` may add a
+    test of the content (raising ``ValueError``). Nothing reaches ``dest`` unless it passes all of
+    them. A request that gets no answer within ``timeout`` seconds (connecting or between two
+    reads) or whose connection drops is retried (resumed from where it stopped) up to ``retries``
+    more times in a row without progress, and not past ``patience`` seconds without progress (a
+    name lookup can block longer than ``timeout``), each retry said through ``log``; then
+    ``ConnectionError`` is raised, naming the host when nothing could be fetched, else keeping the
+    ``.part`` file so the next call resumes it. ``manual``: the command that supplies the file by hand, named in that
+    error. A finished file that fails its checks is deleted and ``ValueError`` is raised. An
+    existing ``dest`` that passes the checks is not fetched again; one that fails them is moved
+    aside (``<dest>.rejected-<n>``) and fetched again. Returns ``dest``.
     """
     from tqdm import tqdm
 
     dest = Path(dest)
     if dest.exists():
-        verify_file(dest, size, sha256, md5)  # a wrong file at dest is an error, not something to overwrite
-        return dest
+        try:
+            verify_file(dest, size, sha256, md5)  # the size first: cheap
+            if check is not None:
+                check(dest)
+            return dest
+        except ValueError as err:
+            if dest.is_dir():
+                raise
+            log(f"{err}; moved aside to {_set_aside(dest).name}, fetching it again")
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     if size is not None and part.exists() and part.stat().st_size > size:
         part.unlink()  # longer than the real file: cannot be a prefix of it
-    attempt = 0
+    host = urllib.parse.urlsplit(url).hostname or url
+    failures, stalled_since = 0, time.monotonic()
     while True:
         offset = part.stat().st_size if part.exists() else 0
+        started = time.monotonic()
         try:
             if size is None or offset < size:
                 _fetch(url, part, offset, size, timeout, progress, chunk, tqdm)
@@ -96,12 +146,30 @@ def download(url: str, dest: Path, *, size: Optional[int] = None, sha256: Option
                                  f"the partial download was deleted") from err
             if isinstance(err, urllib.error.HTTPError) and err.code not in (408, 429, 500, 502, 503, 504):
                 raise ValueError(f"{url}: HTTP {err.code} {err.reason}") from err
-            attempt += 1
-            if attempt > retries:
-                raise ConnectionError(f"{url}: download interrupted after {attempt} attempts ({err}); "
-                                      f"run again to resume {part}") from err
+            have = part.stat().st_size if part.exists() else 0
+            if have > offset:  # a retry that made progress starts a new count
+                failures, stalled_since = 0, time.monotonic()
+            failures += 1
+            now = time.monotonic()
+            waited, took = now - stalled_since, now - started
+            reason = _reason(err, timeout)
+            tries = f"{failures} attempt{'s' if failures > 1 else ''}"
+            if failures > retries or waited + retry_delay + max(timeout, took) > patience:
+                hint = f"; or get {url} another way and run `{manual}`" if manual else ""
+                if have == 0:
+                    what = (f"{url} answered {reason}" if isinstance(err, urllib.error.HTTPError)
+                            else f"could not reach {host} ({reason})")
+                    raise ConnectionError(f"{what}; gave up after {tries}; "
+                                          f"check the network connection{hint}") from None
+                raise ConnectionError(f"download of {url} interrupted ({reason}; {tries}): "
+                                      f"{have:,}{f' of {size:,}' if size else ''} bytes are in {part}; "
+                                      f"run again to resume{hint}") from None
+            log(f"{host}: {reason}; retrying in {retry_delay:g} s (attempt {failures + 1} of {retries + 1})")
+            time.sleep(retry_delay)
     try:
         verify_file(part, size, sha256, md5)
+        if check is not None:
+            check(part)
     except ValueError as err:
         part.unlink()
         raise ValueError(f"download of {url} rejected and deleted: {err}") from err
@@ -110,7 +178,8 @@ def download(url: str, dest: Path, *, size: Optional[int] = None, sha256: Option
 
 
 def _fetch(url, part: Path, offset: int, size, timeout, progress, chunk, tqdm) -> None:
-    """One HTTP request appending to ``part`` from ``offset`` (a 200 reply restarts from 0)."""
+    """One HTTP request appending to ``part`` from ``offset`` (a 200 reply restarts from 0).
+    ``timeout`` bounds the connection and every read, so a server that stops answering is noticed."""
     request = urllib.request.Request(url, headers={"Range": f"bytes={offset}-"} if offset else {})
     with urllib.request.urlopen(request, timeout=timeout) as response:
         content_range = response.headers.get("Content-Range") or ""

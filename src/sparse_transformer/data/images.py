@@ -81,7 +81,8 @@ def load_cifar10(path: Optional[Path] = None, cache: Optional[Path] = None, md5:
 
     def build(folder: Path) -> None:
         tarball = Path(path) if path is not None else download(
-            CIFAR10_URL, root / "downloads" / "cifar-10-python.tar.gz", md5=md5, progress=progress)
+            CIFAR10_URL, root / "downloads" / "cifar-10-python.tar.gz", md5=md5, progress=progress,
+            manual="sparse-transformer data prepare cifar10 --from cifar-10-python.tar.gz")
         verify_file(tarball, md5=md5)
         try:
             with tarfile.open(tarball, "r:gz") as tar:

@@ -7,7 +7,7 @@
 | ``cifar10`` | 48k/2k/10k images of 32x32x3 | ``cifar-10-python.tar.gz``; else downloaded |
 | ``imagenet64`` | downsampled ImageNet 64x64 | folder of npz batches (required) |
 | ``audio`` | WAV/FLAC, 12 kHz 8-bit mu-law, split by file | file or folder (required) |
-| ``gcide``, ``cpython`` | the corpora staged in ../shared/data | the ``.gz`` file (first time) |
+| ``gcide``, ``cpython`` | the GCIDE dictionary, CPython 3.11's stdlib (sha256 checked) | the ``.gz`` (first time) |
 | ``bytes`` | any file or folder as text-like bytes | file or folder (required) |
 | ``images`` | a folder of pictures cut into tiles | folder (required) |
 """

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import sys
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -40,10 +41,11 @@ ENWIK8 = TextSource("enwik8", 100_000_000,
                     sha256="2b49720ec4d78c3c9fabaee6e4179a5e997302b3a70029f30f2d582218c024a8",
                     md5="a1fa5ffddb56f4953e226637dabbb36a", url="http://mattmahoney.net/dc/enwik8.zip",
                     archive_size=36_445_475, member="enwik8")
-# The copies staged in ../shared/data (values from its SOURCES.md: sha256 of the uncompressed bytes).
+# The GCIDE dictionary and CPython 3.11 standard library as .gz files (sha256 of the uncompressed bytes).
 GCIDE = TextSource("gcide", 39_952_321, sha256="802beb667e1fb666203e750f1faea60d5c202ac5430c2083c4180494609f10a7")
 CPYTHON = TextSource("cpython", 31_525_224,
                      sha256="92debcc73de5cb17a70057ce13efc64f61091c06983d72aa9bcd764eb2e0c8df")
+LOUD_COPY = 256 << 20  # bytes: a copy into the cache this large is announced
 KNOWN_FILES = {"gcide.txt.gz": GCIDE, "cpython311-stdlib.txt.gz": CPYTHON, "enwik8": ENWIK8, "enwik8.zip": ENWIK8}
 
 
@@ -87,8 +89,9 @@ def source_files(path: Path) -> list[Path]:
 def load_bytes(path: Path, name: Optional[str] = None, cache: Optional[Path] = None) -> ByteDataset:
     """Any file or folder as one text-like stream, split 90/5/5.
 
-    A plain file is memory-mapped in place. A ``.gz`` file or a folder (files concatenated in sorted
-    path order, ``.gz`` ones decompressed) is converted once into the cache. A file whose name is one
+    The bytes (a folder's files concatenated in sorted path order, ``.gz`` ones decompressed) are
+    converted once into the cache and memory-mapped from there: a run never reads a file that
+    the user may change or truncate under it. A file whose name is one
     of the staged corpora (``gcide.txt.gz``, ``cpython311-stdlib.txt.gz``, ``enwik8``) is checked
     against its known size and sha256.
     """
@@ -98,14 +101,13 @@ def load_bytes(path: Path, name: Optional[str] = None, cache: Optional[Path] = N
     spec = KNOWN_FILES.get(path.name) if path.is_file() else None
     if spec is not None and spec.member and path.suffix == ".zip":
         return load_enwik8(path, cache=cache)
-    if path.is_file() and path.suffix != ".gz" and spec is None:
-        if path.stat().st_size == 0:
-            raise ValueError(f"{path}: file is empty")
-        return split_stream(np.memmap(path, dtype=np.uint8, mode="r"), name, "text")
     fingerprint = files_fingerprint(files)
     folder = Path(cache or cache_dir()) / f"{name}-{hashlib.sha256(str(path).encode()).hexdigest()[:10]}"
 
     def build(folder: Path) -> None:
+        total = sum(p.stat().st_size for p in files)
+        if total >= LOUD_COPY:  # seconds to minutes of reading and writing: say what is going on
+            print(f"copying {total:,} bytes of {path} into the data cache {folder} (done once)", file=sys.stderr)
         data = b"".join(read_file_bytes(p) for p in files)
         if spec is not None:
             check_bytes(data, spec, str(path))
@@ -122,7 +124,7 @@ def load_known(spec: TextSource, path: Optional[Path] = None, cache: Optional[Pa
     if path is None:
         if not (folder / "manifest.json").is_file():
             raise ValueError(f"{spec.name} is not prepared in {folder}; run `sparse-transformer data prepare "
-                             f"{spec.name} --from PATH` with the .gz file (a copy is in ../shared/data)")
+                             f"{spec.name} --from PATH` with your copy of the .gz file")
         return load_splits(folder, fingerprint)
 
     def build(folder: Path) -> None:
@@ -138,19 +140,26 @@ def load_enwik8(path: Optional[Path] = None, cache: Optional[Path] = None, spec:
                 progress: bool = True) -> ByteDataset:
     """enwik8 split 90M / 5M / 5M bytes, from ``path`` (the zip or the unzipped file) or downloaded.
 
-    Without ``path`` the zip is downloaded from ``spec.url`` into ``cache/downloads`` (resumable,
-    size-checked), unzipped in memory, and the 10^8 bytes checked against the published md5 and the
-    sha256. ``spec`` exists so tests can use a small file in the true format.
+    Without ``path`` the zip is downloaded from ``spec.url`` into ``cache/downloads`` (resumable),
+    and it is kept there only if its size matches and its unzipped 10^8 bytes match the published
+    md5 and the sha256 (a kept zip that no longer does is moved aside and fetched again). ``spec``
+    exists so tests can use a small file in the true format.
     """
     root = Path(cache or cache_dir())
     folder = root / spec.name
     fingerprint = f"{spec.name}-{spec.md5 or spec.sha256}"
 
-    def build(folder: Path) -> None:
-        source = Path(path) if path is not None else download(
-            spec.url, root / "downloads" / Path(spec.url).name, size=spec.archive_size, progress=progress)
+    def content(source: Path) -> bytes:
         data = _unzip(source, spec.member) if zipfile.is_zipfile(source) else read_file_bytes(source)
         check_bytes(data, spec, str(source))
+        return data
+
+    def build(folder: Path) -> None:
+        # The published checksums are of the unzipped bytes: checked before the zip enters the cache.
+        source = Path(path) if path is not None else download(
+            spec.url, root / "downloads" / Path(spec.url).name, size=spec.archive_size, check=content,
+            progress=progress, manual=f"sparse-transformer data prepare {spec.name} --from {Path(spec.url).name}")
+        data = content(source)
         write_splits(folder, split_stream(np.frombuffer(data, np.uint8), spec.name, "text"), fingerprint,
                      source=str(source))
 

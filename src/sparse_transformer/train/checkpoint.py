@@ -10,36 +10,29 @@ A checkpoint is a folder ``<run>/checkpoints/step-00001234/`` holding
 - ``manifest.json``: size and SHA-256 of every file above, written last.
 
 Everything is written into a hidden temporary folder that is renamed into place only when
-complete, so a crash or Ctrl-C mid-write leaves the previous checkpoint as the latest. A folder
-whose manifest does not match its files is reported and skipped when looking for the latest.
+complete, so a crash or Ctrl-C mid-write leaves the previous checkpoint as the latest; a write
+that fails (a full disk) removes its partial folder and says so in one ``OSError``. A folder
+whose manifest does not match its files, or (for resuming) whose files do not load, is reported
+and skipped when looking for the latest.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 
-from ..config import TrainConfig, to_dict
-from ..weights import save_weights
+from ..config import TrainConfig, from_dict, to_dict
+from ..weights import MANIFEST, check_manifest, check_weights, read_config, save_weights, write_manifest
 
-MANIFEST = "manifest.json"
 PREFIX = "step-"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+STATE_KEYS = ("step", "elapsed", "optimizer", "scaler", "batches")  # what state.pt must hold to resume
 
 
 def _fsync_dir(path: Path) -> None:
@@ -59,39 +52,83 @@ def checkpoint_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
+def _attempt(write: Callable[[], object]) -> Optional[str]:
+    """Run ``write``; None if it worked, else why not in a few words (disk full, permissions...).
+    torch.save reports a full disk as a RuntimeError ("unexpected pos", "file write failed")."""
+    try:
+        write()
+    except (OSError, RuntimeError) as err:
+        if isinstance(err, OSError) and err.strerror:
+            return err.strerror
+        lines = str(err).strip().splitlines()
+        return lines[-1] if lines else type(err).__name__
+    return None
+
+
+def _agree(problem: Optional[str], distributed: bool, run_dir: Path, step: int, tmp: Optional[Path]) -> None:
+    """A barrier that also raises on every rank, as one clear ``OSError``, when some rank could not
+    write its part of checkpoint ``step``. Rank 0 (``tmp`` given) removes the partial folder."""
+    if distributed:
+        problems = [None] * dist.get_world_size()
+        dist.all_gather_object(problems, problem)
+        problem = next((p for p in problems if p), None)
+    if problem is None:
+        return
+    if tmp is not None:
+        shutil.rmtree(tmp, ignore_errors=True)
+    root = checkpoint_dir(run_dir)
+    try:
+        free = f", {shutil.disk_usage(root).free / 2 ** 20:,.0f} MiB free there"
+    except OSError:
+        free = ""
+    earlier = list_checkpoints(run_dir)
+    kept = (f"the earlier checkpoint {earlier[-1].name} is intact: continue from it with --resume"
+            if earlier else "no earlier checkpoint exists")
+    raise OSError(f"could not write checkpoint {PREFIX}{step:08d} into {root} ({problem}{free}); {kept} "
+                  f"once the cause is fixed")
+
+
 def save_checkpoint(run_dir: str | Path, step: int, model_state: Optional[dict], config: TrainConfig,
                     state: Optional[dict], rank: int = 0, world_size: int = 1, keep: int = 3) -> Path:
     """Write checkpoint ``step`` atomically; every rank calls this (rank 0 passes the states).
 
     ``model_state`` and ``state`` (optimizer, scaler, step, data position...) are needed on rank 0
-    only; each rank adds its own RNG states. Keeps the newest ``keep`` checkpoints.
+    only; each rank adds its own RNG states. Keeps the newest ``keep`` checkpoints. A write that
+    fails (a full disk) removes the partial folder, leaves every earlier checkpoint as it was and
+    raises ``OSError`` on every rank.
     """
+    run_dir = Path(run_dir)
     root = checkpoint_dir(run_dir)
     final = root / f"{PREFIX}{step:08d}"
     tmp = root / f".{final.name}.tmp"
     distributed = world_size > 1
+    mine = tmp if rank == 0 else None
+    problem = None
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         for stale in root.glob(".*.tmp"):  # left behind by a crash
             shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir()
-        save_weights(tmp, model_state, config.model)
-        (tmp / "train.json").write_text(json.dumps(to_dict(config), indent=2))
-        torch.save(state, tmp / "state.pt")
-    _barrier(distributed)
+
+        def write_states() -> None:
+            tmp.mkdir()
+            save_weights(tmp, model_state, config.model, manifest=False)
+            (tmp / "train.json").write_text(json.dumps(to_dict(config), indent=2))
+            torch.save(state, tmp / "state.pt")
+        problem = _attempt(write_states)
+    _agree(problem, distributed, run_dir, step, mine)
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
-    torch.save(rng, tmp / f"rng-rank{rank}.pt")
-    _barrier(distributed)
-    if rank == 0:
-        files = sorted(p for p in tmp.iterdir() if p.name != MANIFEST)
-        manifest = {"step": step, "world_size": world_size,
-                    "files": {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    _agree(_attempt(lambda: torch.save(rng, tmp / f"rng-rank{rank}.pt")), distributed, run_dir, step, mine)
+
+    def publish() -> None:
+        write_manifest(tmp, sorted(p.name for p in tmp.iterdir() if p.name != MANIFEST),
+                       step=step, world_size=world_size)
         for p in tmp.iterdir():  # on disk before the rename makes it visible
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
+    _agree(_attempt(publish) if rank == 0 else None, distributed, run_dir, step, mine)
+    if rank == 0:
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -110,25 +147,30 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
 
 
-def check(path: Path) -> Optional[str]:
-    """None if the checkpoint's files match its manifest, else what is wrong."""
+def check(path: Path, deep: bool = False) -> Optional[str]:
+    """None if the checkpoint's files match its manifest, else what is wrong. ``deep`` also loads
+    what a resumed run needs (train.json, the weights' shapes against config.json, state.pt), so a
+    checkpoint whose files match a manifest but do not load is found before the run relies on it."""
+    problem = check_manifest(path)
+    if problem is not None or not deep:
+        return problem
     try:
-        manifest = json.loads((path / MANIFEST).read_text())
-        for name, meta in manifest["files"].items():
-            f = path / name
-            if not f.is_file():
-                return f"{name} is missing"
-            if f.stat().st_size != meta["bytes"] or _sha256(f) != meta["sha256"]:
-                return f"{name} does not match its manifest (truncated or modified)"
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        return f"unreadable manifest ({err})"
+        from_dict(TrainConfig, json.loads((path / "train.json").read_text()))
+        check_weights(path, read_config(path))
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+        missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
+        if missing:
+            return f"state.pt lacks {', '.join(missing)}"
+    except Exception as err:  # noqa: BLE001 -- anything that stops it loading makes it unusable
+        return f"its files match the manifest but do not load ({type(err).__name__}: {err})"
     return None
 
 
-def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
-    """The newest checkpoint of a run whose files are intact; damaged ones are skipped with a warning."""
+def latest_checkpoint(run_dir: str | Path, deep: bool = False) -> Optional[Path]:
+    """The newest checkpoint of a run whose files are intact (``deep``: and load, see :func:`check`);
+    damaged ones are skipped with a warning."""
     for path in reversed(list_checkpoints(run_dir)):
-        problem = check(path)
+        problem = check(path, deep)
         if problem is None:
             return path
         warnings.warn(f"skipping damaged checkpoint {path}: {problem}")

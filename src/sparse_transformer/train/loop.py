@@ -28,6 +28,7 @@ from ..model import SparseTransformer
 from ..parallel import (World, all_reduce_mean, close_world, compiles, init_world, make_scaler,
                         main_process_first, parallelize, resolve_precision, wait_for_all)
 from . import checkpoint as ckpt
+from . import run_folder
 from .checkpoint import checkpoint_dir
 from .evaluate import evaluate, sample_bytes
 from .metrics import Metrics, plot_metrics
@@ -57,6 +58,9 @@ class Schedule:
 
     def __init__(self, config: TrainConfig, steps_per_epoch: int):
         s = config.schedule
+        if s.epochs and s.epochs * steps_per_epoch >= 2 ** 62:  # would overflow counting steps
+            raise ValueError(f"schedule.epochs {s.epochs:g} is more steps than can be counted ({steps_per_epoch:,} "
+                             f"per epoch); expected at most {2 ** 62 // steps_per_epoch:,} epochs")
         limits = [x for x in (s.steps, s.epochs and math.ceil(s.epochs * steps_per_epoch)) if x]
         self.max_steps = min(limits) if limits else None
         self.max_time, self.peak, self.floor = s.max_time, config.optim.lr, s.min_lr_ratio
@@ -108,9 +112,9 @@ def _load_optimizer(model: nn.Module, optimizer, state: dict, fsdp: bool) -> Non
 
 
 def _agreed_checkpoint(run_dir: Path, world: World) -> Optional[Path]:
-    """The checkpoint to resume from: rank 0 finds and verifies the newest intact one and tells the
-    others, so every rank resumes from the same step."""
-    found = [ckpt.latest_checkpoint(run_dir) if world.main else None]
+    """The checkpoint to resume from: rank 0 finds the newest one that is intact and loads and tells
+    the others, so every rank resumes from the same step."""
+    found = [ckpt.latest_checkpoint(run_dir, deep=True) if world.main else None]
     if world.distributed:
         torch.distributed.broadcast_object_list(found, src=0, group=world.wait_group)
     return found[0]
@@ -138,19 +142,24 @@ def _load_model(model: nn.Module, state: dict, fsdp: bool) -> None:
 
 def train(config: TrainConfig, run_dir: str | Path, dataset: Optional[ByteDataset] = None, resume: bool = False,
           *, device: Optional[str] = None, progress: bool = True, final_eval: bool = True,
-          on_step: Optional[Callable[[int, float], None]] = None) -> RunResult:
+          on_step: Optional[Callable[[int, float], None]] = None, force: bool = False) -> RunResult:
     """Train ``config`` writing checkpoints and metrics into ``run_dir``; see the module docstring.
 
     ``on_step(step, loss)`` runs after every step with the step's loss as a 0-dim tensor on the
     device (reading it waits for the GPU; the loop itself reads losses only at log steps). Raising
     ``KeyboardInterrupt`` there stops the run like Ctrl-C: a checkpoint is written and the run can be
-    resumed. Under torchrun every process calls this; rank 0 reports.
+    resumed. Under torchrun every process calls this; rank 0 reports. The run holds ``run_dir``'s
+    lock throughout: a second training there is refused. A fresh run into a folder that holds an
+    earlier run's ``train.json`` or metrics is refused unless ``force``.
     """
     run_dir = Path(run_dir)
     world = init_world(device)
     try:
-        result = _train(config, run_dir, dataset, resume, world, progress, final_eval, on_step)
-        wait_for_all(world)  # rank 0 may still be sampling: no rank tears the group down before it
+        with run_folder.hold(run_dir, world):
+            if not resume:
+                run_folder.refuse_overwrite(run_dir, force)
+            result = _train(config, run_dir, dataset, resume, world, progress, final_eval, on_step)
+            wait_for_all(world)  # rank 0 may still be sampling: no rank tears the group down before it
         return result
     finally:
         close_world(world)
@@ -228,6 +237,7 @@ class _Run:
     fsdp: bool
     step: int
     elapsed: float
+    progress: bool  # progress bars (training and evaluation)
 
 
 def _setup(config, run_dir, dataset, resume, world: World, progress) -> _Run:
@@ -235,6 +245,7 @@ def _setup(config, run_dir, dataset, resume, world: World, progress) -> _Run:
     wrappers, the optimizer, the metrics; refusals come before anything is built or written."""
     precision = resolve_precision(config.precision, world.device)
     found = _resume_point(run_dir, resume, world)  # before loading data: a refusal should be quick
+    changes = run_folder.resume_changes(found, config) if found else ""
     if dataset is None:
         with main_process_first(world):  # rank 0 prepares the cache; the others then read it
             dataset = load_dataset(config.data)
@@ -243,6 +254,7 @@ def _setup(config, run_dir, dataset, resume, world: World, progress) -> _Run:
         check_context(dataset, context)
     except ValueError as err:  # name the file the bytes came from, not only the dataset
         raise ValueError(f"{config.data.path}: {err}" if config.data.path else str(err)) from None
+    run_folder.check_vocab(config.model.vocab_size, dataset)
     saved = from_dict(TrainConfig, json.loads((found / "train.json").read_text())).model if found else None
     config = _positions_from_data(config, dataset, saved)
     if found is not None:
@@ -284,9 +296,12 @@ def _setup(config, run_dir, dataset, resume, world: World, progress) -> _Run:
         (run_dir / "train.json").write_text(json.dumps(to_dict(config), indent=2))
         metrics.write(f"{config.model.n_layer} layers, {model.num_parameters():,} parameters, "
                       f"{world.world_size} process(es) on {world.device.type}, {precision}; "
+                      f"data {run_folder.describe_data(config, dataset)}; "
                       + (f"resuming from {found.name}" if found else "starting fresh"))
+        if changes:
+            metrics.write(changes)
     return _Run(config, run_dir, world, precision, dataset, model, wrapped, optimizer, scaler, batches, schedule,
-                metrics, found, fsdp, step, elapsed)
+                metrics, found, fsdp, step, elapsed, progress)
 
 
 def _save(run: _Run) -> Path:
@@ -303,7 +318,8 @@ def _evaluate(run: _Run, split: str) -> tuple[float, int]:
     data = run.config.data
     return evaluate(run.model, getattr(run.dataset, split), run.config.model.context, run.world,
                     stride=data.eval_stride, example_length=run.dataset.example_length, max_bytes=data.eval_bytes,
-                    batch_size=data.eval_batch_size, precision=run.precision)
+                    batch_size=data.eval_batch_size, precision=run.precision,
+                    progress=run.progress and run.world.main, desc=split)
 
 
 def _validate(run: _Run) -> float:
@@ -442,6 +458,8 @@ def _finish(run: _Run, result: RunResult, reason: str, updating: bool, final_eva
             print(f"interrupted at step {run.step}; continue with --resume (checkpoint {result.checkpoint})")
         return result
     if final_eval and reason != "non-finite":
+        metrics.write(f"final evaluation on {run.dataset.name}: "
+                      + ("validation and test splits" if config.eval_every else "test split"))
         if config.eval_every:
             result.validation_bits_per_byte = _validate(run)
         bpb, count = _evaluate(run, "test")
