@@ -157,3 +157,42 @@ def test_largest_parameters_give_the_mathematical_mask():
     assert torch.equal(P.column(huge).mask(50), torch.eye(50, dtype=torch.bool))
     assert cost(P.strided(huge), 10 ** 9).max_keys_per_query == 10 ** 9
     assert cost(P.strided(huge), 10 ** 12).max_keys_per_query == huge + (10 ** 12 - 1) // huge
+
+
+def test_a_part_with_only_a_mask_runs_where_its_forms_allow():
+    """A part defines what it can; backends that need a form it lacks refuse it, and auto routes
+    past them: the torch backend falls back to the mask function, triton refuses, the cache says why."""
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    from sparse_transformer.attention import BACKENDS
+    from sparse_transformer.kvcache import KeyPlan
+    from tolerances import assert_close
+
+    @dataclass(frozen=True, eq=False)
+    class Sink(P.Part):  # the first `count` keys: global tokens, with none of the fast forms
+        count: int
+        token: ClassVar[str] = "sink"
+        rank: ClassVar[int] = 5
+
+        @property
+        def arguments(self):
+            return (self.count,)
+
+        def allowed(self, b, h, q_idx, kv_idx):
+            return kv_idx < self.count
+
+        def admits_diagonal(self):
+            return False
+
+        def structure(self):
+            return 1, 0, self.count
+
+    pattern = P.local(4) | Sink(3)
+    assert torch.equal(pattern.mask(20), (P.local(4) | P.global_tokens(3)).mask(20))
+    assert cost(pattern, 10 ** 9).pairs == cost(P.local(4) | P.global_tokens(3), 10 ** 9).pairs
+    q, k, v = (torch.randn(1, 2, 40, 8, dtype=torch.float64) for _ in range(3))
+    assert_close(st.sparse_attention(q, k, v, pattern), st.sparse_attention(q, k, v, pattern, backend="reference"))
+    assert not BACKENDS["triton"].supports(q.half(), v.half(), pattern)
+    with pytest.raises(ValueError, match="has no cache slots"):
+        KeyPlan([pattern], 2, 16)

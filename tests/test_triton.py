@@ -288,6 +288,14 @@ def test_triton_refuses_what_it_cannot_run():
         st.sparse_attention(q, q, q, P.strided(4), backend="triton")
 
 
+def test_triton_refuses_lengths_past_its_int32_offsets():
+    """N x D must stay below 2^31 (the kernels' row offsets are int32): auto goes elsewhere."""
+    huge = torch.zeros(1, dtype=torch.float16).expand(1, 1, 2 ** 25, 64)  # no memory: a broadcast view
+    assert not BACKENDS["triton"].supports(huge, huge, P.strided(128))
+    assert BACKENDS["triton"].supports(huge[:, :, : 2 ** 24], huge[:, :, : 2 ** 24], P.strided(128)) == (
+        os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None)
+
+
 def test_auto_never_picks_a_gpu_backend_for_cpu_tensors():
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         q = torch.zeros(1, 1, 8, 16, dtype=dtype)

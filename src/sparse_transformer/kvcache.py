@@ -31,6 +31,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .patterns import Pattern
+from .patterns.base import has_form
 
 
 def _head_slots(pattern: Pattern, head: int, context: int) -> dict:
@@ -42,6 +43,9 @@ def _head_slots(pattern: Pattern, head: int, context: int) -> dict:
     if not parts:  # custom: every position, masked each step
         return dict(moving=moving, fixed={p: -1 for p in range(context)})
     for index, part in enumerate(parts):
+        if not has_form(part, "slots"):
+            raise ValueError(f"part {part.spec} of {pattern} has no cache slots (Part.slots): the key/value "
+                             f"cache cannot decode it")
         slots = part.slots(head, context)
         for offset in ([] if slots.offsets is None else slots.offsets.tolist()):
             moving.append((slots.coef_t, slots.coef_block, slots.block, offset, index))

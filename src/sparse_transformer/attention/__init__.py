@@ -51,10 +51,6 @@ def _has_form(pattern: Pattern, form: str) -> bool:
     return len(pattern.parts) > 0 and all(has_form(p, form) for p in pattern.parts)
 
 
-def _portable_supports(q: Tensor, v: Tensor, pattern: Pattern) -> bool:
-    return len(pattern.parts) == 0 or _has_form(pattern, "portable")
-
-
 def _triton_attention(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, scale: float) -> Tensor:
     return ops.sparse_attention_triton(q, k, v, pattern.spec, scale)
 
@@ -89,7 +85,7 @@ def _flex_supports(q: Tensor, v: Tensor, pattern: Pattern) -> bool:
 BACKENDS: dict[str, Backend] = {
     "reference": Backend("reference", lambda: reference_attention, _always,
                          "dense mask in float64; the oracle, O(N^2)"),
-    "torch": Backend("torch", lambda: portable_attention, _portable_supports,
+    "torch": Backend("torch", lambda: portable_attention, _always,
                      "portable PyTorch, O(N x keys per query) memory, CPU and GPU"),
     "triton": Backend("triton", lambda: _triton_attention, _triton_supports,
                       "Triton kernels, fwd+bwd, each part on its structure; fp16/bf16, CUDA",

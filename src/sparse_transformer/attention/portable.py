@@ -5,8 +5,9 @@ module): a band (local), the transposed ``[N/stride, stride]`` view (column), bl
 attention (block), gathered keys (summary, global tokens). Part ``p`` of a union leaves out the
 keys of the parts before it, so the parts cover disjoint key sets; their outputs combine exactly
 by their log-sum-exps (:func:`merge`), which equals one softmax over the union. Scores and softmax
-statistics are fp32. Custom patterns run query chunk by query chunk over the key blocks their mask
-touches, each chunk recomputed in the backward pass, so memory stays O(N x chunk).
+statistics are fp32. Custom patterns (and a union with a part that has no portable form) run query chunk by query chunk
+over the key blocks their mask touches, each chunk recomputed in the backward pass, so memory stays
+O(N x chunk).
 
 This module holds what every part's form shares: :func:`attend` (masked softmax attention with
 its log-sum-exp), :func:`merge`, and the head-group and padding helpers.
@@ -20,6 +21,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from ..patterns import Part, Pattern
+from ..patterns.base import has_form
 from .nonfinite import guarded
 
 # Query rows per step of the custom path: bounds temporaries to chunk x N.
@@ -135,7 +137,7 @@ def portable_attention(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, scale:
     """Sparse attention in pure PyTorch; see the module docstring. q, k: ``[B, H, N, Dqk]``, v:
     ``[B, H, N, Dv]``; returns ``[B, H, N, Dv]``."""
     parts = pattern.parts
-    if len(parts) == 0:  # a custom pattern
+    if len(parts) == 0 or not all(has_form(p, "portable") for p in parts):  # custom, or a part without the form
         return chunked_masked(q, k, v, pattern, scale).to(q.dtype)
     results = [part.portable(q, k, v, scale, parts[:index]) for index, part in enumerate(parts)]
     out, _ = merge(results) if len(results) > 1 else results[0]

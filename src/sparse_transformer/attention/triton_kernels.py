@@ -30,7 +30,7 @@ Each kernel runs one loop over a part's tiles and evaluates the part's condition
 edge tiles (a uniform branch per tile), so interior tiles pay no mask arithmetic. One loop, not
 one per kind of tile: the software pipeliner prefetches across all of a program's tiles, and
 local parts have only two or three of them (three loops of one tile each waited on memory three
-times; one loop took 22% off strided and 10% off fixed at 16,384 on an H200). Scores live in the
+times). Scores live in the
 log2 domain (``scale * log2(e)`` folded in); the saved log-sum-exp is base 2 too. The forward takes
 the row max of the unscaled scores, so ``scale > 0`` (``triton_sparse`` rewrites other scales).
 With ``TMA`` the loops load their tiles through tensor descriptors (the copy engine; see
@@ -252,10 +252,10 @@ def _excluded(ip, jp, XP, h, H, EXCL: tl.constexpr, EXCL_COUNT: tl.constexpr):
 # ----------------------------------------------------------------------------- configs
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per kind of part and head dim. Local parts (a band or
 # block of ``stride`` keys): BLOCK_N = 64 keeps the strided band at three key tiles per 64 queries
-# (1.5x its real work); two stages, as their loops are two or three tiles long (strided 1% faster
-# than with three on an H200). Global parts (dense, strided column, fixed summary) are dense-like
-# work. 128-row tiles and 8 warps were slower for every part (H200, 2026-12-01). Override with
-# ``KernelConfig``.
+# (1.5x its real work); two stages, as their loops are two or three tiles long. Global parts (dense,
+# strided column, fixed summary) are dense-like work. 128-row tiles and 8 warps were slower for
+# every part. Override with ``KernelConfig``. The measurements behind every default here:
+# docs/results.md, "Why the kernels' defaults are what they are".
 DEFAULT_CONFIG = {
     "local": {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 64, 4, 2), 128: (64, 64, 4, 2)},
     "global": {16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (64, 64, 4, 2)},
@@ -263,17 +263,14 @@ DEFAULT_CONFIG = {
 # dK/dV of *short* parts, whose keys few queries see (local parts; the strided column, N / stride
 # rows): their loops are a few tiles long and bound by latency, so the programs resident per SM
 # decide. 32-query steps and a cap of 168 registers (``maxnreg``) keep three programs of 4 warps
-# per SM instead of two (H200, interleaved: strided 16k 1.012 -> 0.950 ms fwd+bwd, 64k 1.285 ->
-# 1.208, 4k 1.246 -> 1.087). On long loops (dense, fixed summary) the same was slower (fixed 16k
-# 3.14 -> 3.23), and the cap alone, with 64x64 tiles, slower everywhere. D = 128 keeps the above.
+# per SM instead of two. On long loops (dense, fixed summary) the same was slower, and the cap
+# alone, with 64x64 tiles, slower everywhere. D = 128 keeps the above.
 SHORT_DKDV_CONFIG = {16: (32, 64, 4, 2), 32: (32, 64, 4, 2), 64: (32, 64, 4, 2)}
 SHORT_DKDV_MAX_REGISTERS = 168
 # Register operands: Hopper's matmul (wgmma) reads its first operand from shared memory or from
 # registers. Triton keeps a loaded tile in shared memory and a computed one in registers, so the
-# forward of short parts recomputes q (``Q_IN_REGISTERS``): H200, interleaved, strided forward
-# 0.259 -> 0.249 ms at 16,384 and 0.321 -> 0.316 at 65,536. Long loops lost (fixed 16,384 0.827 ->
-# 0.902, dense 2.81 -> 3.17), and so did register operands in the backward kernels (q, dO in dQ;
-# k, v in dK/dV: strided 16,384 backward 0.687 -> 0.766, fixed 2.47 -> 2.80), 2026-12-04.
+# forward of short parts recomputes q (``Q_IN_REGISTERS``), which was faster there. Long loops lost,
+# and so did register operands in the backward kernels (q, dO in dQ; k, v in dK/dV).
 
 
 # ----------------------------------------------------------------------------- forward
@@ -456,12 +453,9 @@ def _dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, QD, DOD, LO, XP, DKP, DVP, N, 
                  BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr, EXCL: tl.constexpr,
                  EXCL_COUNT: tl.constexpr, SPLIT: tl.constexpr, KEYED: tl.constexpr, LO_TABLE: tl.constexpr):
     """dK, dV of one key tile, looping over the query tiles that see it. dQ has its own kernel:
-    accumulating it here (two matmuls and one exponential fewer) did not pay on an H200. With fp32
-    atomics: fixed 16,384 3.55 -> 4.07 ms fwd+bwd, dense 11.9 -> 13.6. With the copy engine's tile
-    reduce-add (``desc.atomic_add``): fixed 16,384 3.18 -> 3.20, dense 10.90 -> 10.73 at 64x64;
-    128-key programs of 8 warps, 3.66. Scheduling the next tile's two matmuls under this tile's
-    exponentials by hand (a Gluon version of this kernel) took only 3% off fixed at 16,384 and
-    nothing at 65,536, so the kernel stays in Triton (2026-12-02).
+    accumulating it here (two matmuls and one exponential fewer, with fp32 atomics or the copy
+    engine's tile reduce-add) did not pay, and neither did a Gluon version of this kernel that
+    scheduled the next tile's matmuls under this tile's exponentials by hand.
 
     With ``SPLIT`` (a part of few key tiles that many queries see: global tokens), ``SPLITS``
     programs share a key tile's queries, each writing its fp32 share to ``DKP, DVP``

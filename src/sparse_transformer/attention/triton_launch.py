@@ -2,9 +2,8 @@
 
 On every call Triton's JIT binds and specializes each argument, formats a cache key from them,
 reads its knobs and looks the compiled kernel up; then the compiled kernel's launcher packs the
-arguments. On an H200 host (Triton 3.6) strided attention's forward+backward, six launches, took
-0.41 ms of CPU time to enqueue through the JIT and our per-launch arithmetic, and 0.08 ms through
-the compiled kernels' launchers alone: short passes were as long on the host as on the GPU.
+arguments. The JIT's part was most of a short pass's host time, so short passes were as long on
+the host as on the GPU (docs/results.md, "Why the kernels' defaults are what they are").
 :class:`Launcher` goes through the JIT once per *key* (everything the JIT specializes on: each
 tensor's dtype and 16-byte alignment, each number's type and value, the constexprs and options)
 and then calls the compiled kernel's launcher directly. So a knob changed later (``TRITON_DEBUG``)

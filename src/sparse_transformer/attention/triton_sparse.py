@@ -239,10 +239,8 @@ def tma_fits(part: Part, n: int, block: int, keys: bool) -> bool:
 
 def _use_tma(config: KernelConfig, tma_capable: bool, launch: tuple[Part, ...]) -> bool:
     """Descriptors where they pay: ``config.tma`` if set, else on Hopper or newer for launches with a
-    global part over contiguous rows (dense, fixed summary). Their loops are long, and TMA took
-    6-8% off them (H200); the strided parts gained 3% on the GPU but lost more on the host (each
-    descriptor is built per launch: 0.3 ms more CPU time a fwd+bwd pass, which at N = 16,384 made
-    the pass as long on the host, 1.04 ms, as on the GPU)."""
+    global part over contiguous rows (dense, fixed summary), whose loops are long. The strided parts
+    gained on the GPU but lost more on the host, where each descriptor is built per launch."""
     if config.tma is not None:
         return config.tma
     return any(p.kind == "global" and p.step == 1 for p in launch) and tma_capable

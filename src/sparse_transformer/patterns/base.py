@@ -168,7 +168,16 @@ class Part(Pattern):
         return True
 
     # ---------------------------------------------------------------- keys per query
-    # A part defines ``keys_per_query``, ``pairs`` and ``max_keys`` (see Pattern) in closed form.
+    # A part defines ``keys_per_query``, ``pairs`` and ``max_keys`` (see Pattern) in closed form;
+    # without them (None) ``layout`` counts it from its mask function and ``structure``.
+    def keys_per_query(self, i: Tensor, head: int) -> Optional[Tensor]:
+        return None
+
+    def pairs(self, n: int, head: int) -> Optional[int]:
+        return None
+
+    def max_keys(self, n: int, head: int) -> Optional[int]:
+        return None
 
     def structure(self) -> tuple[int, int, int]:
         """``(period, reach, prefix)`` for counting a union exactly at any length (``layout``):
