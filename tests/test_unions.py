@@ -1,13 +1,16 @@
 """Every backend on unions of parts against the float64 reference, forward and backward (issue 27):
 random unions of up to three parts at N in {1, 63, 64, 100, 257}."""
 
+import importlib.util
+import os
+
 import pytest
 import torch
 
 import sparse_transformer as st
 from parts_cases import LENGTHS, random_unions
-from sparse_transformer.attention import BACKENDS
-from tolerances import ZERO_ATOL, assert_close
+from test_triton import check_against_reference
+from tolerances import assert_close, assert_close_norm
 
 P = st.patterns
 UNIONS = random_unions(seed=7, count=10)
@@ -21,19 +24,7 @@ def qkv(shape, dtype, seed):
 
 
 def against_reference(backend, pattern, shape, dtype, compare, seed=0):
-    q, k, v = qkv(shape, dtype, seed)
-    out = BACKENDS[backend].load()(q, k, v, pattern, shape[-1] ** -0.5)
-    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
-    out.backward(grad)
-    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
-    ref = BACKENDS["reference"].load()(q64, k64, v64, pattern, shape[-1] ** -0.5)
-    ref.backward(grad.double())
-    compare(out, ref, dtype)
-    for x, x64 in ((q, q64), (k, k64), (v, v64)):
-        if x64.grad.norm() < 1e-9:  # N = 1: dq and dk are exactly 0 (one key), a relative error means nothing
-            assert x.grad.abs().max() < ZERO_ATOL
-        else:
-            compare(x.grad, x64.grad, dtype)
+    check_against_reference(backend, pattern, shape, dtype, seed=seed, compare=compare)
 
 
 @pytest.mark.parametrize("pattern", UNIONS + NAMED, ids=str)
@@ -59,11 +50,6 @@ def test_overlapping_parts_count_each_key_once():
 
 
 # ------------------------------------------------------------------ triton (CPU interpreter)
-import importlib.util  # noqa: E402
-import os  # noqa: E402
-
-from tolerances import assert_close_norm  # noqa: E402
-
 needs_interpreter = pytest.mark.skipif(
     importlib.util.find_spec("triton") is None or os.environ.get("TRITON_INTERPRET") != "1",
     reason="CPU tensors need the Triton interpreter (conftest sets TRITON_INTERPRET=1 without CUDA); "
