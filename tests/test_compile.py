@@ -26,6 +26,8 @@ MODELS = {  # name -> model config fields: every pattern and way of combining it
     "dense": dict(pattern="dense"),
     "fixed-split-half-size": dict(pattern="fixed", stride=8, summary=2, integration="split", half_qk=True),
     "strided-interleaved": dict(pattern="strided", stride=8, integration="interleaved"),
+    "union-merged": dict(pattern="global_tokens:4+local:8+column:8"),
+    "union-split": dict(pattern="block:8+summary:8:2:2+column:5", integration="split"),
 }
 
 
