@@ -202,26 +202,40 @@ def _tiny_model(pattern: dict, context: int = 4096, dropout: float = 0.0):
                                      dict(pattern="dense"), dict(pattern="dense", backend="torch")],
                          ids=["strided", "fixed-half-size", "dense-triton", "dense-sdpa"])
 def test_compiled_model_fullgraph_matches_eager(pattern):
-    """torch.compile(model, fullgraph=True) with Inductor on the GPU: no graph break, the eager loss
-    and gradients (bf16 autocast, so within bf16 rounding)."""
-    from sparse_transformer.model import byte_loss
+    """torch.compile(model, fullgraph=True) with Inductor on the GPU under bf16 autocast: no graph break,
+    and the loss and gradients no further from an fp32 run of the portable backend than eager's are
+    (compilation fuses and rounds differently, so bit equality is not expected)."""
+    from sparse_transformer.model import Attention, byte_loss
 
     model = _tiny_model(pattern)
     tokens = torch.randint(0, 256, (2, 4096), device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
-    explained = torch._dynamo.explain(model)(tokens)
+    with torch.autocast("cuda", torch.bfloat16):
+        explained = torch._dynamo.explain(model)(tokens)
     assert explained.graph_break_count == 0, [str(b.reason)[:200] for b in explained.break_reasons]
 
-    def loss_and_grads(forward):
+    def loss_and_grads(forward, autocast=True):
         model.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", torch.bfloat16):
+        with torch.autocast("cuda", torch.bfloat16, enabled=autocast):
             loss = byte_loss(forward(tokens), tokens)
         loss.backward()
         return [loss.detach()] + [p.grad.clone() for p in model.parameters()]
 
     eager = loss_and_grads(model)
     compiled = loss_and_grads(torch.compile(model, fullgraph=True))
-    for a, b in zip(compiled, eager):
-        assert_close_norm(a, b, torch.bfloat16)
+    backends = [m.backend for m in model.modules() if isinstance(m, Attention)]
+    for m in model.modules():
+        if isinstance(m, Attention):
+            m.backend = "torch"
+    reference = loss_and_grads(model, autocast=False)  # fp32, portable backend
+    for m, backend in zip([m for m in model.modules() if isinstance(m, Attention)], backends):
+        m.backend = backend
+
+    def error(x, ref):
+        return float((x.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30))
+
+    for i, (c, e, r) in enumerate(zip(compiled, eager, reference)):
+        assert torch.isfinite(c).all()
+        assert error(c, r) <= 2 * error(e, r) + 2e-3, (i, error(c, r), error(e, r))
 
 
 def test_flex_backend_compiles_in_a_fullgraph_model():
