@@ -294,3 +294,27 @@ def test_cuda_graph_captures_a_whole_training_step(pattern):
     assert replayed == pytest.approx(eager, rel=2e-3)
     for a, b in zip(twin.parameters(), model.parameters()):
         assert_close_norm(a, b, torch.bfloat16)
+
+
+def test_fp16_training_with_loss_scaling(tmp_path):
+    """precision fp16: the loss scaler drives the fused AdamW (its found_inf skips overflowed steps on
+    the device); a few steps train, the losses are finite and fall, the checkpoint resumes."""
+    import dataclasses
+
+    import numpy as np
+
+    from sparse_transformer.config import DataConfig, ModelConfig, ScheduleConfig, TrainConfig
+    from sparse_transformer.data import load_stdlib, split_stream
+    from sparse_transformer.train import train
+
+    text = split_stream(np.ascontiguousarray(load_stdlib().train[:2_000_000]), "stdlib-2MB", "text")
+    config = TrainConfig(model=ModelConfig(n_layer=2, n_head=4, d_model=128, context=1024, pattern="strided", stride=32),
+                         data=DataConfig(batch_size=8, eval_bytes=4096), precision="fp16",
+                         optim=dataclasses.replace(TrainConfig().optim, lr=3e-3),
+                         schedule=ScheduleConfig(steps=30, warmup_steps=3), log_every=5, sample_bytes=0)
+    result = train(config, tmp_path / "run", text, progress=False)
+    assert result.stopped == "steps" and len(result.losses) == 30
+    assert all(np.isfinite(result.losses)) and np.mean(result.losses[-5:]) < np.mean(result.losses[:5])
+    resumed = train(dataclasses.replace(config, schedule=ScheduleConfig(steps=32, warmup_steps=3)), tmp_path / "run",
+                    text, resume=True, progress=False, final_eval=False)
+    assert resumed.step == 32
