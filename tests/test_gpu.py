@@ -207,26 +207,40 @@ def _tiny_model(pattern: dict, context: int = 4096, dropout: float = 0.0):
                                      dict(pattern="dense"), dict(pattern="dense", backend="torch")],
                          ids=["strided", "fixed-half-size", "dense-triton", "dense-sdpa"])
 def test_compiled_model_fullgraph_matches_eager(pattern):
-    """torch.compile(model, fullgraph=True) with Inductor on the GPU: no graph break, the eager loss
-    and gradients (bf16 autocast, so within bf16 rounding)."""
-    from sparse_transformer.model import byte_loss
+    """torch.compile(model, fullgraph=True) with Inductor on the GPU under bf16 autocast: no graph break,
+    and the loss and gradients no further from an fp32 run of the portable backend than eager's are
+    (compilation fuses and rounds differently, so bit equality is not expected)."""
+    from sparse_transformer.model import Attention, byte_loss
 
     model = _tiny_model(pattern)
     tokens = torch.randint(0, 256, (2, 4096), device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
-    explained = torch._dynamo.explain(model)(tokens)
+    with torch.autocast("cuda", torch.bfloat16):
+        explained = torch._dynamo.explain(model)(tokens)
     assert explained.graph_break_count == 0, [str(b.reason)[:200] for b in explained.break_reasons]
 
-    def loss_and_grads(forward):
+    def loss_and_grads(forward, autocast=True):
         model.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", torch.bfloat16):
+        with torch.autocast("cuda", torch.bfloat16, enabled=autocast):
             loss = byte_loss(forward(tokens), tokens)
         loss.backward()
         return [loss.detach()] + [p.grad.clone() for p in model.parameters()]
 
     eager = loss_and_grads(model)
     compiled = loss_and_grads(torch.compile(model, fullgraph=True))
-    for a, b in zip(compiled, eager):
-        assert_close_norm(a, b, torch.bfloat16)
+    backends = [m.backend for m in model.modules() if isinstance(m, Attention)]
+    for m in model.modules():
+        if isinstance(m, Attention):
+            m.backend = "torch"
+    reference = loss_and_grads(model, autocast=False)  # fp32, portable backend
+    for m, backend in zip([m for m in model.modules() if isinstance(m, Attention)], backends):
+        m.backend = backend
+
+    def error(x, ref):
+        return float((x.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30))
+
+    for i, (c, e, r) in enumerate(zip(compiled, eager, reference)):
+        assert torch.isfinite(c).all()
+        assert error(c, r) <= 2 * error(e, r) + 2e-3, (i, error(c, r), error(e, r))
 
 
 def test_flex_backend_compiles_in_a_fullgraph_model():
@@ -285,6 +299,30 @@ def test_cuda_graph_captures_a_whole_training_step(pattern):
     assert replayed == pytest.approx(eager, rel=2e-3)
     for a, b in zip(twin.parameters(), model.parameters()):
         assert_close_norm(a, b, torch.bfloat16)
+
+
+def test_fp16_training_with_loss_scaling(tmp_path):
+    """precision fp16: the loss scaler drives the fused AdamW (its found_inf skips overflowed steps on
+    the device); a few steps train, the losses are finite and fall, the checkpoint resumes."""
+    import dataclasses
+
+    import numpy as np
+
+    from sparse_transformer.config import DataConfig, ModelConfig, ScheduleConfig, TrainConfig
+    from sparse_transformer.data import load_stdlib, split_stream
+    from sparse_transformer.train import train
+
+    text = split_stream(np.ascontiguousarray(load_stdlib().train[:2_000_000]), "stdlib-2MB", "text")
+    config = TrainConfig(model=ModelConfig(n_layer=2, n_head=4, d_model=128, context=1024, pattern="strided", stride=32),
+                         data=DataConfig(batch_size=8, eval_bytes=4096), precision="fp16",
+                         optim=dataclasses.replace(TrainConfig().optim, lr=3e-3),
+                         schedule=ScheduleConfig(steps=30, warmup_steps=3), log_every=5, sample_bytes=0)
+    result = train(config, tmp_path / "run", text, progress=False)
+    assert result.stopped == "steps" and len(result.losses) == 30
+    assert all(np.isfinite(result.losses)) and np.mean(result.losses[-5:]) < np.mean(result.losses[:5])
+    resumed = train(dataclasses.replace(config, schedule=ScheduleConfig(steps=32, warmup_steps=3)), tmp_path / "run",
+                    text, resume=True, progress=False, final_eval=False)
+    assert resumed.step == 32
 
 
 # ------------------------------------------------------------------ unions of parts (issue 27)

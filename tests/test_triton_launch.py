@@ -44,6 +44,7 @@ def launcher(monkeypatch):
             return 7
 
     monkeypatch.setattr(triton_launch, "driver", SimpleNamespace(active=Driver()))
+    monkeypatch.setattr(triton_launch, "direct_launch_supported", lambda: True)  # as on a checked release
 
     class FakeJIT(JITFunction):
         def run(self, *args, grid, warmup, **kwargs):
@@ -111,3 +112,21 @@ def test_a_tensor_by_keyword_is_an_error(launcher):
     launch, _ = launcher
     with pytest.raises(TypeError, match="pass tensors and descriptors positionally"):
         launch[(1,)](torch.zeros(4), 10, 0.5, Y=torch.zeros(4), BLOCK=16)
+
+
+def test_the_direct_path_is_for_checked_releases_only():
+    from sparse_transformer.attention import triton_launch
+
+    assert triton_launch.direct_launch_supported("3.6.0") and not triton_launch.direct_launch_supported("3.9.1")
+    assert not triton_launch.direct_launch_supported("4.0.0+git1234")
+
+
+def test_an_unchecked_triton_release_takes_the_public_jit_path(launcher, monkeypatch):
+    from sparse_transformer.attention import triton_launch
+
+    _, kernel = launcher
+    monkeypatch.setattr(triton_launch, "direct_launch_supported", lambda: False)
+    launch = triton_launch.Launcher(kernel)
+    for _ in range(3):
+        launch[(1,)](torch.zeros(4), torch.zeros(4), 10, 0.5, BLOCK=16)
+    assert len(kernel.jit_calls) == 3 and all(c.launches == [] for c in kernel.compiled)

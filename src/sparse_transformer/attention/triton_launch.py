@@ -8,6 +8,10 @@ the host as on the GPU (docs/results.md, "Why the kernels' defaults are what the
 tensor's dtype and 16-byte alignment, each number's type and value, the constexprs and options)
 and then calls the compiled kernel's launcher directly. So a knob changed later (``TRITON_DEBUG``)
 reaches only keys not launched yet.
+
+That launcher is not public Triton API, so the direct path is taken only on the Triton releases in
+:data:`DIRECT_LAUNCH_VERSIONS` (those it was run and checked on, on a GPU); on any other release every
+call goes through the public ``kernel[grid](...)``. docs/results.md has the measured gain.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 from typing import Any, Callable, Optional
 
 import torch
+import triton
 from triton import knobs
 from triton.runtime import driver
 from triton.runtime.jit import JITFunction
@@ -23,6 +28,14 @@ from triton.runtime.jit import JITFunction
 _COMPILED_API = ("run", "function", "packed_metadata", "launch_metadata")
 _PLAIN = frozenset((int, float, bool, type(None)))
 _UNSEEN = object()
+# (major, minor) of the Triton releases whose compiled-kernel launcher the direct path was run on.
+DIRECT_LAUNCH_VERSIONS = ((3, 6),)
+
+
+def direct_launch_supported(version: Optional[str] = None) -> bool:
+    """Whether this Triton release (or ``version``) is one the direct path was checked on."""
+    numbers = [int("".join(c for c in x if c.isdigit()) or 0) for x in (version or triton.__version__).split(".")[:2]]
+    return tuple(numbers) in DIRECT_LAUNCH_VERSIONS
 
 
 def _arg_key(arg: Any) -> Any:
@@ -44,12 +57,12 @@ class Launcher:
     """``launcher[grid](*args, **kwargs)`` runs ``kernel[grid](*args, **kwargs)``, the JIT only on
     the first call of each argument key. Tensors and descriptors go positionally; keywords are
     constexprs and launch options (``num_warps``...), plain values. Where there is no compiled
-    kernel to call (the CPU interpreter, or a Triton whose compiled kernels lack the launcher
-    API), every call goes through the JIT."""
+    kernel to call (the CPU interpreter, a Triton whose compiled kernels lack the launcher API, or
+    a release not in :data:`DIRECT_LAUNCH_VERSIONS`), every call goes through the JIT."""
 
     def __init__(self, kernel: Any):
         self.kernel = kernel
-        self.direct = isinstance(kernel, JITFunction)
+        self.direct = isinstance(kernel, JITFunction) and direct_launch_supported()
         # key -> (compiled kernel, the trailing parameters' (name, default)), or None: JIT only
         self._compiled: dict = {}
 

@@ -124,6 +124,7 @@ def ours(pattern: str, context: int, batch: int, dataset, warmup: int, steps: in
         run["compile"] = compile
     config = replace(config, **run)
     timer = _Timer(warmup, steps, profile)
+    torch._dynamo.reset()  # each row compiles afresh, as its own run would: no recompile limit carried over
     torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as folder:
         try:
@@ -179,6 +180,7 @@ def gpt(context: int, batch: int, dataset, warmup: int, steps: int, profile: int
     from sparse_transformer.data.batches import TrainBatches
 
     row = Row("gpt", "dense", context, batch, label, True)
+    torch._dynamo.reset()
     torch.manual_seed(0)
     model = GPT(8, 512, 8, context).cuda()
     optimizer = torch.optim.AdamW(model.parameters(), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.01, fused=True)
