@@ -95,3 +95,26 @@ def test_triton_plans_come_from_the_parts():
     assert wide_block.dmin == 5
     block, col, summ = plan(P.block(12) | P.column(5) | P.summary(8, 2), 256)
     assert [p.mode for p in col.exclude] == [BLOCK] and [p.mode for p in summ.exclude] == [BLOCK, BAND]
+
+
+@pytest.mark.slow
+def test_union_kernels_compile_for_hopper_without_a_gpu():
+    """The interpreter runs kernels as Python; this compiles every launch of unions with two
+    position tests, per-head summary offsets and global tokens' split dK/dV for sm_90, as the JIT
+    would on a GPU (benchmarks/kernel_resources.py), so a kernel that only the compiler rejects fails here."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("triton")
+    if spec is None or not (Path(spec.origin).parent / "backends" / "nvidia" / "bin" / "cuobjdump").exists():
+        pytest.skip("needs Triton's CUDA backend (ptxas and cuobjdump ship in its wheel)")
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(root / "src")
+    for pattern, launches in (("block:64+column:33+summary:128:16:4", 9), ("window_column_global", 9)):
+        done = subprocess.run([sys.executable, str(root / "benchmarks" / "kernel_resources.py"), "--pattern", pattern,
+                               "--n", "1024", "--tokens", "2048"], env=env, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stderr[-3000:]
+        rows = [line.split() for line in done.stdout.splitlines() if "registers" in line]
+        assert len(rows) == launches and all(0 < int(r[r.index("registers") + 1]) <= 255 for r in rows)

@@ -24,7 +24,8 @@ band over the first ``KEYS`` positions). ``patterns/plans.py`` says which part i
 Keys an earlier part of a union already admits are left out, so every key counts once: by
 ``DMIN`` where the structure allows it (a window before a column or a block, a block before the
 summary of its stride), else by testing positions against each earlier part's own condition
-(``EXCL``: their modes, 3 bits each; ``XP``: their arguments and per-head ``lo``), on every tile.
+(``EXCL``: their modes, 3 bits each; ``XP``: their arguments and per-head ``lo``), on every tile
+that may hold such keys (``XP[0]``: past it none; global tokens are a prefix).
 
 Each kernel runs one loop over a part's tiles and evaluates the part's condition only on the
 edge tiles (a uniform branch per tile), so interior tiles pay no mask arithmetic. One loop, not
@@ -221,15 +222,27 @@ def _key_count(N, len_q, KEYS, L, C, lo, MODE: tl.constexpr, KEYED: tl.constexpr
 
 
 @triton.jit
+def _reaches(j0, col, STEP, W, L, C, lo, XP, MODE: tl.constexpr, PACKED: tl.constexpr):
+    """Whether the earlier parts may admit a key of the tile whose first key row is ``j0``: keys at
+    positions ``>= XP[0]`` they never admit (global tokens: past their count), and positions grow
+    along a view's rows (the packed columns' do not: always)."""
+    if PACKED:
+        out = j0 >= 0
+    else:
+        out = _position(j0, col, STEP, W, L, C, lo, MODE == 2, PACKED) < tl.load(XP)
+    return out
+
+
+@triton.jit
 def _excluded(ip, jp, XP, h, H, EXCL: tl.constexpr, EXCL_COUNT: tl.constexpr):
     """Where query position ``ip`` and key position ``jp`` (broadcast against each other) are a pair
     an earlier part admits: ``EXCL_COUNT`` parts, the x-th of mode ``(EXCL >> 3x) & 7`` (1: a band
     over the sequence, 2: a band over the columns of ``[N/step, step]``, 3: a block, 4: summary
-    slots) with arguments ``XP[x]``: ``W, step, DMIN, keys, L, C``, then ``lo`` per head."""
+    slots) with arguments ``XP[1 + x]``: ``W, step, DMIN, keys, L, C``, then ``lo`` per head."""
     hit = (ip < 0) & (jp < 0)
     for x in tl.static_range(EXCL_COUNT):
-        kind: tl.constexpr = (EXCL >> (3 * x)) & 7
-        row = XP + x * (8 + H)
+        kind = (EXCL >> (3 * x)) & 7  # a constexpr: the branches below are chosen when compiling
+        row = XP + 1 + x * (8 + H)
         w = tl.load(row)
         if kind == 1:
             d = ip - jp
@@ -295,8 +308,10 @@ def _fwd_part(acc, l_i, m_i, q, Kb, Vb, KD, VD, bh, i_lo, i_hi, offs_m, offs_n, 
             s = tl.where(_allowed(offs_m[:, None], j[None, :], len_q, len_k, W, L, C, lo, MODE, DMIN), s,
                          float("-inf"))
         if EXCL_COUNT > 0:  # keys an earlier part of the union admits
-            k_pos = _position(j, col, STEP, W, L, C, lo, MODE == 2, PACKED)
-            s = tl.where(_excluded(q_pos[:, None], k_pos[None, :], XP, bh % H, H, EXCL, EXCL_COUNT), float("-inf"), s)
+            if _reaches(t, col, STEP, W, L, C, lo, XP, MODE, PACKED):
+                k_pos = _position(j, col, STEP, W, L, C, lo, MODE == 2, PACKED)
+                s = tl.where(_excluded(q_pos[:, None], k_pos[None, :], XP, bh % H, H, EXCL, EXCL_COUNT),
+                             float("-inf"), s)
         m_new = tl.maximum(m_i, tl.max(s, 1) * scale2)
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet: no NaN
         p = tl.math.exp2(s * scale2 - m_use[:, None])
@@ -387,8 +402,9 @@ def _dq_part(dq, q, do, lse, delta, Kb, Vb, KD, VD, bh, i_lo, i_hi, offs_m, offs
         if (t < a) | (t >= b):  # an edge tile
             p = tl.where(_allowed(offs_m[:, None], j[None, :], len_q, len_k, W, L, C, lo, MODE, DMIN), p, 0.0)
         if EXCL_COUNT > 0:
-            k_pos = _position(j, col, STEP, W, L, C, lo, MODE == 2, PACKED)
-            p = tl.where(_excluded(q_pos[:, None], k_pos[None, :], XP, bh % H, H, EXCL, EXCL_COUNT), 0.0, p)
+            if _reaches(t, col, STEP, W, L, C, lo, XP, MODE, PACKED):
+                k_pos = _position(j, col, STEP, W, L, C, lo, MODE == 2, PACKED)
+                p = tl.where(_excluded(q_pos[:, None], k_pos[None, :], XP, bh % H, H, EXCL, EXCL_COUNT), 0.0, p)
         ds = p * (dp - delta[:, None])
         dq = _dot(ds.to(k.dtype), k, dq, UPCAST)
     return dq
@@ -510,7 +526,8 @@ def _dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, QD, DOD, LO, XP, DKP, DVP, N, 
         if (t < a) | (t >= b):  # an edge tile
             pT = tl.where(_allowed(i[None, :], offs_n[:, None], len_q, len_k, W, L, C, lo, MODE, DMIN), pT, 0.0)
         if EXCL_COUNT > 0:
-            pT = tl.where(_excluded(q_pos[None, :], k_pos[:, None], XP, bh % H, H, EXCL, EXCL_COUNT), 0.0, pT)
+            if _reaches(j_lo, col, STEP, W, L, C, lo, XP, MODE, PACKED):
+                pT = tl.where(_excluded(q_pos[None, :], k_pos[:, None], XP, bh % H, H, EXCL, EXCL_COUNT), 0.0, pT)
         dv = _dot(pT.to(do.dtype), do, dv, UPCAST)
         dsT = pT * (dpT - delta[None, :])
         dk = _dot(dsT.to(q.dtype), q, dk, UPCAST)

@@ -215,13 +215,16 @@ def _exclusion_kind(part: Part) -> int:
 
 
 def _exclusion_table(part: Part, n: int, heads: int) -> list[int]:
-    """``XP``: per earlier part, ``W, step, DMIN, keys, L, C, 0, 0`` and ``lo`` per head."""
-    rows = []
+    """``XP``: the first key position no earlier part admits past (a part kept to its first keys
+    reaches no further; any other, to N), then per earlier part ``W, step, DMIN, keys, L, C, 0, 0``
+    and ``lo`` per head."""
+    reach, rows = 0, []
     for earlier in part.exclude:
+        reach = max(reach, earlier.keys if earlier.keys and earlier.mode != SUMMARY else n)
         width = n if earlier.packed else earlier.width  # a packed column is the whole column
         rows += [width, earlier.step, earlier.dmin, earlier.keys or n, earlier.stride, earlier.summary, 0, 0]
         rows += [earlier.offset(h) for h in range(heads)]
-    return rows or [0]
+    return [reach] + rows
 
 
 def tma_fits(part: Part, n: int, block: int, keys: bool) -> bool:
