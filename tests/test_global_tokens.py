@@ -103,3 +103,21 @@ def test_triton_splits_the_queries_of_few_global_key_tiles():
     ref.backward(grad.double())
     for x, y in ((out, ref), (q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)):
         assert_close_norm(x, y, torch.float16)
+
+
+def test_flex_packed_column_form_on_cpu():
+    """The column part's packed Flex form (columns laid end to end, one block-diagonal sequence)
+    equals its transposed-view form and, merged with the window, the reference (eager flex, forward)."""
+    from sparse_transformer.attention import BACKENDS
+    from sparse_transformer.benchmark import flex_forms
+
+    pattern = P.strided(16)  # N = 256: columns of 16 rows, several to one of Flex's 128-row tiles
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 2, 256, 16, generator=g) for _ in range(3))
+    column, earlier = flex_forms.part_forms(pattern)[1]
+    assert set(column.flex_forms()) == {"", "packed"}
+    plain, packed = column.flex(q, k, v, 0.25, earlier), column.flex_packed(q, k, v, 0.25, earlier)
+    for a, b in zip(packed, plain):
+        assert_close(a, b, torch.float32)
+    ref = BACKENDS["reference"].load()(q, k, v, pattern, 0.25)
+    assert_close(flex_forms.decomposed(q, k, v, pattern, 0.25, ("", "packed")), ref, torch.float32)

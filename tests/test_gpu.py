@@ -328,10 +328,13 @@ def test_fp16_training_with_loss_scaling(tmp_path):
 # ------------------------------------------------------------------ unions of parts (issue 27)
 # (test_triton_against_reference runs them too: BUILT_IN + UNIONS)
 
-@pytest.mark.parametrize("pattern", [UNIONS[0], UNIONS[1], UNIONS[3]], ids=str)
-def test_flex_forms_of_unions(pattern):
-    """The benchmark's Flex forms against the reference: as-is and concatenated with gradients, the
-    parts merged by their log-sum-exps forward (the benchmark times each part's output alone)."""
+@pytest.mark.parametrize("pattern", [UNIONS[0], UNIONS[1], UNIONS[3], P.strided(128), P.fixed(128, 32)], ids=str)
+def test_flex_forms_against_the_reference(pattern):
+    """Every Flex form the benchmark times against the reference: as-is and concatenated with
+    gradients; the parts in every combination of their forms (the column part's transposed view and
+    packed columns), merged by their log-sum-exps, eager and compiled as one function."""
+    import itertools
+
     from sparse_transformer.benchmark import flex_forms
 
     q, k, v, grad = inputs((1, 4, 2048, 64), torch.float32, seed=13)
@@ -345,8 +348,12 @@ def test_flex_forms_of_unions(pattern):
         out.backward(grad)
         for x, y in zip([out.detach(), a.grad, b.grad, c.grad], want):
             assert_close_norm(x, y, torch.float32)
+    whole = torch.compile(flex_forms.decomposed)
+    variants = [tuple(part.flex_forms()) for part, _ in flex_forms.part_forms(pattern)]
     with torch.no_grad():
-        assert_close_norm(flex_forms.decomposed(q, k, v, pattern, 0.125), want[0], torch.float32)
+        for chosen in itertools.product(*variants):
+            for fn in (flex_forms.decomposed, whole):
+                assert_close_norm(fn(q, k, v, pattern, 0.125, chosen), want[0], torch.float32)
 
 
 def test_auto_routes_unions_by_their_parts():

@@ -77,14 +77,19 @@ def flex_attention(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, scale: flo
 
 @functools.lru_cache(maxsize=64)
 def _part_mask(part: Part, earlier: tuple[Part, ...], batch: int, heads: int, n: int,
-               columns: Optional[tuple[int, int]], device: str):
-    """Block mask of ``part`` minus ``earlier`` over the sequence, or over its column view when
-    ``columns = (step, real heads)`` (batch index = batch x head, head index = column)."""
+               columns: Optional[tuple[int, int]], device: str, packed: Optional[tuple[int, int]] = None):
+    """Block mask of ``part`` minus ``earlier`` over the sequence, over its column view when
+    ``columns = (step, real heads)`` (batch index = batch x head, head index = column), or over the
+    sequence read column by column when ``packed = (step, rows)`` (row ``f`` of it is position
+    ``(f % rows) * step + f // rows``)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
+    def position(f):
+        return f if packed is None else (f % packed[1]) * packed[0] + f // packed[1]
+
     def mask_mod(b, h, q_idx, kv_idx):
-        head, i, j = (h, q_idx, kv_idx) if columns is None else (b % columns[1], h + q_idx * columns[0],
-                                                                  h + kv_idx * columns[0])
+        head, i, j = (h, position(q_idx), position(kv_idx)) if columns is None else (
+            b % columns[1], h + q_idx * columns[0], h + kv_idx * columns[0])
         mine = part.mask_mod(b * 0, head, i, j)
         hit = covered(earlier, head, i, j)
         return mine if hit is None else mine & ~hit
@@ -98,10 +103,12 @@ def _part_mask(part: Part, earlier: tuple[Part, ...], batch: int, heads: int, n:
 
 
 def flex_part(q: Tensor, k: Tensor, v: Tensor, scale: float, part: Part, earlier: tuple[Part, ...],
-              columns: Optional[tuple[int, int]] = None) -> tuple[Tensor, Tensor]:
-    """``part``'s keys minus ``earlier``'s, ``(out, lse)``, with q, k, v ``[B, H, N, D]`` the sequence
-    or (``columns``) its column view ``[B * heads, step, N / step, D]``."""
-    mask = _part_mask(part, earlier, q.shape[0], q.shape[1], q.shape[2], columns, str(q.device))
+              columns: Optional[tuple[int, int]] = None,
+              packed: Optional[tuple[int, int]] = None) -> tuple[Tensor, Tensor]:
+    """``part``'s keys minus ``earlier``'s, ``(out, lse)``, with q, k, v ``[B, H, N, D]`` the sequence,
+    (``columns``) its column view ``[B * heads, step, N / step, D]``, or (``packed = (step, rows)``)
+    the sequence read column by column."""
+    mask = _part_mask(part, earlier, q.shape[0], q.shape[1], q.shape[2], columns, str(q.device), packed)
     return _flex(q, k, v, mask, scale, lse=True)
 
 

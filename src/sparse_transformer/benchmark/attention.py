@@ -2,8 +2,10 @@
 
 Forward, backward and forward+backward median milliseconds (``triton.testing.do_bench``), achieved
 TFLOP/s on the pattern's real work (admissible pairs from ``layout.cost``: 4 D FLOPs per pair
-forward, 10 D backward), and peak GPU memory. ``B = tokens // N`` (at least 1). Flex is timed in
-every form of ``flex_forms``: as-is, per part (summed: "decomposed") and concatenated. Writes
+forward, 10 D backward), and peak GPU memory. ``B = tokens // N`` (at least 1). Dense is SDPA on each
+of its fused backends (flash, cuDNN, memory-efficient) and its own choice. Flex is timed in every
+form of ``flex_forms``: as-is, per part in each of the part's forms (the fastest summed:
+"decomposed"), the parts with their merge as one function, and concatenated. Writes
 ``<out>/<gpu-name>.json`` and ``.md``. Run: ``sparse-transformer bench attention`` or
 ``python benchmarks/attention.py``.
 """
@@ -11,6 +13,7 @@ every form of ``flex_forms``: as-is, per part (summed: "decomposed") and concate
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import re
@@ -122,12 +125,8 @@ def run(ns, tokens=65536, heads=8, head_dim=64, dtype=torch.bfloat16, pattern_na
         batch = q.shape[0]
         inputs = (q, k, v)
         scale = head_dim ** -0.5
-        dense_pairs = n * (n + 1) // 2
         if n <= baseline_max_n:
-            rows.append(measure("dense", "sdpa_flash_causal",
-                                lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale),
-                                n, batch, dense_pairs, heads, head_dim, grad, inputs))
-            log(rows[-1])
+            rows += dense_rows(q, k, v, grad, scale, n, log)
         for name in pattern_names:
             pattern = pattern_of(name)
             pairs = cost(pattern, n).pairs
@@ -146,34 +145,77 @@ def run(ns, tokens=65536, heads=8, head_dim=64, dtype=torch.bfloat16, pattern_na
     return rows
 
 
+# SDPA's fused backends, each timed on its own (a row fails where this GPU or build lacks it), and the
+# dispatcher's own choice ("default"). The table's dense column is the fastest, named.
+SDPA_BACKENDS = ("default", "flash", "cudnn", "efficient")
+
+
+def dense_rows(q, k, v, grad, scale, n, log) -> list[Row]:
+    """Dense causal attention through PyTorch's scaled_dot_product_attention, per backend."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    chosen = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+              "efficient": SDPBackend.EFFICIENT_ATTENTION}
+    batch, heads, _, head_dim = q.shape
+    rows = []
+    for name in SDPA_BACKENDS:
+        def dense(name=name):
+            with sdpa_kernel(chosen[name]) if name in chosen else contextlib.nullcontext():
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        rows.append(measure("dense", f"sdpa_{name}", dense, n, batch, n * (n + 1) // 2, heads, head_dim, grad,
+                            (q, k, v)))
+        log(rows[-1])
+    return rows
+
+
 def flex_rows(pattern, n, q, k, v, grad, scale, log) -> list[Row]:
-    """Flex in every form: as-is; each part on its own structure, then their sum ("decomposed",
-    merge not counted); concatenated keys where the pattern has no column part."""
+    """Flex in every form: as-is; each part on its own structure in each of its forms (the column
+    part: its transposed view, and its columns laid end to end), the fastest of each summed
+    ("decomposed", merge not counted, a lower bound); the parts with their log-sum-exp merge as one
+    function, eager and compiled as a whole ("decomposed + merge", a complete form); concatenated keys
+    where the pattern has no column part."""
     batch, heads, _, head_dim = q.shape
     inputs = (q, k, v)
+    pairs = cost(pattern, n).pairs
     rows = [measure(pattern.name, "flex_as_is", lambda: sparse_attention(q, k, v, pattern, scale, backend="flex"),
-                    n, batch, cost(pattern, n).pairs, heads, head_dim, grad, inputs)]
+                    n, batch, pairs, heads, head_dim, grad, inputs)]
     log(rows[-1])
-    parts = []
+    fastest, variants = [], []
     for part, earlier in flex_forms.part_forms(pattern):
         # The part's own pairs: those its keys add to the earlier parts'.
-        pairs = cost(P.union(*earlier, part), n).pairs - (cost(P.union(*earlier), n).pairs if earlier else 0)
-        parts.append(measure(pattern.name, f"flex_{part.token}_part",
-                             lambda part=part, earlier=earlier: part.flex(q, k, v, scale, earlier)[0],
-                             n, batch, pairs, heads, head_dim, grad, inputs))
-        log(parts[-1])
-    rows += parts
-    if len(parts) > 1 and all(r.fwdbwd_ms is not None for r in parts):
-        total = sum(r.fwdbwd_ms for r in parts)
-        rows.append(Row(pattern.name, n, batch, "flex_decomposed", sum(r.fwd_ms for r in parts),
-                        sum(r.bwd_ms for r in parts), total,
-                        14 * head_dim * cost(pattern, n).pairs * heads * batch / (total * 1e9),
-                        max(r.peak_gib for r in parts), "each part on its structure, merge not counted"))
+        part_pairs = cost(P.union(*earlier, part), n).pairs - (cost(P.union(*earlier), n).pairs if earlier else 0)
+        timed = []
+        for variant, form in part.flex_forms().items():
+            timed.append(measure(pattern.name, f"flex_{part.token}{'_' + variant if variant else ''}_part",
+                                 lambda form=form, earlier=earlier: form(q, k, v, scale, earlier)[0],
+                                 n, batch, part_pairs, heads, head_dim, grad, inputs))
+            log(timed[-1])
+        rows += timed
+        ok = [(r.fwdbwd_ms, r, variant) for r, variant in zip(timed, part.flex_forms()) if r.fwdbwd_ms is not None]
+        if ok:
+            _, row, variant = min(ok, key=lambda x: x[0])
+            fastest.append(row)
+            variants.append(variant)
+    parts = flex_forms.part_forms(pattern)
+    if len(parts) > 1 and len(fastest) == len(parts):
+        total = sum(r.fwdbwd_ms for r in fastest)
+        rows.append(Row(pattern.name, n, batch, "flex_decomposed", sum(r.fwd_ms for r in fastest),
+                        sum(r.bwd_ms for r in fastest), total, 14 * head_dim * pairs * heads * batch / (total * 1e9),
+                        max(r.peak_gib for r in fastest),
+                        "fastest form of each part, summed; merge not counted: " + ", ".join(r.method for r in fastest)))
         log(rows[-1])
+        chosen = tuple(variants)
+        whole = torch.compile(flex_forms.decomposed)
+        for method, fn in (("flex_decomposed_merged", flex_forms.decomposed), ("flex_decomposed_merged_compiled", whole)):
+            rows.append(measure(pattern.name, method, lambda fn=fn: fn(q, k, v, pattern, scale, chosen), n, batch, pairs,
+                                heads, head_dim, grad, inputs,
+                                note="the parts and their log-sum-exp merge" + (", compiled as one function"
+                                                                               if fn is whole else ", merge eager")))
+            log(rows[-1])
     if flex_forms.concatenated_supported(pattern):
         rows.append(measure(pattern.name, "flex_concatenated",
                             lambda: flex_forms.concatenated(q, k, v, pattern, scale), n, batch,
-                            cost(pattern, n).pairs, heads, head_dim, grad, inputs,
+                            pairs, heads, head_dim, grad, inputs,
                             note="sequence keys + gathered keys, one softmax"))
         log(rows[-1])
     return rows
@@ -188,24 +230,37 @@ def _fmt(x, digits=2):
     return "—" if x is None else f"{x:.{digits}f}"
 
 
+def _fastest(rows) -> tuple[Optional[float], str]:
+    """The smallest fwd+bwd time among ``rows`` (None where absent or failed) and its method."""
+    timed = [(r.fwdbwd_ms, r.method) for r in rows if r is not None and r.fwdbwd_ms is not None]
+    return min(timed) if timed else (None, "")
+
+
 def markdown(rows: list[Row], device: str) -> str:
-    """One line per (pattern, N): dense SDPA, best Flex, ours (fwd, bwd, fwd+bwd, TFLOP/s, memory)."""
-    lines = [f"Device: {device}. bf16 unless noted; B = 65,536 // N tokens per batch; forward+backward median ms.", "",
-             "| pattern | N | B | dense SDPA flash causal | Flex as-is | Flex decomposed | Flex concatenated | "
-             "best Flex | ours fwd | ours bwd | ours fwd+bwd | ours TFLOP/s | ours peak GiB | vs best Flex | vs dense |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    """One line per (pattern, N): dense SDPA (its fastest backend, named), the Flex forms, the best
+    complete Flex form (merges counted), ours (fwd, bwd, fwd+bwd, TFLOP/s, memory)."""
+    lines = [f"Device: {device}. bf16 unless noted; B = 65,536 // N tokens per batch; forward+backward median ms. "
+             "Flex decomposed: each part's fastest form summed, merge not counted (a lower bound); + merge: the "
+             "parts and their log-sum-exp merge as one function (fastest of eager and compiled). Best Flex: the "
+             "fastest complete form (as-is, decomposed + merge, concatenated).", "",
+             "| pattern | N | B | dense SDPA (backend) | Flex as-is | Flex decomposed | Flex decomposed + merge | "
+             "Flex concatenated | best Flex | ours fwd | ours bwd | ours fwd+bwd | ours TFLOP/s | ours peak GiB | "
+             "vs best Flex | vs dense |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     by = {(r.pattern, r.n, r.method): r for r in rows}
     for (pat, n, method), r in by.items():
         if pat == "dense" or method != "triton":
             continue
-        dense = by.get(("dense", n, "sdpa_flash_causal"))
+        dense_t, dense_method = _fastest([by.get(("dense", n, f"sdpa_{b}")) for b in SDPA_BACKENDS]
+                                         + [by.get(("dense", n, "sdpa_flash_causal"))])  # older results' name
+        merged, _ = _fastest([by.get((pat, n, m)) for m in ("flex_decomposed_merged", "flex_decomposed_merged_compiled")])
         flex = [by.get((pat, n, m)) for m in ("flex_as_is", "flex_decomposed", "flex_concatenated")]
         flex_t = [f.fwdbwd_ms if f else None for f in flex]
-        best = min((t for t in flex_t if t is not None), default=None)
-        dense_t = dense.fwdbwd_ms if dense else None
+        best = min((t for t in (flex_t[0], merged, flex_t[2]) if t is not None), default=None)
+        dense_label = f"{_fmt(dense_t)} ({dense_method.replace('sdpa_', '').replace('_causal', '')})" if dense_t else "—"
         lines.append(
-            f"| {pat} | {n:,} | {r.batch} | {_fmt(dense_t)} | {_fmt(flex_t[0])} | {_fmt(flex_t[1])} | "
-            f"{_fmt(flex_t[2])} | {_fmt(best)} | "
+            f"| {pat} | {n:,} | {r.batch} | {dense_label} | {_fmt(flex_t[0])} | {_fmt(flex_t[1])} | "
+            f"{_fmt(merged)} | {_fmt(flex_t[2])} | {_fmt(best)} | "
             f"{_fmt(r.fwd_ms, 3)} | {_fmt(r.bwd_ms, 3)} | {_fmt(r.fwdbwd_ms, 3)} | {_fmt(r.tflops, 1)} | "
             f"{_fmt(r.peak_gib)} | {_fmt(best / r.fwdbwd_ms if best and r.fwdbwd_ms else None, 1)}x | "
             f"{_fmt(dense_t / r.fwdbwd_ms if dense_t and r.fwdbwd_ms else None, 1)}x |")

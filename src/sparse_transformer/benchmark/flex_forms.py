@@ -2,10 +2,11 @@
 lives in its module, ``Part.flex``):
 
 - as-is:        one BlockMask from the pattern's mask function (``backend="flex"``)
-- per part:     each part on its own structure (a band, the transposed column view, a block
-  diagonal, gathered keys), minus the keys of the parts before it; one flex call per part, whose
-  times the benchmark sums ("decomposed": their log-sum-exp merge is not counted, which only
-  favours Flex). :func:`decomposed` runs them and merges, for the tests
+- per part:     each part on its own structure (a band, the transposed column view or the columns
+  laid end to end, a block diagonal, gathered keys), minus the keys of the parts before it; one
+  flex call per part. The benchmark sums the fastest form of each part ("decomposed", merge not
+  counted) and also times :func:`decomposed`, the parts and their log-sum-exp merge as one
+  function, eager and compiled as a whole ("decomposed + merge")
 - concatenated: for unions without a column part, the sequence's keys followed by the keys of the
   parts that gather theirs (summary, global tokens), one flex call with one softmax (exact; the
   gather is timed too). This was the fixed pattern's best form.
@@ -30,9 +31,12 @@ def part_forms(pattern: Pattern) -> list[tuple[Part, tuple[Part, ...]]]:
     return [(part, pattern.parts[:i]) for i, part in enumerate(pattern.parts)]
 
 
-def decomposed(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, scale: float) -> Tensor:
-    """Every part's own flex form, merged by log-sum-exp: equal to one softmax over the union."""
-    results = [part.flex(q, k, v, scale, earlier) for part, earlier in part_forms(pattern)]
+def decomposed(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, scale: float,
+               variants: tuple[str, ...] = ()) -> Tensor:
+    """Every part's own flex form (``variants[i]`` names part i's among ``Part.flex_forms``, default
+    ``""``), merged by log-sum-exp: equal to one softmax over the union."""
+    results = [part.flex_forms()[variants[i] if i < len(variants) else ""](q, k, v, scale, earlier)
+               for i, (part, earlier) in enumerate(part_forms(pattern))]
     return merge([(o.float(), lse.float()) for o, lse in results])[0].to(q.dtype)
 
 

@@ -208,6 +208,11 @@ class Part(Pattern):
         ``(out, lse)``: the benchmark's decomposed Flex form (CUDA)."""
         raise NotImplementedError
 
+    def flex_forms(self) -> dict:
+        """Every Flex formulation of this part by name (``""``: :meth:`flex`), each called as
+        :meth:`flex` is. The benchmark times them all and takes the fastest at each N."""
+        return {"": self.flex}
+
 
 def has_form(part: Part, form: str) -> bool:
     """Whether ``part`` defines ``form`` (``"portable"``, ``"kernel"``, ``"slots"``, ``"flex"``):

@@ -110,3 +110,25 @@ class Column(Part):
 
         out, lse = flex_part(view(q), view(k), view(v), scale, self, earlier, columns=(s, h))
         return out.transpose(1, 2).reshape(b, h, n, d), lse.transpose(1, 2).reshape(b, h, n)
+
+    def flex_packed(self, q, k, v, scale, earlier):
+        """The columns laid end to end (the sequence read column by column): one Flex sequence of N
+        rows whose mask keeps each query in its own column, so columns shorter than Flex's 128-row
+        tile share tiles instead of each filling one mostly with padding (as the kernel packs them)."""
+        from ..attention.flex import flex_part
+
+        b, h, n, d = q.shape
+        s = min(self.stride, n)
+        if n % s:
+            raise ValueError(f"the column part's Flex form needs N divisible by the stride, got N={n}, stride={s}")
+        rows = n // s
+
+        def packed(x):  # [B, H, N, D]: row f is position (f % rows) * s + f // rows
+            return x.reshape(b, h, rows, s, d).transpose(2, 3).reshape(b, h, n, d)
+
+        out, lse = flex_part(packed(q), packed(k), packed(v), scale, self, earlier, packed=(s, rows))
+        return (out.reshape(b, h, s, rows, d).transpose(2, 3).reshape(b, h, n, d),
+                lse.reshape(b, h, s, rows).transpose(2, 3).reshape(b, h, n))
+
+    def flex_forms(self) -> dict:
+        return {"": self.flex, "packed": self.flex_packed}
