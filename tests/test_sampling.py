@@ -36,6 +36,18 @@ def naive_greedy(model, prime, steps):
     return out
 
 
+def cache_matches_rerunning(model, tokens, prefill: int, prime: int, steps: int) -> None:
+    """Cached logits after a prefill of ``prefill`` bytes equal the full forward pass at every later
+    position, and greedy bytes after ``prime`` bytes equal re-running the model for each byte."""
+    full = model(tokens)
+    decoder = Decoder(model, tokens.shape[0])
+    decoder.prefill(tokens[:, :prefill])
+    for t in range(prefill, tokens.shape[1]):
+        assert_close(decoder(tokens[:, t - 1], torch.tensor(t)), full[:, t])
+    start = tokens[:, :prime]
+    assert torch.equal(generate(model, start, steps, temperature=0), naive_greedy(model, start, steps))
+
+
 MODES = list(itertools.product(["dense", "strided", "fixed"], ["merged", "interleaved", "split"]))
 
 
@@ -124,13 +136,7 @@ def test_generate_gives_every_submodule_its_mode_back():
 def test_custom_pattern_falls_back_to_its_mask_function():
     model = tiny_model(custom_pattern=CUSTOM, seed=3)
     tokens = torch.randint(0, 256, (2, CONTEXT), generator=torch.Generator().manual_seed(3))
-    full = model(tokens)
-    decoder = Decoder(model, 2)
-    decoder.prefill(tokens[:, :1])
-    for t in range(1, CONTEXT):
-        assert_close(decoder(tokens[:, t - 1], torch.tensor(t)), full[:, t])
-    prime = tokens[:, :3]
-    assert torch.equal(generate(model, prime, 20, temperature=0), naive_greedy(model, prime, 20))
+    cache_matches_rerunning(model, tokens, prefill=1, prime=3, steps=20)
 
 
 def test_sampling_options():
@@ -264,13 +270,7 @@ def test_cache_of_a_union_equals_rerunning(spec, integration):
     """The issue's check: the KV cache against re-running the full forward pass, for unions."""
     model = tiny_model(spec, integration, seed=8, n_head=4, d_model=48, half_qk=True)
     tokens = torch.randint(0, 256, (2, CONTEXT), generator=torch.Generator().manual_seed(8))
-    full = model(tokens)
-    decoder = Decoder(model, 2)
-    decoder.prefill(tokens[:, :3])
-    for t in range(3, CONTEXT):
-        assert_close(decoder(tokens[:, t - 1], torch.tensor(t)), full[:, t])
-    prime = tokens[:, :2]
-    assert torch.equal(generate(model, prime, CONTEXT - 2, temperature=0), naive_greedy(model, prime, CONTEXT - 2))
+    cache_matches_rerunning(model, tokens, prefill=3, prime=2, steps=CONTEXT - 2)
 
 
 def test_decoder_runs_the_models_own_blocks(monkeypatch):
