@@ -22,7 +22,6 @@ fp32, as the paper did when sampling, with PyTorch or one Triton kernel (``trito
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from typing import Optional, Sequence
 
@@ -30,6 +29,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from .attention import HAS_TRITON
 from .patterns import Pattern
 from .patterns.base import has_form
 
@@ -146,12 +146,11 @@ def _decode_backend(backend: str, device: torch.device) -> str:
     needs ``TRITON_INTERPRET=1`` (tests)."""
     if backend not in DECODE_BACKENDS:
         raise ValueError(f"backend must be one of {DECODE_BACKENDS}, got {backend!r}")
-    has_triton = importlib.util.find_spec("triton") is not None
     if backend == "auto":
-        return "triton" if device.type == "cuda" and has_triton else "torch"
-    if backend == "triton" and not (has_triton and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")):
+        return "triton" if device.type == "cuda" and HAS_TRITON else "torch"
+    if backend == "triton" and not (HAS_TRITON and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")):
         raise ValueError(f"backend='triton' needs Triton and a CUDA device (or TRITON_INTERPRET=1 on the CPU); "
-                         f"the model is on {device}{'' if has_triton else ' and Triton is not installed'}")
+                         f"the model is on {device}{'' if HAS_TRITON else ' and Triton is not installed'}")
     return backend
 
 

@@ -26,15 +26,6 @@ from .nonfinite import guarded
 BLOCK_SIZE = 128  # FlexAttention's default tile; masks shorter than this use one partial block
 
 
-def flex_available() -> bool:
-    """True when this torch ships FlexAttention."""
-    try:
-        from torch.nn.attention import flex_attention  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 @functools.lru_cache(maxsize=64)
 def block_mask(pattern: Pattern, n: int, heads: int, device: str):
     """The pattern's BlockMask at length ``n`` (one per head when heads differ, else shared)."""

@@ -51,7 +51,8 @@ Part = KernelPart  # one launch's part (the name the tools and tests use)
 KERNELS = ("forward", "dkdv", "dq")
 # A part kept to its first few key rows (global tokens) has few dK/dV programs (its key tiles x B x
 # H), each looping over every query: their queries are split between programs up to about this
-# many programs (two per SM of an H100 or H200), each split at least four query tiles long.
+# many programs (two per multiprocessor of a 132-multiprocessor GPU), each split at least four query
+# tiles long.
 TARGET_PROGRAMS = 264
 
 
