@@ -46,8 +46,7 @@ def one(name: str, device: str, batch_size: int, steps: int, backend: str, recom
     from sparse_transformer.train.loop import build_optimizer, replace
 
     config = presets.get(name)
-    for assignment in sets:
-        config = override(config, assignment)
+    config = override(config, *sets)
     if recompute != "preset":
         config = replace(config, recompute=recompute == "on")
     config = replace(config, model={"backend": backend}, parallel=parallel)

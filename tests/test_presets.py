@@ -71,6 +71,20 @@ def test_config_json_round_trip_and_overrides():
         dataclasses.replace(config.model, n_head=3)
 
 
+def test_overrides_checked_together_apply_in_any_order():
+    """stride and summary are validated together: setting both must not fail on the order."""
+    config = presets.get("enwik8-small")  # stride 64, summary 16, distinct 4
+    for sets in (("model.stride=32", "model.summary=8"), ("model.summary=8", "model.stride=32")):
+        model = override(config, *sets).model
+        assert (model.stride, model.summary, model.distinct) == (32, 8, 4)
+    assert override(config, "model.stride=32", "model.stride=256").model.stride == 256  # the last one wins
+    both = override(config, "seed=3", "model.dropout=0.2", "data.batch_size=4")
+    assert (both.seed, both.model.dropout, both.data.batch_size) == (3, 0.2, 4)
+    assert override(config) == config
+    with pytest.raises(ValueError, match="distinct \\* summary must be <= stride"):
+        override(config, "model.summary=8", "model.stride=16")
+
+
 @pytest.mark.parametrize("assignment,message", [
     ("model.n_layer=many", r"^model.n_layer: expected int, got 'many'"),
     ("data.tile=big", r"^data.tile: expected int values separated by ',' or 'x'"),

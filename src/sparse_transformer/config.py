@@ -269,23 +269,41 @@ def _parse_value(text: str, hint) -> Any:
     raise ValueError(f"cannot parse {text!r} as {hint}")
 
 
-def override(config: TrainConfig, assignment: str) -> TrainConfig:
-    """Apply one ``section.field=value`` (or ``field=value`` for run-level fields) override.
+def override(config: TrainConfig, *assignments: str) -> TrainConfig:
+    """Apply ``section.field=value`` (or ``field=value`` for run-level fields) overrides.
 
-    Values are parsed with the field's declared type; the result is validated again.
+    Values are parsed with the field's declared type. All assignments are applied before the
+    config is validated, so fields checked together (``stride`` and ``summary``) may be set in any
+    order; a field set twice keeps its last value.
     """
+    changes: dict[tuple[str, ...], dict[str, Any]] = {}  # section path -> {field: value}
+    for assignment in assignments:
+        section, leaf, value = _parse_assignment(config, assignment)
+        changes.setdefault(section, {})[leaf] = value
+
+    def rebuild(owner, path: tuple[str, ...]):
+        fields = dict(changes.get(path, {}))
+        for f in dataclasses.fields(owner):
+            child = getattr(owner, f.name)
+            if dataclasses.is_dataclass(child) and any(p[:len(path) + 1] == path + (f.name,) for p in changes):
+                fields[f.name] = rebuild(child, path + (f.name,))
+        return dataclasses.replace(owner, **fields) if fields else owner  # replace re-runs validation
+
+    return rebuild(config, ())
+
+
+def _parse_assignment(config: TrainConfig, assignment: str) -> tuple[tuple[str, ...], str, Any]:
+    """``section.field=value`` -> (section path, field, parsed value), with one-line errors."""
     if "=" not in assignment:
         raise ValueError(f"override must look like 'model.dropout=0.1', got {assignment!r}")
     key, text = assignment.split("=", 1)
     path = key.strip().split(".")
-    targets = [config]
+    owner = config
     for name in path[:-1]:
-        child = getattr(targets[-1], name, None)
-        if not dataclasses.is_dataclass(child):
+        owner = getattr(owner, name, None)
+        if not dataclasses.is_dataclass(owner):
             raise ValueError(f"unknown config section {name!r} in {key!r}; sections: model, data, optim, schedule")
-        targets.append(child)
     leaf = path[-1]
-    owner = targets[-1]
     hints = typing.get_type_hints(type(owner))
     if leaf not in hints or dataclasses.is_dataclass(hints[leaf]):
         raise ValueError(f"unknown field {leaf!r} in {type(owner).__name__}; fields: "
@@ -294,7 +312,4 @@ def override(config: TrainConfig, assignment: str) -> TrainConfig:
         value = _parse_value(text.strip(), hints[leaf])
     except ValueError as err:  # name the field: "expected int" alone does not say which --set was wrong
         raise ValueError(f"{key.strip()}: {err}") from None
-    new = dataclasses.replace(owner, **{leaf: value})  # re-runs validation
-    for parent, name in zip(reversed(targets[:-1]), reversed(path[:-1])):
-        new = dataclasses.replace(parent, **{name: new})
-    return new
+    return tuple(path[:-1]), leaf, value

@@ -65,9 +65,7 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 
 
 def _with(config: TrainConfig, sets: list[str]) -> TrainConfig:
-    for assignment in sets:
-        config = override(config, assignment)
-    return config
+    return override(config, *sets)
 
 
 def build_config(args: argparse.Namespace, saved: TrainConfig | None = None) -> TrainConfig:
