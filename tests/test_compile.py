@@ -61,6 +61,24 @@ def test_compiled_model_has_no_graph_break_and_matches_eager(name):
         assert_close(grads[key], grad, torch.float32)
 
 
+@pytest.mark.parametrize("pattern", [P.custom(lambda b, h, q, k: q - k < 20, "window", per_head=False),
+                                     P.local(16) | P.global_tokens(4)], ids=["custom", "union"])
+def test_flex_backend_traces_without_graph_break(pattern):
+    """The flex backend's function (CUDA-only as a backend; FlexAttention has no CPU backward) in a
+    fullgraph trace on CPU: no graph break, eager numbers. A GPU test runs it inside the model."""
+    from sparse_transformer.attention.flex import flex_attention
+
+    q, k, v = torch.randn(3, 2, 2, 64, 16, generator=torch.Generator().manual_seed(4)).unbind(0)
+    with torch.no_grad():
+        eager = flex_attention(q, k, v, pattern, 0.25)
+        explained = torch._dynamo.explain(flex_attention)(q, k, v, pattern, 0.25)
+        assert explained.graph_break_count == 0, [str(b.reason)[:200] for b in explained.break_reasons]
+        compiled = torch.compile(flex_attention, fullgraph=True, backend="aot_eager")(q, k, v, pattern, 0.25)
+    assert_close(compiled, eager, torch.float32)
+    assert_close(eager, st.sparse_attention(q.double(), k.double(), v.double(), pattern, 0.25, backend="reference"),
+                 torch.float32)
+
+
 @pytest.mark.slow
 def test_inductor_compiled_model_matches_eager():
     """The default compiler (Inductor's generated CPU code) on one pattern: same loss and gradients."""

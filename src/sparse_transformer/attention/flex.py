@@ -53,10 +53,14 @@ def _flex(q: Tensor, k: Tensor, v: Tensor, mask, scale: float, lse: bool = False
     kwargs = dict(block_mask=mask, scale=scale)
     if lse:
         kwargs["return_aux"] = flex_module.AuxRequest(lse=True)
-    fn = _compiled_flex() if q.is_cuda else flex_module.flex_attention
-    with warnings.catch_warnings():  # eager flex warns that it is unfused; on CPU that is the point
-        warnings.simplefilter("ignore", UserWarning)
-        result = fn(q, k, v, **kwargs)
+    if torch.compiler.is_compiling():  # the caller's compile fuses it (a warnings filter would break its graph)
+        result = flex_module.flex_attention(q, k, v, **kwargs)
+    elif q.is_cuda:
+        result = _compiled_flex()(q, k, v, **kwargs)
+    else:
+        with warnings.catch_warnings():  # eager flex warns that it is unfused; on CPU that is the point
+            warnings.simplefilter("ignore", UserWarning)
+            result = flex_module.flex_attention(q, k, v, **kwargs)
     return (result[0], result[1].lse) if lse else result
 
 
