@@ -49,6 +49,13 @@ def test_loss_falls_on_real_data(text, tmp_path):
     assert (tmp_path / "metrics.png").stat().st_size > 1000
 
 
+def test_final_validation_reuses_a_periodic_one_at_the_same_step(text, tmp_path):
+    result = train(small(eval_every=3), tmp_path, text, progress=False)  # 6 steps: validations at 3 and 6
+    steps = [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl") if r["split"] == "validation"]
+    assert steps == [3, 6]
+    assert result.validation_bits_per_byte is not None and result.test_bits_per_byte is not None
+
+
 def _interrupt_at(stop):
     def hook(step, loss):
         if step == stop:

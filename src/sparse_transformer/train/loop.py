@@ -238,6 +238,7 @@ class _Run:
     step: int
     elapsed: float
     progress: bool  # progress bars (training and evaluation)
+    validated: Optional[tuple[int, float]] = None  # (step, bits per byte) of the last validation
 
 
 def _setup(config, run_dir, dataset, resume, world: World, progress) -> _Run:
@@ -323,7 +324,10 @@ def _evaluate(run: _Run, split: str) -> tuple[float, int]:
 
 
 def _validate(run: _Run) -> float:
+    if run.validated is not None and run.validated[0] == run.step:  # the final pass after a periodic one
+        return run.validated[1]
     bpb, count = _evaluate(run, "validation")
+    run.validated = (run.step, bpb)
     run.metrics.log({"split": "validation", "step": run.step, "time": round(run.elapsed, 3), "bits_per_byte": bpb,
                      "bytes": count})
     run.metrics.write(f"step {run.step}: validation {bpb:.4f} bits per byte ({count:,} bytes)")
