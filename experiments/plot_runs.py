@@ -1,9 +1,12 @@
-"""Plot several runs' ``metrics.jsonl`` on one figure: bits per byte against training time.
+"""Plot several runs' ``metrics.jsonl`` on one figure: bits per byte against training time or tokens.
 
     python experiments/plot_runs.py --out curves.png dense=runs/a/metrics.jsonl fixed=runs/b/metrics.jsonl
+    python experiments/plot_runs.py --panels validation-tokens validation-time --tokens-per-step 73728 \\
+        --out table2.png dense=... strided=... fixed=...
 
-Left: training loss (bits per byte, as logged); right: validation bits per byte. Time is training
-time in seconds (evaluation and checkpoints excluded), as the trainer logs it.
+Panels: ``train-time`` (training loss in bits per byte, as logged), ``validation-time`` and
+``validation-tokens``. Time is training time in seconds (evaluation and checkpoints excluded), as
+the trainer logs it; tokens are optimizer steps times ``--tokens-per-step`` (batch x context).
 """
 
 from __future__ import annotations
@@ -15,31 +18,46 @@ from matplotlib.figure import Figure
 
 from sparse_transformer.train.metrics import read_metrics
 
+PANELS = {  # name -> (metrics split, x axis, title)
+    "train-time": ("train", "time", "training loss"),
+    "validation-time": ("validation", "time", "validation"),
+    "validation-tokens": ("validation", "tokens", "validation"),
+}
+
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", metavar="LABEL=METRICS", help="a label and a metrics.jsonl path")
     parser.add_argument("--out", type=Path, required=True, help="PNG to write")
+    parser.add_argument("--panels", nargs="+", choices=list(PANELS), default=["train-time", "validation-time"])
+    parser.add_argument("--tokens-per-step", type=int, default=None,
+                        help="batch x context, for the validation-tokens panel")
     parser.add_argument("--title", default="")
     args = parser.parse_args()
-    fig = Figure(figsize=(11, 4))  # no pyplot: no global backend or figure state
-    train_ax, valid_ax = fig.subplots(1, 2, sharey=True)
+    if "validation-tokens" in args.panels and not args.tokens_per_step:
+        parser.error("the validation-tokens panel needs --tokens-per-step (batch x context)")
+    runs = []
     for item in args.runs:
         label, sep, path = item.partition("=")
         if not sep:
-            raise SystemExit(f"error: expected LABEL=METRICS, got {item!r}")
-        records = read_metrics(path)
-        for ax, split in ((train_ax, "train"), (valid_ax, "validation")):
+            parser.error(f"expected LABEL=METRICS, got {item!r}")
+        runs.append((label, read_metrics(path)))
+    fig = Figure(figsize=(5.5 * len(args.panels), 4))  # no pyplot: no global backend or figure state
+    axes = fig.subplots(1, len(args.panels), sharey=True, squeeze=False)[0]
+    for ax, panel in zip(axes, args.panels):
+        split, x, title = PANELS[panel]
+        for label, records in runs:
             rows = [r for r in records if r.get("split") == split]
-            ax.plot([r["time"] for r in rows], [r["bits_per_byte"] for r in rows], label=label,
+            xs = [r["time"] if x == "time" else r["step"] * args.tokens_per_step / 1e6 for r in rows]
+            ax.plot(xs, [r["bits_per_byte"] for r in rows], label=label,
                     marker="o" if split == "validation" else None, markersize=3)
-    for ax, name in ((train_ax, "training loss"), (valid_ax, "validation")):
-        ax.set_xlabel("training time (s)")
-        ax.set_title(name)
+        ax.set_xlabel("training time (s)" if x == "time" else "training tokens (millions)")
+        ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend()
-    train_ax.set_ylabel("bits per byte")
-    train_ax.set_ylim(top=8.5)
+    axes[0].set_ylabel("bits per byte")
+    if "train-time" in args.panels:
+        axes[0].set_ylim(top=8.5)
     if args.title:
         fig.suptitle(args.title)
     fig.tight_layout()

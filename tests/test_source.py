@@ -80,3 +80,10 @@ def test_plot_runs_draws_every_run(tmp_path):
     bad = subprocess.run([sys.executable, str(ROOT / "experiments" / "plot_runs.py"), "--out", str(out), "nolabel"],
                          capture_output=True, text=True)
     assert bad.returncode != 0 and "LABEL=METRICS" in bad.stderr
+    tokens = subprocess.run([sys.executable, str(ROOT / "experiments" / "plot_runs.py"), "--out", str(out),
+                             "--panels", "validation-tokens", "validation-time", "--tokens-per-step", "1024", *paths],
+                            capture_output=True, text=True)
+    assert tokens.returncode == 0, tokens.stderr
+    missing = subprocess.run([sys.executable, str(ROOT / "experiments" / "plot_runs.py"), "--out", str(out),
+                              "--panels", "validation-tokens", *paths], capture_output=True, text=True)
+    assert missing.returncode != 0 and "--tokens-per-step" in missing.stderr

@@ -205,7 +205,7 @@ def flex_rows(pattern, n, q, k, v, grad, scale, log) -> list[Row]:
                         "fastest form of each part, summed; merge not counted: " + ", ".join(r.method for r in fastest)))
         log(rows[-1])
         chosen = tuple(variants)
-        whole = torch.compile(flex_forms.decomposed)
+        whole = torch.compile(flex_forms.decomposed, dynamic=False)  # dynamic shapes fail on the column view's split
         for method, fn in (("flex_decomposed_merged", flex_forms.decomposed), ("flex_decomposed_merged_compiled", whole)):
             rows.append(measure(pattern.name, method, lambda fn=fn: fn(q, k, v, pattern, scale, chosen), n, batch, pairs,
                                 heads, head_dim, grad, inputs,
@@ -301,17 +301,22 @@ def run_cli(args) -> int:
 
     configs = [KernelConfig()] + [KernelConfig.from_spec(c) for c in args.configs]
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    rows = run(args.n, args.tokens, args.heads, args.head_dim, dtype, tuple(args.patterns), args.baseline_max_n,
-               tuple(configs), log=lambda r: print(r, flush=True))
     device = torch.cuda.get_device_name()
     name = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
     args.out.mkdir(parents=True, exist_ok=True)
     meta = dict(device=device, torch=torch.__version__, triton=__import__("triton").__version__,
                 heads=args.heads, head_dim=args.head_dim, dtype=args.dtype, tokens=args.tokens)
-    (args.out / f"{name}.json").write_text(json.dumps(dict(meta=meta, rows=[asdict(r) for r in rows]), indent=1))
-    table = markdown(rows, device)
-    (args.out / f"{name}.md").write_text(table)
-    print(table)
+    done: list[Row] = []
+
+    def save(row: Row) -> None:  # after every row: a run stopped by a time limit keeps what it measured
+        print(row, flush=True)
+        done.append(row)
+        (args.out / f"{name}.json").write_text(json.dumps(dict(meta=meta, rows=[asdict(r) for r in done]), indent=1))
+        (args.out / f"{name}.md").write_text(markdown(done, device))
+
+    run(args.n, args.tokens, args.heads, args.head_dim, dtype, tuple(args.patterns), args.baseline_max_n,
+        tuple(configs), log=save)
+    print(markdown(done, device))
     return 0
 
 
