@@ -7,7 +7,7 @@ on meta tensors as if on a Hopper GPU, so nothing executes), compiles each for H
 with the installed Triton, specialized as its JIT would specialize the launch (16-byte aligned
 pointers and integers divisible by 16 marked so: without that, no load is vectorized or pipelined
 and every kernel looks like it spills), and reads ``cuobjdump -res-usage`` (ptxas and cuobjdump ship
-in Triton's wheel). ``loads`` counts the loop loads in the kernel's IR: ``tma`` through descriptors,
+in Triton's wheel). ``--sass`` adds instruction counts by kind from ``cuobjdump -sass``. ``loads`` counts the loop loads in the kernel's IR: ``tma`` through descriptors,
 ``async`` pipelined copies (cp.async); a kernel with neither is not software-pipelined. A kernel at
 the 255-register cap with stack bytes is spilling to local memory: read this before spending GPU
 time on a tile config. Register allocation changes between Triton versions, so compare configs
@@ -83,13 +83,29 @@ def resources(name: str, args: tuple, kwargs: dict, arch: int = 90) -> dict:
         with open(path, "wb") as f:
             f.write(compiled.asm["cubin"])
         usage = subprocess.run([cuobjdump, "-res-usage", path], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([cuobjdump, "-sass", path], capture_output=True, text=True, check=True).stdout
     found = re.search(r"REG:(\d+) STACK:(\d+)", usage)
     if found is None:
         raise RuntimeError(f"cuobjdump printed no register count for {name}: {usage[-500:]}")
     ir = compiled.asm["ttgir"]
     return dict(registers=int(found[1]), stack_bytes=int(found[2]), shared_kib=compiled.metadata.shared / 1024,
                 warps=kwargs.get("num_warps", 4), stages=kwargs.get("num_stages", 3),
-                tma_loads=ir.count("async_tma_copy_global_to_local"), async_loads=ir.count("async_copy_global_to_local"))
+                tma_loads=ir.count("async_tma_copy_global_to_local"), async_loads=ir.count("async_copy_global_to_local"),
+                sass=sass_counts(sass))
+
+
+# SASS opcode groups worth comparing between two versions of a kernel (tensor-core matmuls,
+# exponentials, global loads, integer index arithmetic, float arithmetic, branches and barriers).
+SASS_GROUPS = {"mma": ("HGMMA", "HMMA"), "exp": ("MUFU",), "load": ("LDG", "LDGSTS", "UTMALDG"),
+               "int": ("IMAD", "IADD3", "ISETP", "LEA", "SHF", "LOP3"), "float": ("FFMA", "FMUL", "FADD", "FMNMX"),
+               "control": ("BRA", "BAR", "SYNCS")}
+
+
+def sass_counts(sass: str) -> dict:
+    """Instructions of a ``cuobjdump -sass`` listing, in all and per :data:`SASS_GROUPS` group."""
+    ops = re.findall(r"^\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", sass, flags=re.M)
+    counts = {group: sum(op in names for op in ops) for group, names in SASS_GROUPS.items()}
+    return dict(total=len(ops), **counts)
 
 
 def main(argv=None) -> int:
@@ -99,6 +115,9 @@ def main(argv=None) -> int:
     parser.add_argument("--tokens", type=int, default=65536, help="B * N, as in benchmarks/attention.py")
     parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
     parser.add_argument("--configs", nargs="*", default=[], help="config strings, as benchmarks/attention.py")
+    parser.add_argument("--sass", action="store_true",
+                        help="also count SASS instructions by kind (to compare two versions of the code: run each "
+                             "with its own src on PYTHONPATH)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise ValueError("unset TRITON_INTERPRET: the interpreter compiles nothing")
@@ -113,6 +132,8 @@ def main(argv=None) -> int:
                   f"stages {r['stages']}  registers {r['registers']:3d}  stack {r['stack_bytes']:4d} B  "
                   f"shared {r['shared_kib']:5.1f} KiB  loads tma {r['tma_loads']:2d} async {r['async_loads']:2d}  "
                   f"programs {grid[0]:,}", flush=True)
+            if args.sass:
+                print("      sass: " + ", ".join(f"{k} {v}" for k, v in r["sass"].items()), flush=True)
     return 0
 
 

@@ -147,10 +147,15 @@ def test_kernel_resources_compiles_every_launch_for_hopper_without_a_gpu():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT / "src")
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_resources.py"), "--pattern", "dense",
-                           "--n", "256", "--tokens", "512"], env=env, capture_output=True, text=True, timeout=600)
+                           "--n", "256", "--tokens", "512", "--sass"], env=env, capture_output=True, text=True,
+                          timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [line.split() for line in done.stdout.splitlines() if "registers" in line]
     # dense: one forward launch, then dQ (which also writes delta) before dK/dV
     assert [r[1] for r in rows] == ["_fwd_kernel", "_dq_kernel", "_dkdv_kernel"]
     assert all(0 < int(r[r.index("registers") + 1]) <= 255 for r in rows)
     assert rows[0][-1] == "64"  # programs: 4 query tiles of 64 x 2 sequences x 8 heads
+    sass = [dict(item.rsplit(" ", 1) for item in line.split("sass: ")[1].split(", "))
+            for line in done.stdout.splitlines() if "sass:" in line]
+    assert len(sass) == 3 and all(int(c["mma"]) > 0 and int(c["exp"]) > 0 and int(c["total"]) > int(c["int"])
+                                  for c in sass)
