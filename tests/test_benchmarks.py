@@ -116,14 +116,14 @@ def test_kernel_scripts_need_a_gpu():
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
     kernels = str(ROOT / "src" / "sparse_transformer" / "attention" / "triton_kernels.py")
     for name, args in (("kernel_sweep.py", ["strided", "1024"]), ("profile_attention.py", ["--n", "1024"]),
-                       ("kernel_ab.py", [f"A={kernels}"])):
+                       ("kernel_ab.py", [f"A={kernels}"]), ("fixed_fa4.py", ["--n", "1024"])):
         done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / name), *args], env=env,
                               capture_output=True, text=True, timeout=120)
         assert done.returncode != 0 and "needs a CUDA GPU" in done.stderr, done.stderr[-2000:]
 
 
 @pytest.mark.gpu
-def test_kernel_scripts_on_the_gpu():
+def test_kernel_scripts_on_the_gpu(tmp_path):
     out = script("kernel_sweep.py", "strided", 4096, "local:64,64,4,3")
     rows = [line.split() for line in out.splitlines() if "fwd+bwd" in line]
     assert [r[2] for r in rows] == ["default", "local:64,64,4,3"]
@@ -131,6 +131,9 @@ def test_kernel_scripts_on_the_gpu():
     out = script("profile_attention.py", "--pattern", "strided", "--n", 4096, "--repeats", 2)
     per_launch = out.split("per launch")[1]
     assert per_launch.count("_dkdv_kernel") == 2 and per_launch.count("_fwd_kernel") == 2  # row and column parts
+    out = script("fixed_fa4.py", "--n", 4096, "--out", tmp_path)
+    rows = [line.split("|") for line in out.splitlines() if "| fixed_l128_c32 |" in line]
+    assert [r[3].strip() for r in rows][:2] == ["triton", "flex_concatenated"] and float(rows[0][6]) > 0
     kernels = ROOT / "src" / "sparse_transformer" / "attention" / "triton_kernels.py"
     out = script("kernel_ab.py", "--rounds", 1, "--cases", "strided:4096", f"A={kernels}", f"T={kernels}@tma:1")
     assert "T differs from A by" in out

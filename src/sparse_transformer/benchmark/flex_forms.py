@@ -52,7 +52,7 @@ def concatenated_supported(pattern: Pattern) -> bool:
 
 
 @functools.lru_cache(maxsize=32)
-def _concatenated_mask(pattern: Pattern, heads: int, n: int, device: str):
+def concatenated_layout(pattern: Pattern, heads: int, n: int, device: str):
     """``(key positions [H, n + G], block mask)`` of the concatenated form."""
     from torch.nn.attention.flex_attention import create_block_mask
 
@@ -93,6 +93,6 @@ def _concatenated_mask(pattern: Pattern, heads: int, n: int, device: str):
 def concatenated(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, scale: float,
                  mask: Optional[tuple] = None) -> Tensor:
     """One flex call over ``[sequence keys | gathered keys]`` (see the module docstring)."""
-    positions, block = mask or _concatenated_mask(pattern, q.shape[1], q.shape[2], str(q.device))
+    positions, block = mask or concatenated_layout(pattern, q.shape[1], q.shape[2], str(q.device))
     index = positions[None, :, :, None].expand(q.shape[0], -1, -1, q.shape[-1])
     return _flex(q, k.gather(2, index), v.gather(2, index), block, scale)

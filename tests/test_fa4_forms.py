@@ -1,0 +1,83 @@
+"""The FlashAttention-4 forms of the fixed pattern (issue 28's benchmark): the gathered layout and its
+closed-form mask on the CPU; the kernels themselves on a GPU with flash-attn-4 installed."""
+
+import pytest
+import torch
+
+import sparse_transformer as st
+from sparse_transformer.benchmark import fa4_forms
+from sparse_transformer.benchmark.flex_forms import concatenated_layout
+from tolerances import assert_close, assert_close_norm
+
+P = st.patterns
+# N a multiple of the stride or not; one or several summary groups; summaries narrower than the stride
+CASES = [(P.fixed(8, 2), 64), (P.fixed(8, 2, 4), 61), (P.fixed(16, 4, 2), 100), (P.fixed(5, 2, 2), 37),
+         (P.fixed(12, 3, 1), 12)]
+
+
+@pytest.mark.parametrize("pattern,n", CASES, ids=str)
+def test_closed_form_mask_equals_the_layouts_position_table(pattern, n):
+    """gathered_fixed_mask admits exactly the pairs that the layout's own mask (which looks the key
+    positions up) admits, over every query and every key of [sequence | gathered slots]."""
+    heads = 4
+    positions, block = concatenated_layout(pattern, heads, n, "cpu")
+    stride, summary = fa4_forms.fixed_sizes(pattern)
+    q_idx = torch.arange(n)[:, None]
+    kv_idx = torch.arange(positions.shape[1])[None, :]
+    closed = fa4_forms.gathered_fixed_mask(q_idx, kv_idx, n, stride, summary)
+    for h in range(heads):
+        table = block.mask_mod(torch.tensor(0), torch.tensor(h), q_idx, kv_idx)
+        assert torch.equal(closed, table), (h, (closed != table).nonzero()[:5])
+
+
+@pytest.mark.parametrize("pattern,n", CASES, ids=str)
+def test_gathered_layout_with_the_closed_form_is_the_fixed_pattern(pattern, n):
+    """One softmax over the gathered keys under the closed-form mask (what the kernel computes) equals
+    the float64 reference of the pattern, values and gradients."""
+    heads, width = 4, 8
+    g = torch.Generator().manual_seed(n)
+    q, k, v = (torch.randn(2, heads, n, width, generator=g, dtype=torch.float64).requires_grad_() for _ in range(3))
+    positions, _ = concatenated_layout(pattern, heads, n, "cpu")
+    stride, summary = fa4_forms.fixed_sizes(pattern)
+    index = positions[None, :, :, None].expand(2, -1, -1, width)
+    keys, values = k.gather(2, index), v.gather(2, index)
+    mask = fa4_forms.gathered_fixed_mask(torch.arange(n)[:, None], torch.arange(positions.shape[1])[None, :], n,
+                                         stride, summary)
+    scores = (q @ keys.transpose(-1, -2) * 0.3).masked_fill(~mask, float("-inf"))
+    out = scores.softmax(-1) @ values
+    expected = st.sparse_attention(q, k, v, pattern, 0.3, backend="reference")
+    assert_close(out, expected, torch.float64)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    want = torch.autograd.grad(expected, (q, k, v), grad)
+    for a, b in zip(got, want):
+        assert_close(a, b, torch.float64)
+
+
+def test_only_the_fixed_pattern_is_taken():
+    for pattern in (P.strided(8), P.local(4) | P.global_tokens(2), P.block(8) | P.summary(16, 2)):
+        with pytest.raises(ValueError, match="FlashAttention-4 forms run the fixed pattern"):
+            fa4_forms.fixed_sizes(pattern)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("form", ["direct", "flex_flash"])
+@pytest.mark.parametrize("pattern", [P.fixed(128, 32), P.fixed(128, 32, 4)], ids=str)
+def test_fa4_forms_against_the_reference(form, pattern):
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("needs a Hopper or newer GPU")
+    if not fa4_forms.available():
+        pytest.skip(f"needs FlashAttention-4: {fa4_forms.INSTALL}")
+    n, heads, width = 2048, 4, 64
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(2, heads, n, width, device="cuda", generator=g, dtype=torch.bfloat16).requires_grad_()
+               for _ in range(3))
+    out = getattr(fa4_forms, form)(q, k, v, pattern, width ** -0.5)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    ref = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    expected = st.sparse_attention(*ref, pattern, width ** -0.5, backend="reference")
+    want = torch.autograd.grad(expected, ref, grad.double())
+    assert_close_norm(out.double(), expected, torch.bfloat16)
+    for a, b in zip(got, want):
+        assert_close_norm(a.double(), b, torch.bfloat16)
