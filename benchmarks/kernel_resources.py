@@ -7,7 +7,8 @@ on meta tensors as if on a Hopper GPU, so nothing executes), compiles each for H
 with the installed Triton, specialized as its JIT would specialize the launch (16-byte aligned
 pointers and integers divisible by 16 marked so: without that, no load is vectorized or pipelined
 and every kernel looks like it spills), and reads ``cuobjdump -res-usage`` (ptxas and cuobjdump ship
-in Triton's wheel). ``--sass`` adds instruction counts by kind from ``cuobjdump -sass``. ``loads`` counts the loop loads in the kernel's IR: ``tma`` through descriptors,
+in Triton's wheel). ``--sass`` adds instruction counts by kind from ``cuobjdump -sass``, ``--host`` the
+Python host time of a pass (kernels recorded, not run). ``loads`` counts the loop loads in the kernel's IR: ``tma`` through descriptors,
 ``async`` pipelined copies (cp.async); a kernel with neither is not software-pipelined. A kernel at
 the 255-register cap with stack bytes is spilling to local memory: read this before spending GPU
 time on a tile config. Register allocation changes between Triton versions, so compare configs
@@ -53,6 +54,31 @@ def record_launches(pattern, n: int, config: ts.KernelConfig, batch: int = 1, he
         out, lse = ts._forward(q, k, v, parts, head_dim ** -0.5, config)
         ts._backward(q, k, v, out, lse, torch.empty_like(q), parts, head_dim ** -0.5, config)
     return calls
+
+
+def host_microseconds(pattern, n: int, config: ts.KernelConfig, batch: int = 1, heads: int = 8, head_dim: int = 64,
+                      dtype=torch.bfloat16, repeats: int = 1000) -> tuple[float, float]:
+    """Python host time of one forward and one backward pass, in microseconds, with the kernels
+    recorded instead of launched (meta tensors): our planning and argument work, without Triton's
+    launcher or the GPU. Compare two versions of the code with the same Python."""
+    import time
+
+    q, k, v = (torch.empty(batch, heads, n, head_dim, dtype=dtype, device="meta") for _ in range(3))
+    parts, scale = ts.plan(pattern, n), head_dim ** -0.5
+    calls: list = []
+    with mock.patch.multiple(tk, **{name: _Recorder(name, calls) for name in KERNELS}), \
+            mock.patch.object(ts, "_has_tma", lambda x: True), mock.patch.object(ts, "_launcher", lambda kernel: kernel):
+        out, lse = ts._forward(q, k, v, parts, scale, config)
+        passes = (lambda: ts._forward(q, k, v, parts, scale, config),
+                  lambda: ts._backward(q, k, v, out, lse, torch.empty_like(q), parts, scale, config))
+        times = []
+        for run_pass in passes:
+            run_pass()  # plans are cached after the first call, as in a training loop
+            start = time.perf_counter()
+            for _ in range(repeats):
+                run_pass()
+            times.append((time.perf_counter() - start) / repeats * 1e6)
+    return times[0], times[1]
 
 
 def compile_like_jit(kernel, args: tuple, kwargs: dict, arch: int = 90):
@@ -115,6 +141,8 @@ def main(argv=None) -> int:
     parser.add_argument("--tokens", type=int, default=65536, help="B * N, as in benchmarks/attention.py")
     parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
     parser.add_argument("--configs", nargs="*", default=[], help="config strings, as benchmarks/attention.py")
+    parser.add_argument("--host", action="store_true",
+                        help="also time our Python host work per forward and backward pass (launches recorded, not run)")
     parser.add_argument("--sass", action="store_true",
                         help="also count SASS instructions by kind (to compare two versions of the code: run each "
                              "with its own src on PYTHONPATH)")
@@ -124,7 +152,11 @@ def main(argv=None) -> int:
     for text in ["default"] + args.configs:
         config = ts.KernelConfig() if text == "default" else ts.KernelConfig.from_spec(text)
         print(f"{args.pattern}, N = {args.n:,}, {text}, sm_{args.arch}:")
-        launches = record_launches(pattern_of(args.pattern), args.n, config, batch=max(1, args.tokens // args.n))
+        batch = max(1, args.tokens // args.n)
+        if args.host:
+            forward, backward = host_microseconds(pattern_of(args.pattern), args.n, config, batch=batch)
+            print(f"  host (Python, launches recorded): forward {forward:.1f} us, backward {backward:.1f} us", flush=True)
+        launches = record_launches(pattern_of(args.pattern), args.n, config, batch=batch)
         for i, (name, grid, launch_args, kwargs) in enumerate(launches):
             tiles = f"{kwargs.get('BLOCK_M')}x{kwargs['BLOCK_N']}" if "BLOCK_N" in kwargs else f"{kwargs['BLOCK_M']}"
             r = resources(name, launch_args, kwargs, args.arch)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -150,7 +151,7 @@ def test_kernel_resources_compiles_every_launch_for_hopper_without_a_gpu():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT / "src")
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_resources.py"), "--pattern", "dense",
-                           "--n", "256", "--tokens", "512", "--sass"], env=env, capture_output=True, text=True,
+                           "--n", "256", "--tokens", "512", "--sass", "--host"], env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [line.split() for line in done.stdout.splitlines() if "registers" in line]
@@ -160,5 +161,7 @@ def test_kernel_resources_compiles_every_launch_for_hopper_without_a_gpu():
     assert rows[0][-1] == "64"  # programs: 4 query tiles of 64 x 2 sequences x 8 heads
     sass = [dict(item.rsplit(" ", 1) for item in line.split("sass: ")[1].split(", "))
             for line in done.stdout.splitlines() if "sass:" in line]
+    host = re.search(r"forward ([\d.]+) us, backward ([\d.]+) us", done.stdout)
+    assert host and float(host[1]) > 0 and float(host[2]) > 0
     assert len(sass) == 3 and all(int(c["mma"]) > 0 and int(c["exp"]) > 0 and int(c["total"]) > int(c["int"])
                                   for c in sass)
