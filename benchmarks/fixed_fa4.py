@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 import sparse_transformer as st
-from sparse_transformer.benchmark import fa4_forms, flex_forms
+from sparse_transformer.benchmark import fa4_forms, flex_forms, write_atomic
 from sparse_transformer.benchmark.attention import Row, dense_rows, inputs_for, measure
 from sparse_transformer.layout import cost
 
@@ -64,7 +64,7 @@ def run(ns, pattern, log=print) -> list[dict]:
                 try:
                     error = None if method == "triton" or row.fwdbwd_ms is None else relative_error(
                         call, ours, q, k, v, grad)
-                except RuntimeError as err:
+                except Exception as err:  # FlashAttention-4's own checks raise ValueError and AssertionError
                     error, row.note = None, f"{row.note} error check failed: {str(err)[:100]}"
             rows.append(dict(asdict(row), error=error))
             log(rows[-1])
@@ -104,8 +104,8 @@ def main(argv=None) -> int:
     def save(row: dict) -> None:  # after every row: a run stopped by a time limit keeps what it measured
         print(row, flush=True)
         done.append(row)
-        (args.out / f"{name}.json").write_text(json.dumps(dict(device=device, torch=torch.__version__, rows=done), indent=1))
-        (args.out / f"{name}.md").write_text(markdown(done, device))
+        write_atomic(args.out / f"{name}.json", json.dumps(dict(device=device, torch=torch.__version__, rows=done), indent=1))
+        write_atomic(args.out / f"{name}.md", markdown(done, device))
 
     run(args.n, pattern, save)
     print(markdown(done, device))

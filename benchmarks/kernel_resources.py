@@ -120,16 +120,18 @@ def resources(name: str, args: tuple, kwargs: dict, arch: int = 90) -> dict:
                 sass=sass_counts(sass))
 
 
-# SASS opcode groups worth comparing between two versions of a kernel (tensor-core matmuls,
-# exponentials, global loads, integer index arithmetic, float arithmetic, branches and barriers).
-SASS_GROUPS = {"mma": ("HGMMA", "HMMA"), "exp": ("MUFU",), "load": ("LDG", "LDGSTS", "UTMALDG"),
-               "int": ("IMAD", "IADD3", "ISETP", "LEA", "SHF", "LOP3"), "float": ("FFMA", "FMUL", "FADD", "FMNMX"),
-               "control": ("BRA", "BAR", "SYNCS")}
+# SASS opcode groups worth comparing between two versions of a kernel (tensor-core matmuls, the
+# special-function unit: exponentials and reciprocals, global loads, integer index arithmetic and
+# selects, float arithmetic and the masking selects, branches and barriers).
+SASS_GROUPS = {"mma": ("HGMMA", "HMMA"), "mufu": ("MUFU",), "load": ("LDG", "LDGSTS", "UTMALDG"),
+               "int": ("IMAD", "IADD3", "VIADD", "ISETP", "LEA", "SHF", "LOP3", "SEL", "UIMAD", "UIADD3", "UISETP",
+                       "ULEA", "USHF", "ULOP3", "USEL"),
+               "float": ("FFMA", "FMUL", "FADD", "FMNMX", "FSEL", "FSETP"), "control": ("BRA", "BAR", "SYNCS")}
 
 
 def sass_counts(sass: str) -> dict:
     """Instructions of a ``cuobjdump -sass`` listing, in all and per :data:`SASS_GROUPS` group."""
-    ops = re.findall(r"^\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", sass, flags=re.M)
+    ops = re.findall(r"^\s+/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", sass, flags=re.M)
     counts = {group: sum(op in names for op in ops) for group, names in SASS_GROUPS.items()}
     return dict(total=len(ops), **counts)
 

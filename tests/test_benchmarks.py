@@ -163,5 +163,5 @@ def test_kernel_resources_compiles_every_launch_for_hopper_without_a_gpu():
             for line in done.stdout.splitlines() if "sass:" in line]
     host = re.search(r"forward ([\d.]+) us, backward ([\d.]+) us", done.stdout)
     assert host and float(host[1]) > 0 and float(host[2]) > 0
-    assert len(sass) == 3 and all(int(c["mma"]) > 0 and int(c["exp"]) > 0 and int(c["total"]) > int(c["int"])
+    assert len(sass) == 3 and all(int(c["mma"]) > 0 and int(c["mufu"]) > 0 and int(c["total"]) > int(c["int"])
                                   for c in sass)

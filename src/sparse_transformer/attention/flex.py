@@ -24,18 +24,53 @@ from ..patterns.base import covered
 from .nonfinite import guarded
 
 BLOCK_SIZE = 128  # FlexAttention's default tile; masks shorter than this use one partial block
+# Mask entries evaluated at once by make_block_mask: its [B, H, rows, KV] band and the mask
+# function's intermediates stay a few GiB, where the whole mask at N = 65,536 would not fit.
+BAND_ELEMENTS = 2 ** 28
+
+
+def make_block_mask(mask_mod, batch: Optional[int], heads: Optional[int], q_len: int, kv_len: int, device: str,
+                    elements: int = BAND_ELEMENTS):
+    """``create_block_mask(mask_mod, batch, heads, q_len, kv_len, device, BLOCK_SIZE)``, with the same
+    tiles (full ones kept apart), built a band of query tiles at a time: ``create_block_mask``
+    evaluates the whole ``[B, H, q_len, kv_len]`` mask at once."""
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, create_mask
+
+    if torch.compiler.is_compiling():  # traced into the caller's graph, which fuses it: nothing is materialized
+        return create_block_mask(mask_mod, batch, heads, q_len, kv_len, device=device, BLOCK_SIZE=BLOCK_SIZE)
+    b, h = batch or 1, heads or 1
+    rows = max(BLOCK_SIZE, elements // (b * h * kv_len) // BLOCK_SIZE * BLOCK_SIZE)
+    kv_pad = -kv_len % BLOCK_SIZE
+    partial, full = [], []
+    for start in range(0, q_len, rows):
+        length = min(rows, q_len - start)
+
+        def band(b_, h_, q_idx, kv_idx, start=start):
+            return mask_mod(b_, h_, q_idx + start, kv_idx)
+
+        mask = create_mask(band, b, h, length, kv_len, device)
+        mask = torch.nn.functional.pad(mask, (0, kv_pad, 0, -length % BLOCK_SIZE))  # padding admits nothing
+        counts = mask.view(b, h, mask.shape[2] // BLOCK_SIZE, BLOCK_SIZE, mask.shape[3] // BLOCK_SIZE,
+                           BLOCK_SIZE).sum(dim=(3, 5), dtype=torch.int32)
+        full.append(counts == BLOCK_SIZE * BLOCK_SIZE)
+        partial.append((counts > 0) & ~full[-1])
+
+    def ordered(tiles: list[Tensor]) -> tuple[Tensor, Tensor]:  # per query tile: how many, and which first
+        dense = torch.cat(tiles, dim=2).to(torch.int32)
+        return dense.sum(-1, dtype=torch.int32), torch.argsort(dense, dim=-1, descending=True, stable=True).to(torch.int32)
+
+    return BlockMask.from_kv_blocks(*ordered(partial), *ordered(full), BLOCK_SIZE=BLOCK_SIZE, mask_mod=mask_mod,
+                                    seq_lengths=(q_len, kv_len))
 
 
 @functools.lru_cache(maxsize=64)
 def block_mask(pattern: Pattern, n: int, heads: int, device: str):
     """The pattern's BlockMask at length ``n`` (one per head when heads differ, else shared)."""
-    from torch.nn.attention.flex_attention import create_block_mask
 
     def mask_mod(b, h, q_idx, kv_idx):  # a plain function: flex rejects bound methods
         return pattern.mask_mod(b, h, q_idx, kv_idx)
 
-    h = heads if pattern.heads_differ() else None
-    return create_block_mask(mask_mod, None, h, n, n, device=device, BLOCK_SIZE=BLOCK_SIZE)
+    return make_block_mask(mask_mod, None, heads if pattern.heads_differ() else None, n, n, device)
 
 
 @functools.lru_cache(maxsize=1)
@@ -77,8 +112,6 @@ def _part_mask(part: Part, earlier: tuple[Part, ...], batch: int, heads: int, n:
     ``columns = (step, real heads)`` (batch index = batch x head, head index = column), or over the
     sequence read column by column when ``packed = (step, rows)`` (row ``f`` of it is position
     ``(f % rows) * step + f // rows``)."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
     def position(f):
         return f if packed is None else (f % packed[1]) * packed[0] + f // packed[1]
 
@@ -94,7 +127,7 @@ def _part_mask(part: Part, earlier: tuple[Part, ...], batch: int, heads: int, n:
         b, h = None, (heads if per_head else None)
     else:  # the view's heads are its columns, whose positions differ; its batch holds the real heads
         b, h = (batch if per_head else None), heads
-    return create_block_mask(mask_mod, b, h, n, n, device=device, BLOCK_SIZE=BLOCK_SIZE)
+    return make_block_mask(mask_mod, b, h, n, n, device)
 
 
 def flex_part(q: Tensor, k: Tensor, v: Tensor, scale: float, part: Part, earlier: tuple[Part, ...],
@@ -110,8 +143,6 @@ def flex_part(q: Tensor, k: Tensor, v: Tensor, scale: float, part: Part, earlier
 @functools.lru_cache(maxsize=64)
 def _gathered(part: Part, earlier: tuple[Part, ...], heads: int, n: int, device: str):
     """``(positions [H, G], block mask)``: each head's key positions (``part.slots``), padded."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
     rows = [part.slots(h, n).positions for h in range(heads)]
     width = max(1, max(len(r) for r in rows))
     positions = torch.full((heads, width), n, dtype=torch.long)  # padding: position n, never admitted
@@ -125,7 +156,7 @@ def _gathered(part: Part, earlier: tuple[Part, ...], heads: int, n: int, device:
         mine = (j <= q_idx) & part.allowed(b, h, q_idx, j)
         return mine if hit is None else mine & ~hit
 
-    return positions, create_block_mask(mask_mod, None, heads, n, width, device=device, BLOCK_SIZE=BLOCK_SIZE)
+    return positions, make_block_mask(mask_mod, None, heads, n, width, device)
 
 
 def flex_gathered(q: Tensor, k: Tensor, v: Tensor, scale: float, part: Part,

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from .. import patterns as P
 from ..attention import sparse_attention
 from ..layout import cost
-from . import flex_forms
+from . import flex_forms, write_atomic
 
 if TYPE_CHECKING:  # Triton is optional: the kernels' module is imported where they run
     from ..attention.triton_sparse import KernelConfig
@@ -92,7 +92,7 @@ def measure(label: str, method: str, fn, n, batch, pairs_per_head, heads, d, gra
         del out
         t_f, t_b, t_fb = _time(fn, grad, inputs)
         peak = _peak(fn, grad, inputs)
-    except (RuntimeError, torch.OutOfMemoryError) as err:  # record and keep going (e.g. out of memory)
+    except Exception as err:  # record and keep going (out of memory, a form a library refuses, ...)
         torch.cuda.empty_cache()
         return Row(label, n, batch, method, None, None, None, None, None, f"failed: {str(err)[:120]}")
     flops = 14 * d * pairs_per_head * heads * batch
@@ -311,8 +311,8 @@ def run_cli(args) -> int:
     def save(row: Row) -> None:  # after every row: a run stopped by a time limit keeps what it measured
         print(row, flush=True)
         done.append(row)
-        (args.out / f"{name}.json").write_text(json.dumps(dict(meta=meta, rows=[asdict(r) for r in done]), indent=1))
-        (args.out / f"{name}.md").write_text(markdown(done, device))
+        write_atomic(args.out / f"{name}.json", json.dumps(dict(meta=meta, rows=[asdict(r) for r in done]), indent=1))
+        write_atomic(args.out / f"{name}.md", markdown(done, device))
 
     run(args.n, args.tokens, args.heads, args.head_dim, dtype, tuple(args.patterns), args.baseline_max_n,
         tuple(configs), log=save)

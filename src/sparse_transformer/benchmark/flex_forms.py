@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..attention.flex import BLOCK_SIZE, _flex
+from ..attention.flex import _flex, make_block_mask
 from ..attention.portable import merge
 from ..patterns import Part, Pattern
 from ..patterns.base import covered
@@ -54,8 +54,6 @@ def concatenated_supported(pattern: Pattern) -> bool:
 @functools.lru_cache(maxsize=32)
 def concatenated_layout(pattern: Pattern, heads: int, n: int, device: str):
     """``(key positions [H, n + G], block mask)`` of the concatenated form."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
     parts = pattern.parts
     tables, owners = [], []
     for index, part in enumerate(parts):
@@ -86,7 +84,7 @@ def concatenated_layout(pattern: Pattern, heads: int, n: int, device: str):
                 ok = ok | ((who == index) & admits(index, h, q_idx, j))
         return ok
 
-    mask = create_block_mask(mask_mod, None, heads, n, positions.shape[1], device=device, BLOCK_SIZE=BLOCK_SIZE)
+    mask = make_block_mask(mask_mod, None, heads if pattern.heads_differ() else None, n, positions.shape[1], device)
     return positions.clamp(max=n - 1), mask
 
 
