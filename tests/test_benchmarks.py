@@ -117,7 +117,7 @@ def test_kernel_scripts_need_a_gpu():
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
     kernels = str(ROOT / "src" / "sparse_transformer" / "attention" / "triton_kernels.py")
     for name, args in (("kernel_sweep.py", ["strided", "1024"]), ("profile_attention.py", ["--n", "1024"]),
-                       ("kernel_ab.py", [f"A={kernels}"]), ("fixed_fa4.py", ["--n", "1024"])):
+                       ("kernel_ab.py", [f"A={kernels}"]), ("fa4.py", ["--n", "1024"])):
         done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / name), *args], env=env,
                               capture_output=True, text=True, timeout=120)
         assert done.returncode != 0 and "needs a CUDA GPU" in done.stderr, done.stderr[-2000:]
@@ -132,9 +132,11 @@ def test_kernel_scripts_on_the_gpu(tmp_path):
     out = script("profile_attention.py", "--pattern", "strided", "--n", 4096, "--repeats", 2)
     per_launch = out.split("per launch")[1]
     assert per_launch.count("_dkdv_kernel") == 2 and per_launch.count("_fwd_kernel") == 2  # row and column parts
-    out = script("fixed_fa4.py", "--n", 4096, "--out", tmp_path)
+    out = script("fa4.py", "--n", 4096, "--out", tmp_path)
     rows = [line.split("|") for line in out.splitlines() if "| fixed_l128_c32 |" in line]
-    assert [r[3].strip() for r in rows][:2] == ["triton", "flex_concatenated"] and float(rows[0][6]) > 0
+    methods = [r[3].strip() for r in rows]
+    assert methods[:2] == ["triton", "flex_as_is"] and "flex_concatenated" in methods and float(rows[0][6]) > 0
+    assert not any("concatenated" in line or "direct" in line for line in out.splitlines() if "| strided_l128 |" in line)
     kernels = ROOT / "src" / "sparse_transformer" / "attention" / "triton_kernels.py"
     out = script("kernel_ab.py", "--rounds", 1, "--cases", "strided:4096", f"A={kernels}", f"T={kernels}@tma:1")
     assert "T differs from A by" in out
@@ -165,3 +167,44 @@ def test_kernel_resources_compiles_every_launch_for_hopper_without_a_gpu():
     assert host and float(host[1]) > 0 and float(host[2]) > 0
     assert len(sass) == 3 and all(int(c["mma"]) > 0 and int(c["mufu"]) > 0 and int(c["total"]) > int(c["int"])
                                   for c in sass)
+
+
+def test_fa4_script_runs_each_pattern_through_its_forms(monkeypatch):
+    """benchmarks/fa4.py's rows without a GPU: its kernels swapped for the portable backend and its
+    timer for one call. Strided skips the fixed-only forms; forms needing flash-attn-4 say so when it
+    is missing; every other form gets its error against ours."""
+    import torch
+
+    import sparse_transformer as st
+    from sparse_transformer.benchmark.attention import Row
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import fa4
+
+    P = st.patterns
+
+    def portable(q, k, v, pattern, scale):
+        return st.sparse_attention(q, k, v, pattern, scale, backend="torch")
+
+    def once(label, method, fn, n, batch, pairs, heads, d, grad, inputs, note=""):
+        fn().backward(grad)
+        return Row(label, n, batch, method, 1.0, 2.0, 3.0, 1.0, 0.1, note)
+
+    forms = {name: portable for name in fa4.FORMS}
+    forms["flex_concatenated"] = lambda q, k, v, p, s: portable(q, k, v, p, s) * 1.01  # a form that differs
+    monkeypatch.setattr(fa4, "FORMS", forms)
+    monkeypatch.setattr(fa4, "measure", once)
+    monkeypatch.setattr(fa4.fa4_forms, "available", lambda: False)
+    g = torch.Generator().manual_seed(0)
+    q, k, v, grad = (torch.randn(1, 2, 64, 8, generator=g, requires_grad=i < 3) for i in range(4))
+    rows = {P.strided(8).name: fa4.pattern_rows(P.strided(8), 64, q, k, v, grad, lambda r: None),
+            P.fixed(8, 2).name: fa4.pattern_rows(P.fixed(8, 2), 64, q, k, v, grad, lambda r: None)}
+    strided, fixed = rows.values()
+    assert [r["method"] for r in strided] == ["triton", "flex_as_is", "flex_flash_as_is"]
+    assert [r["method"] for r in fixed] == list(fa4.FORMS)
+    by = {r["method"]: r for r in fixed}
+    assert by["triton"]["error"] is None and by["flex_as_is"]["error"] < 1e-6
+    assert 0.005 < by["flex_concatenated"]["error"] < 0.02
+    assert all(by[m]["fwdbwd_ms"] is None and by[m]["note"].startswith("not run") for m in fa4.NEEDS_FA4)
+    table = fa4.markdown(strided + fixed, "test device")
+    assert "| fixed_l128_c32" not in table and "| fixed_l8_c2 | 64 | fa4_direct | — | — | — | — | — | not run" in table

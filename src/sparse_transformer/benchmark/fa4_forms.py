@@ -10,6 +10,10 @@ summary tile.
 
 - :func:`flex_flash`: FlexAttention on its FLASH backend (``kernel_options={"BACKEND": "FLASH"}``)
   with the layout's block mask, whose mask function reads a table of key positions.
+
+:func:`flex_flash_as_is` runs any pattern's own block mask (``backend="flex"``'s) on the FLASH
+backend. Forms that merge parts by log-sum-exp do not run there: its backward takes no gradient of
+the log-sum-exp.
 - :func:`direct`: ``flash_attn.cute.flash_attn_func`` with the same keys and block sparsity and
   :func:`gathered_fixed_mask` as the mask, a closed form with no table.
 """
@@ -23,6 +27,7 @@ import torch
 from torch import Tensor
 
 from ..patterns import Pattern
+from ..attention.flex import block_mask
 from .flex_forms import concatenated_layout
 
 INSTALL = "pip install flash-attn-4 (with nvidia-cutlass-dsl; a Hopper or newer GPU)"
@@ -106,3 +111,9 @@ def flex_flash(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, scale: float) 
     """FlexAttention's FLASH backend (FlashAttention-4 underneath) on the concatenated layout."""
     keys, values, block = _gathered(q, k, v, pattern)
     return _flex_flash()(q, keys, values, block_mask=block, scale=scale, kernel_options={"BACKEND": "FLASH"})
+
+
+def flex_flash_as_is(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, scale: float) -> Tensor:
+    """FlexAttention's FLASH backend on the pattern's own block mask (any pattern)."""
+    mask = block_mask(pattern, q.shape[2], q.shape[1], str(q.device))
+    return _flex_flash()(q, k, v, block_mask=mask, scale=scale, kernel_options={"BACKEND": "FLASH"})

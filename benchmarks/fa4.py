@@ -1,0 +1,142 @@
+"""Our kernels against FlashAttention-4 (issue 28), one GPU, one process: forward+backward ms.
+
+    python benchmarks/fa4.py --n 4096 16384 65536 --patterns strided fixed --out benchmarks/results
+
+Rows per N (bf16, H = 8, D = 64, B = 65,536 // N, the attention benchmark's inputs): dense SDPA on
+each fused backend; ours (``backend="triton"``); Flex on the pattern's own block mask with its Triton
+backend and with its FLASH backend (FlashAttention-4). For the fixed pattern also the concatenated
+layout (sequence keys + gathered summary slots, one softmax) on both Flex backends, and
+``flash_attn_func`` called directly with that layout, its block-sparse tiles and a closed-form mask
+(``sparse_transformer/benchmark/fa4_forms.py``). Forms that merge parts by log-sum-exp are not run on
+the FLASH backend, whose backward takes no gradient of the log-sum-exp. Each row also gives the
+relative error of its output and gradients against ours. The FLASH and direct rows need
+flash-attn-4 (``pip install sparse-transformer[fa4]``); without it they say so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+import sparse_transformer as st
+from sparse_transformer.benchmark import fa4_forms, flex_forms, write_atomic
+from sparse_transformer.benchmark.attention import Row, dense_rows, inputs_for, measure, pattern_of
+from sparse_transformer.layout import cost
+
+FORMS = {  # method -> fn(q, k, v, pattern, scale)
+    "triton": lambda q, k, v, p, s: st.sparse_attention(q, k, v, p, s, backend="triton"),
+    "flex_as_is": lambda q, k, v, p, s: st.sparse_attention(q, k, v, p, s, backend="flex"),
+    "flex_flash_as_is": fa4_forms.flex_flash_as_is,
+    "flex_concatenated": flex_forms.concatenated,
+    "flex_flash_concatenated": fa4_forms.flex_flash,
+    "fa4_direct": fa4_forms.direct,
+}
+NEEDS_FA4 = ("flex_flash_as_is", "flex_flash_concatenated", "fa4_direct")
+FIXED_ONLY = ("flex_concatenated", "flex_flash_concatenated", "fa4_direct")
+
+
+def is_fixed(pattern) -> bool:
+    try:
+        fa4_forms.fixed_sizes(pattern)
+    except ValueError:
+        return False
+    return True
+
+
+def relative_error(fn, reference, q, k, v, grad) -> float:
+    """Largest relative norm of the difference, over the output and the three gradients."""
+    results = []
+    for f in (fn, reference):
+        out = f()
+        results.append([out, *torch.autograd.grad(out, (q, k, v), grad)])
+    return max(((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in zip(*results))
+
+
+def run(ns, patterns, log=print) -> list[dict]:
+    rows = []
+    for n in ns:
+        q, k, v, grad = inputs_for(n)
+        batch, heads, _, head_dim = q.shape
+        scale = head_dim ** -0.5
+        for row in dense_rows(q, k, v, grad, scale, n, lambda r: None):
+            rows.append(dict(asdict(row), error=None))
+            log(rows[-1])
+        for pattern in patterns:
+            rows += pattern_rows(pattern, n, q, k, v, grad, log)
+        del q, k, v, grad
+        torch.cuda.empty_cache()
+    return rows
+
+
+def pattern_rows(pattern, n, q, k, v, grad, log) -> list[dict]:
+    """Ours and every Flex and FlashAttention-4 form that runs this pattern, with errors against ours."""
+    rows = []
+    batch, heads, _, head_dim = q.shape
+    scale = head_dim ** -0.5
+    pairs = cost(pattern, n).pairs
+    ours = lambda: FORMS["triton"](q, k, v, pattern, scale)  # noqa: E731
+    for method, form in FORMS.items():
+        if method in FIXED_ONLY and not is_fixed(pattern):
+            continue
+        error = None
+        if method in NEEDS_FA4 and not fa4_forms.available():
+            row = Row(pattern.name, n, batch, method, None, None, None, None, None, f"not run: {fa4_forms.INSTALL}")
+        else:
+            call = lambda form=form: form(q, k, v, pattern, scale)  # noqa: E731
+            row = measure(pattern.name, method, call, n, batch, pairs, heads, head_dim, grad, (q, k, v))
+            if method != "triton" and row.fwdbwd_ms is not None:
+                try:
+                    error = relative_error(call, ours, q, k, v, grad)
+                except Exception as err:  # FlashAttention-4's own checks raise ValueError and AssertionError
+                    row.note = f"{row.note} error check failed: {str(err)[:100]}"
+        rows.append(dict(asdict(row), error=error))
+        log(rows[-1])
+    return rows
+
+
+def markdown(rows: list[dict], device: str) -> str:
+    lines = [f"Device: {device}. bf16, H = 8, D = 64, B = 65,536 // N; forward+backward median ms (TFLOP/s of "
+             "the pattern's real pairs; relative error of output and gradients against ours).", "",
+             "| pattern | N | method | fwd | bwd | fwd+bwd | TFLOP/s | error vs ours | note |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        cells = [r["pattern"], f"{r['n']:,}", r["method"]] + [
+            "—" if r[key] is None else f"{r[key]:.3f}" for key in ("fwd_ms", "bwd_ms", "fwdbwd_ms")] + [
+            "—" if r["tflops"] is None else f"{r['tflops']:.0f}", "—" if r["error"] is None else f"{r['error']:.1e}",
+            r["note"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, nargs="+", default=[4096, 16384, 65536])
+    parser.add_argument("--patterns", nargs="+", default=["strided", "fixed"],
+                        help="names of the attention benchmark (strided, fixed, ...) or pattern specs")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("error: this benchmark needs a CUDA GPU")
+    patterns = [pattern_of(name) for name in args.patterns]
+    device = torch.cuda.get_device_name()
+    name = "fa4-" + re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
+    args.out.mkdir(parents=True, exist_ok=True)
+    done: list[dict] = []
+
+    def save(row: dict) -> None:  # after every row: a run stopped by a time limit keeps what it measured
+        print(row, flush=True)
+        done.append(row)
+        write_atomic(args.out / f"{name}.json", json.dumps(dict(device=device, torch=torch.__version__, rows=done), indent=1))
+        write_atomic(args.out / f"{name}.md", markdown(done, device))
+
+    run(args.n, patterns, save)
+    print(markdown(done, device))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
