@@ -199,6 +199,12 @@ def test_cli_train_and_eval(tmp_path, capsys):
     assert "stopped after 3 steps" in text and "bounded slice: the first 1,024 bytes" in text and "sample:" in text
     assert main(["eval", "--checkpoint", str(out), "--split", "validation", "--eval-bytes", "512"]) == 0
     assert "validation" in capsys.readouterr().out
+    assert main(["eval", "--checkpoint", str(out), "--eval-bytes", "all", "--no-progress"]) == 0  # the run's limit lifted
+    whole = capsys.readouterr().out
+    assert "test" in whole and "(all " in whole and "bytes scored)" in whole
+    with pytest.raises(SystemExit):
+        main(["eval", "--checkpoint", str(out), "--eval-bytes", "some"])
+    assert "argument --eval-bytes: expected an int >= 1 or 'all', got 'some'" in capsys.readouterr().err
     assert main(["train", "--preset", "tiny", "--set", "model.pattern=spiral"]) == 2
     assert "model.pattern" in capsys.readouterr().err
 

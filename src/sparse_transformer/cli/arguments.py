@@ -24,6 +24,21 @@ positive_int = _int_at_least(1)
 nonnegative_int = _int_at_least(0)
 """An int >= 0 (0: none)."""
 
+ALL = "all"
+
+
+def positive_int_or_all(text: str):
+    """An int >= 1, or ``all`` (returned as :data:`ALL`): a limit that may be lifted."""
+    if text.strip().lower() == ALL:
+        return ALL
+    try:
+        return positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1 or 'all', got {text!r}") from None
+
+
+positive_int_or_all.__name__ = "int >= 1 or 'all'"
+
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows each flag's default, except where its help already says it or the default is None

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .arguments import DefaultsHelpFormatter, positive_int
+from .arguments import ALL, DefaultsHelpFormatter, positive_int, positive_int_or_all
 
 
 def add_parser(sub) -> None:
@@ -17,8 +17,8 @@ def add_parser(sub) -> None:
     p.add_argument("--data", default=None, help="a plain byte file (default: the data the run trained on)")
     p.add_argument("--dataset", default=None, help="dataset name (default: the run's; 'stdlib' if unknown)")
     # Checked when parsed: 0 was read as "the default" (via `or`), a negative --stride never ended.
-    p.add_argument("--eval-bytes", type=positive_int, default=None,
-                   help="score at most this many bytes (default: the run's)")
+    p.add_argument("--eval-bytes", type=positive_int_or_all, default=None,
+                   help="score at most this many bytes, or 'all' for the whole split (default: the run's)")
     p.add_argument("--stride", type=positive_int, default=None, help="new bytes scored per window (default: the run's)")
     p.add_argument("--batch-size", type=positive_int, default=None, help="windows per forward pass")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(folder, device, allow_unverified=args.allow_unverified)
     dataset = load_dataset(data)
     check_vocab(model.config.vocab_size, dataset)
-    eval_bytes = args.eval_bytes if args.eval_bytes is not None else data.eval_bytes
+    eval_bytes = {None: data.eval_bytes, ALL: None}.get(args.eval_bytes, args.eval_bytes)
     bpb, count = evaluate(model, dataset.split(args.split), model.config.context, World(device=device),
                           stride=args.stride or data.eval_stride, example_length=dataset.example_length,
                           max_bytes=eval_bytes, batch_size=args.batch_size or data.eval_batch_size,

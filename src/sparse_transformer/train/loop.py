@@ -325,6 +325,7 @@ def _evaluate(run: _Run, split: str) -> tuple[float, int]:
 
 def _validate(run: _Run) -> float:
     if run.validated is not None and run.validated[0] == run.step:  # the final pass after a periodic one
+        run.metrics.write(f"step {run.step}: validation {run.validated[1]:.4f} bits per byte (measured at this step)")
         return run.validated[1]
     bpb, count = _evaluate(run, "validation")
     run.validated = (run.step, bpb)
