@@ -208,3 +208,29 @@ def test_fa4_script_runs_each_pattern_through_its_forms(monkeypatch):
     assert all(by[m]["fwdbwd_ms"] is None and by[m]["note"].startswith("not run") for m in fa4.NEEDS_FA4)
     table = fa4.markdown(strided + fixed, "test device")
     assert "| fixed_l128_c32" not in table and "| fixed_l8_c2 | 64 | fa4_direct | — | — | — | — | — | not run" in table
+
+
+def test_attention_benchmark_warms_each_n_and_pattern_in_its_own_process(capsys, tmp_path):
+    """--warm-jobs: one child benchmark per (N, pattern), writing into a scratch folder; each child's
+    end is reported (here, without a GPU, each one fails with its one-line reason)."""
+    import argparse
+
+    import torch
+
+    from sparse_transformer.benchmark import attention
+
+    parser = argparse.ArgumentParser()
+    attention.add_arguments(parser)
+    args = parser.parse_args(["--n", "64", "128", "--patterns", "strided", "local:8+global_tokens:2", "--warm-jobs", "2"])
+    commands = attention.warm_commands(args, tmp_path)
+    assert [(c[c.index("--n") + 1], c[c.index("--patterns") + 1]) for c in commands] == [
+        ("64", "strided"), ("64", "local:8+global_tokens:2"), ("128", "strided"), ("128", "local:8+global_tokens:2")]
+    assert len({c[c.index("--out") + 1] for c in commands}) == 4 and all(
+        c[c.index("--out") + 1].startswith(str(tmp_path)) for c in commands)
+    if torch.cuda.is_available():
+        return
+    args.n, args.patterns = [64], ["strided"]
+    attention.warm_caches(args)
+    out = capsys.readouterr().out
+    assert "warming the compile caches: 1 runs, 2 at a time" in out
+    assert "--n 64 --patterns strided: failed (" in out and "needs a CUDA GPU" in out

@@ -290,6 +290,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "dkdv or dq (a backward kernel), and tma:0 or tma:1 (pointer loads or tensor descriptors), "
                              "e.g. global:128,64,8,3/dkdv:32,128,4,3/dq:128,32,4,3/tma:0")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for <gpu>.json/.md")
+    parser.add_argument("--warm-jobs", type=int, default=0,
+                        help="first run each (N, pattern) in this many processes at a time, so that the timed run "
+                             "finds every Flex form already compiled in Inductor's and Triton's on-disk caches "
+                             "(0: compile in the timed run; the forms compile for minutes per N)")
+
+
+def warm_commands(args, scratch: Path) -> list[list[str]]:
+    """One benchmark command per (N, pattern) of ``args``, writing into ``scratch``: run in
+    parallel before the timed run, they fill the compile caches (their own timings are discarded)."""
+    import sys
+
+    common = ["--tokens", str(args.tokens), "--heads", str(args.heads), "--head-dim", str(args.head_dim),
+              "--dtype", args.dtype, "--baseline-max-n", str(args.baseline_max_n)]
+    return [[sys.executable, "-m", "sparse_transformer.benchmark.attention", "--n", str(n), "--patterns", pattern,
+             *common, "--out", str(scratch / f"warm-{i}")] for i, (n, pattern) in enumerate(
+                 (n, pattern) for n in args.n for pattern in args.patterns)]
+
+
+def warm_caches(args) -> None:
+    """Run :func:`warm_commands` ``args.warm_jobs`` at a time (in a scratch folder) and say how each ended."""
+    import subprocess
+    import tempfile
+    from concurrent.futures import ThreadPoolExecutor
+
+    with tempfile.TemporaryDirectory() as scratch, ThreadPoolExecutor(args.warm_jobs) as pool:
+        commands = warm_commands(args, Path(scratch))
+        print(f"warming the compile caches: {len(commands)} runs, {args.warm_jobs} at a time", flush=True)
+
+        def one(command):
+            done = subprocess.run(command, capture_output=True, text=True)
+            tail = (done.stderr.strip().splitlines() or [""])[-1][:200]
+            return f"  {' '.join(command[3:7])}: " + ("done" if done.returncode == 0 else f"failed ({tail})")
+        for line in pool.map(one, commands):
+            print(line, flush=True)
 
 
 def run_cli(args) -> int:
@@ -299,6 +333,10 @@ def run_cli(args) -> int:
         raise ValueError("the attention benchmark needs Triton: pip install triton")
     from ..attention.triton_sparse import KernelConfig
 
+    if args.warm_jobs < 0:
+        raise ValueError(f"--warm-jobs must be >= 0, got {args.warm_jobs}")
+    if args.warm_jobs:
+        warm_caches(args)
     configs = [KernelConfig()] + [KernelConfig.from_spec(c) for c in args.configs]
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     device = torch.cuda.get_device_name()
