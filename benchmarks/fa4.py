@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 import sparse_transformer as st
-from sparse_transformer.benchmark import fa4_forms, flex_forms, write_atomic
+from sparse_transformer.benchmark import allow_recompiles, fa4_forms, flex_forms, write_atomic
 from sparse_transformer.benchmark.attention import Row, dense_rows, inputs_for, measure, pattern_of
 from sparse_transformer.layout import cost
 
@@ -58,6 +58,7 @@ def relative_error(fn, reference, q, k, v, grad) -> float:
 
 
 def run(ns, patterns, log=print) -> list[dict]:
+    allow_recompiles()
     rows = []
     for n in ns:
         q, k, v, grad = inputs_for(n)

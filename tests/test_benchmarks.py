@@ -233,4 +233,29 @@ def test_attention_benchmark_warms_each_n_and_pattern_in_its_own_process(capsys,
     attention.warm_caches(args)
     out = capsys.readouterr().out
     assert "warming the compile caches: 1 runs, 2 at a time" in out
-    assert "--n 64 --patterns strided: failed (" in out and "needs a CUDA GPU" in out
+    assert "--n 64 --patterns strided: failed with exit code 1 (" in out and "needs a CUDA GPU" in out
+
+
+def test_warm_runs_report_how_many_forms_compiled(monkeypatch, capsys):
+    """A child that ends well is reported with its forms that ran and those that failed (read from the
+    results it wrote), not just 'done'."""
+    import argparse
+    import subprocess
+
+    from sparse_transformer.benchmark import attention
+
+    def child(command, **kwargs):  # stands in for a GPU run: writes the results file a run would
+        out = Path(command[-1])
+        out.mkdir(parents=True)
+        rows = [{"method": "triton", "fwdbwd_ms": 1.0}, {"method": "flex_as_is", "fwdbwd_ms": 2.0},
+                {"method": "flex_decomposed_merged_compiled", "fwdbwd_ms": None}]
+        (out / "gpu.json").write_text(json.dumps({"rows": rows}))
+        assert int(kwargs["env"]["TORCHINDUCTOR_COMPILE_THREADS"]) >= 1
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(subprocess, "run", child)
+    parser = argparse.ArgumentParser()
+    attention.add_arguments(parser)
+    attention.warm_caches(parser.parse_args(["--n", "4096", "--patterns", "fixed", "--warm-jobs", "1"]))
+    assert "--n 4096 --patterns fixed: 2 forms compiled and ran, 1 failed (flex_decomposed_merged_compiled)" in \
+        capsys.readouterr().out

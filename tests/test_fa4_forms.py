@@ -83,7 +83,7 @@ def test_fa4_forms_against_the_reference(form, pattern):
         assert_close_norm(a.double(), b, torch.bfloat16)
 
 
-@pytest.mark.parametrize("case", ["causal", "per_head_window", "positions_table", "one_band"])
+@pytest.mark.parametrize("case", ["causal", "per_head_window", "positions_table", "block_or_prefix", "per_batch"])
 def test_block_masks_built_in_bands_equal_create_block_mask(case):
     """make_block_mask (query bands, so a long mask never exists whole) gives create_block_mask's
     tiles: partial and full, per query tile and (for the backward) per key tile."""
@@ -96,13 +96,16 @@ def test_block_masks_built_in_bands_equal_create_block_mask(case):
         "causal": (lambda b, h, q, kv: kv <= q, None, 300, 300),
         "per_head_window": (lambda b, h, q, kv: (q - kv >= 0) & (q - kv < 40 * (h + 1)), 3, 333, 333),
         "positions_table": (lambda b, h, q, kv: positions[h, kv] <= q, 3, 300, 700),
-        "one_band": (lambda b, h, q, kv: (q // 64 == kv // 64) | (kv < 5), None, 200, 260),
+        "block_or_prefix": (lambda b, h, q, kv: (q // 64 == kv // 64) | (kv < 5), None, 200, 260),
+        "per_batch": (lambda b, h, q, kv: (kv <= q) & ((q - kv) % (b + h + 2) == 0), 3, 256, 256),
     }
     mask_mod, heads, q_len, kv_len = mask_mods[case]
-    expected = create_block_mask(mask_mod, None, heads, q_len, kv_len, device="cpu")
-    got = make_block_mask(mask_mod, None, heads, q_len, kv_len, "cpu", elements=128 * 300)  # a few query tiles a band
+    batch = 2 if case == "per_batch" else None
+    expected = create_block_mask(mask_mod, batch, heads, q_len, kv_len, device="cpu")
+    got = make_block_mask(mask_mod, batch, heads, q_len, kv_len, "cpu", elements=128 * 300)  # one query tile a band
     for name in ("kv_num_blocks", "full_kv_num_blocks", "q_num_blocks", "full_q_num_blocks"):
         assert torch.equal(getattr(got, name), getattr(expected, name)), name
+        assert getattr(got, name).dtype == torch.int32
     for count, name in (("kv_num_blocks", "kv_indices"), ("full_kv_num_blocks", "full_kv_indices"),
                         ("q_num_blocks", "q_indices"), ("full_q_num_blocks", "full_q_indices")):
         counts = getattr(expected, count)

@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import importlib.util
 import json
+import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from .. import patterns as P
 from ..attention import sparse_attention
 from ..layout import cost
-from . import flex_forms, write_atomic
+from . import allow_recompiles, flex_forms, write_atomic
 
 if TYPE_CHECKING:  # Triton is optional: the kernels' module is imported where they run
     from ..attention.triton_sparse import KernelConfig
@@ -114,11 +115,7 @@ def run(ns, tokens=65536, heads=8, head_dim=64, dtype=torch.bfloat16, pattern_na
     from ..attention.triton_sparse import KernelConfig  # Triton is optional: imported only to run kernels
 
     configs = configs or (KernelConfig(),)
-    # Every (N, mask) is a new specialization of the compiled flex_attention; past dynamo's default
-    # limit (8) later shapes fall back to the unfused path, which materializes N x N scores.
-    for name in ("recompile_limit", "cache_size_limit"):
-        if hasattr(torch._dynamo.config, name):
-            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 256))
+    allow_recompiles()
     rows = []
     for n in ns:
         q, k, v, grad = inputs_for(n, tokens, heads, head_dim, dtype)
@@ -309,7 +306,9 @@ def warm_commands(args, scratch: Path) -> list[list[str]]:
 
 
 def warm_caches(args) -> None:
-    """Run :func:`warm_commands` ``args.warm_jobs`` at a time (in a scratch folder) and say how each ended."""
+    """Run :func:`warm_commands` ``args.warm_jobs`` at a time (in a scratch folder) and say how each
+    ended. A child picks each part's fastest Flex form from its own (contended) timings, so the
+    timed run may still compile a merged form whose parts it picks differently."""
     import subprocess
     import tempfile
     from concurrent.futures import ThreadPoolExecutor
@@ -318,10 +317,20 @@ def warm_caches(args) -> None:
         commands = warm_commands(args, Path(scratch))
         print(f"warming the compile caches: {len(commands)} runs, {args.warm_jobs} at a time", flush=True)
 
+        # Each child's compile workers get their share of the CPUs.
+        env = dict(os.environ, TORCHINDUCTOR_COMPILE_THREADS=str(max(1, (os.cpu_count() or 1) // args.warm_jobs)))
+
         def one(command):
-            done = subprocess.run(command, capture_output=True, text=True)
-            tail = (done.stderr.strip().splitlines() or [""])[-1][:200]
-            return f"  {' '.join(command[3:7])}: " + ("done" if done.returncode == 0 else f"failed ({tail})")
+            done = subprocess.run(command, capture_output=True, text=True, env=env)
+            label = f"  {' '.join(command[3:7])}"
+            if done.returncode != 0:
+                lines = [line for line in done.stderr.strip().splitlines() if "Warning" not in line] or [""]
+                return f"{label}: failed with exit code {done.returncode} ({lines[-1][:200]})"
+            results = list(Path(command[-1]).glob("*.json"))
+            rows = json.loads(results[0].read_text())["rows"] if results else []
+            failed = [r["method"] for r in rows if r["fwdbwd_ms"] is None]
+            return f"{label}: {len(rows) - len(failed)} forms compiled and ran" + (
+                f", {len(failed)} failed ({', '.join(failed)})" if failed else "")
         for line in pool.map(one, commands):
             print(line, flush=True)
 

@@ -10,12 +10,12 @@ summary tile.
 
 - :func:`flex_flash`: FlexAttention on its FLASH backend (``kernel_options={"BACKEND": "FLASH"}``)
   with the layout's block mask, whose mask function reads a table of key positions.
+- :func:`direct`: ``flash_attn.cute.flash_attn_func`` with the same keys and block sparsity and
+  :func:`gathered_fixed_mask` as the mask, a closed form with no table.
 
 :func:`flex_flash_as_is` runs any pattern's own block mask (``backend="flex"``'s) on the FLASH
 backend. Forms that merge parts by log-sum-exp do not run there: its backward takes no gradient of
 the log-sum-exp.
-- :func:`direct`: ``flash_attn.cute.flash_attn_func`` with the same keys and block sparsity and
-  :func:`gathered_fixed_mask` as the mask, a closed form with no table.
 """
 
 from __future__ import annotations
