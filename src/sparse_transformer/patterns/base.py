@@ -9,6 +9,7 @@ through the :class:`Part` interface below; none of them switches on pattern clas
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Callable, ClassVar, Optional
 
 import torch
@@ -141,8 +142,9 @@ class Part(Pattern):
 
     @property
     def arguments(self) -> tuple[int, ...]:
-        """The ints after the token in the spec."""
-        raise NotImplementedError
+        """The ints after the token in the spec: the part's dataclass fields, in order (a part whose
+        spec leaves a default out says so by overriding this)."""
+        return tuple(getattr(self, f.name) for f in dataclasses.fields(self))
 
     @property
     def spec(self) -> str:

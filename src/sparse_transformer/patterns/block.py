@@ -31,10 +31,6 @@ class Block(Part):
         check_int("size", self.size, 1)
 
     @property
-    def arguments(self) -> tuple[int, ...]:
-        return (self.size,)
-
-    @property
     def period(self) -> int:
         return self.size
 

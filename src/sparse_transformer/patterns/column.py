@@ -43,10 +43,6 @@ class Column(Part):
         check_int("stride", self.stride, 1)
 
     @property
-    def arguments(self) -> tuple[int, ...]:
-        return (self.stride,)
-
-    @property
     def period(self) -> int:
         return self.stride
 

@@ -25,10 +25,6 @@ class Dense(Part):
     token: ClassVar[str] = "dense"
     rank: ClassVar[int] = -1
 
-    @property
-    def arguments(self) -> tuple[int, ...]:
-        return ()
-
     def contains(self, other: Part) -> bool:
         return True
 

@@ -34,10 +34,6 @@ class GlobalTokens(Part):
     def __post_init__(self):
         check_int("count", self.count, 1)
 
-    @property
-    def arguments(self) -> tuple[int, ...]:
-        return (self.count,)
-
     def contains(self, other: Part) -> bool:
         return isinstance(other, GlobalTokens) and other.count <= self.count
 

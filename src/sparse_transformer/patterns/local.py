@@ -36,10 +36,6 @@ class Local(Part):
     def __post_init__(self):
         check_int("window", self.window, 1)
 
-    @property
-    def arguments(self) -> tuple[int, ...]:
-        return (self.window,)
-
     def contains(self, other: Part) -> bool:
         from .block import Block  # a block of at most `window` positions lies inside the window
         return (isinstance(other, Local) and other.window <= self.window) or (
