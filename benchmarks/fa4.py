@@ -16,15 +16,13 @@ flash-attn-4 (``pip install sparse-transformer[fa4]``); without it they say so.
 from __future__ import annotations
 
 import argparse
-import json
-import re
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 import sparse_transformer as st
-from sparse_transformer.benchmark import allow_recompiles, fa4_forms, flex_forms, write_atomic
+from sparse_transformer.benchmark import ResultsFile, allow_recompiles, fa4_forms, file_stem, flex_forms
 from sparse_transformer.benchmark.attention import Row, dense_rows, inputs_for, measure, pattern_of
 from sparse_transformer.layout import cost
 
@@ -124,18 +122,10 @@ def main(argv=None) -> int:
         raise SystemExit("error: this benchmark needs a CUDA GPU")
     patterns = [pattern_of(name) for name in args.patterns]
     device = torch.cuda.get_device_name()
-    name = "fa4-" + re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
-    args.out.mkdir(parents=True, exist_ok=True)
-    done: list[dict] = []
-
-    def save(row: dict) -> None:  # after every row: a run stopped by a time limit keeps what it measured
-        print(row, flush=True)
-        done.append(row)
-        write_atomic(args.out / f"{name}.json", json.dumps(dict(device=device, torch=torch.__version__, rows=done), indent=1))
-        write_atomic(args.out / f"{name}.md", markdown(done, device))
-
-    run(args.n, patterns, save)
-    print(markdown(done, device))
+    results = ResultsFile(args.out, "fa4-" + file_stem(device), dict(device=device, torch=torch.__version__),
+                          lambda rows: markdown(rows, device))
+    run(args.n, patterns, results.add)
+    print(markdown(results.rows, device))
     return 0
 
 

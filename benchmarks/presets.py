@@ -167,10 +167,12 @@ def describe(record: dict) -> str:
 
 def results_path(args: argparse.Namespace, results: list[dict], prefix: str) -> Path:
     """``--out``, else ``benchmarks/results/<prefix>-<gpu>[-x<nproc>-<parallel>].json``."""
+    from sparse_transformer.benchmark import file_stem
+
     if args.out:
         return Path(args.out)
     gpu = next((r["gpu"] for r in results if "gpu" in r), args.device)
-    stem = f"{prefix}-" + re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
+    stem = f"{prefix}-" + file_stem(gpu)
     if args.nproc > 1:
         stem += f"-x{args.nproc}-{args.parallel}"
     return Path(__file__).parent / "results" / f"{stem}.json"

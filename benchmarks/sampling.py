@@ -27,13 +27,13 @@ import argparse
 import itertools
 import json
 import platform
-import re
 import time
 from pathlib import Path
 
 import torch
 
 from sparse_transformer import presets
+from sparse_transformer.benchmark import file_stem
 from sparse_transformer.config import ModelConfig
 from sparse_transformer.model import SparseTransformer
 from sparse_transformer.sampling import generate
@@ -123,7 +123,7 @@ def main() -> None:
     device = torch.device("cpu" if args.quick or not torch.cuda.is_available() else "cuda")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
-    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") + ("-quick" if args.quick else "")
+    slug = file_stem(name) + ("-quick" if args.quick else "")
     results = {"device": name, "dtype": str(dtype).replace("torch.", ""), "torch": torch.__version__,
                "quick": args.quick, "workloads": []}
     for preset in args.preset:

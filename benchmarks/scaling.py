@@ -131,6 +131,8 @@ def device_name() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from sparse_transformer.benchmark import file_stem
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="enwik8-small")
     p.add_argument("--dataset", default=None, help="dataset name, as for `sparse-transformer train`")
@@ -172,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
               "runs": runs}
     out = args.out or RESULTS
     out.mkdir(parents=True, exist_ok=True)
-    stem = "scaling-" + re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
+    stem = "scaling-" + file_stem(device)
     (out / f"{stem}.json").write_text(json.dumps(report, indent=2))
     (out / f"{stem}.md").write_text(markdown(report))
     plot(runs, out / f"{stem}.png")

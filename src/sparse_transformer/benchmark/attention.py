@@ -17,8 +17,7 @@ import contextlib
 import importlib.util
 import json
 import os
-import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
 
@@ -28,7 +27,7 @@ import torch.nn.functional as F
 from .. import patterns as P
 from ..attention import sparse_attention
 from ..layout import cost
-from . import allow_recompiles, flex_forms, write_atomic
+from . import ResultsFile, allow_recompiles, file_stem, flex_forms
 
 if TYPE_CHECKING:  # Triton is optional: the kernels' module is imported where they run
     from ..attention.triton_sparse import KernelConfig
@@ -349,21 +348,12 @@ def run_cli(args) -> int:
     configs = [KernelConfig()] + [KernelConfig.from_spec(c) for c in args.configs]
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     device = torch.cuda.get_device_name()
-    name = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
-    args.out.mkdir(parents=True, exist_ok=True)
     meta = dict(device=device, torch=torch.__version__, triton=__import__("triton").__version__,
                 heads=args.heads, head_dim=args.head_dim, dtype=args.dtype, tokens=args.tokens)
-    done: list[Row] = []
-
-    def save(row: Row) -> None:  # after every row: a run stopped by a time limit keeps what it measured
-        print(row, flush=True)
-        done.append(row)
-        write_atomic(args.out / f"{name}.json", json.dumps(dict(meta=meta, rows=[asdict(r) for r in done]), indent=1))
-        write_atomic(args.out / f"{name}.md", markdown(done, device))
-
+    results = ResultsFile(args.out, file_stem(device), meta, lambda rows: markdown(rows, device))
     run(args.n, args.tokens, args.heads, args.head_dim, dtype, tuple(args.patterns), args.baseline_max_n,
-        tuple(configs), log=save)
-    print(markdown(done, device))
+        tuple(configs), log=results.add)
+    print(markdown(results.rows, device))
     return 0
 
 

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import file_stem
+
 # (context, batch): the shapes of the model-step issue (tokens per step 65,536, 73,728, 65,536).
 SHAPES = ((2048, 32), (12288, 6), (65536, 1))
 # pattern -> model config fields. Dense runs PyTorch's SDPA (flash attention on a GPU): backend "torch".
@@ -276,7 +278,7 @@ def run_cli(args) -> int:
     shapes = [_shape(s) for s in args.shapes]
     dataset = load_stdlib()  # the embedded default: content does not change a step's cost
     device = torch.cuda.get_device_name()
-    name = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
+    name = file_stem(device)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"train-step-{name}.json"
     # Rows of other labels (another commit's run) stay; this label's rows are replaced.
