@@ -18,6 +18,7 @@ with one version.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import subprocess
@@ -43,14 +44,22 @@ class _Recorder:
         return lambda *args, **kwargs: self.calls.append((self.name, grid, args, kwargs))
 
 
+@contextlib.contextmanager
+def recording(calls: list):
+    """Inside, ``triton_sparse`` plans and launches as on a Hopper GPU, and every kernel launch is
+    appended to ``calls`` instead of run."""
+    with mock.patch.multiple(tk, **{name: _Recorder(name, calls) for name in KERNELS}), \
+            mock.patch.object(ts, "_has_tma", lambda x: True), mock.patch.object(ts, "_launcher", lambda kernel: kernel):
+        yield
+
+
 def record_launches(pattern, n: int, config: ts.KernelConfig, batch: int = 1, heads: int = 8, head_dim: int = 64,
                     dtype=torch.bfloat16) -> list:
     """``(kernel name, grid, args, kwargs)`` of every launch of one forward and backward pass."""
     q, k, v = (torch.empty(batch, heads, n, head_dim, dtype=dtype, device="meta") for _ in range(3))
     parts = ts.plan(pattern, n)
     calls: list = []
-    with mock.patch.multiple(tk, **{name: _Recorder(name, calls) for name in KERNELS}), \
-            mock.patch.object(ts, "_has_tma", lambda x: True):
+    with recording(calls):
         out, lse = ts._forward(q, k, v, parts, head_dim ** -0.5, config)
         ts._backward(q, k, v, out, lse, torch.empty_like(q), parts, head_dim ** -0.5, config)
     return calls
@@ -65,9 +74,7 @@ def host_microseconds(pattern, n: int, config: ts.KernelConfig, batch: int = 1, 
 
     q, k, v = (torch.empty(batch, heads, n, head_dim, dtype=dtype, device="meta") for _ in range(3))
     parts, scale = ts.plan(pattern, n), head_dim ** -0.5
-    calls: list = []
-    with mock.patch.multiple(tk, **{name: _Recorder(name, calls) for name in KERNELS}), \
-            mock.patch.object(ts, "_has_tma", lambda x: True), mock.patch.object(ts, "_launcher", lambda kernel: kernel):
+    with recording([]):
         out, lse = ts._forward(q, k, v, parts, scale, config)
         passes = (lambda: ts._forward(q, k, v, parts, scale, config),
                   lambda: ts._backward(q, k, v, out, lse, torch.empty_like(q), parts, scale, config))
