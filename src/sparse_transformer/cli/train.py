@@ -64,25 +64,21 @@ def _overrides(args: argparse.Namespace) -> list[str]:
     return sets
 
 
-def _with(config: TrainConfig, sets: list[str]) -> TrainConfig:
-    return override(config, *sets)
-
-
 def build_config(args: argparse.Namespace, saved: TrainConfig | None = None) -> TrainConfig:
     """The command line's overrides (each one type-checked) applied to ``saved`` (the config of the
     run that ``--resume`` continues), else to the preset. With ``saved``, an explicit ``--preset``
     must describe the saved run's model."""
     sets = _overrides(args)
     if saved is None:
-        return _with(presets.get(args.preset or "tiny"), sets)
+        return override(presets.get(args.preset or "tiny"), *sets)
     if args.preset is not None:
-        model = _with(presets.get(args.preset), sets).model
+        model = override(presets.get(args.preset), *sets).model
         if model.position_axes is None:  # image runs take theirs from the data
             model = dataclasses.replace(model, position_axes=saved.model.position_axes)
         if model != saved.model:
             raise ValueError(f"--preset {args.preset} (with this command's overrides) is not the model of the run "
                              f"being resumed; drop --preset to continue that run with its own config")
-    return _with(saved, sets)
+    return override(saved, *sets)
 
 
 def run(args: argparse.Namespace) -> int:
