@@ -6,7 +6,7 @@ import torch
 
 import sparse_transformer as st
 from sparse_transformer.benchmark import fa4_forms
-from sparse_transformer.benchmark.flex_forms import concatenated_layout
+from sparse_transformer.benchmark.flex_forms import concatenated_keys, concatenated_layout
 from tolerances import assert_close, assert_close_norm
 
 P = st.patterns
@@ -37,11 +37,9 @@ def test_gathered_layout_with_the_closed_form_is_the_fixed_pattern(pattern, n):
     heads, width = 4, 8
     g = torch.Generator().manual_seed(n)
     q, k, v = (torch.randn(2, heads, n, width, generator=g, dtype=torch.float64).requires_grad_() for _ in range(3))
-    positions, _ = concatenated_layout(pattern, heads, n, "cpu")
+    keys, values, _ = concatenated_keys(q, k, v, pattern)
     stride, summary = fa4_forms.fixed_sizes(pattern)
-    index = positions[None, :, :, None].expand(2, -1, -1, width)
-    keys, values = k.gather(2, index), v.gather(2, index)
-    mask = fa4_forms.gathered_fixed_mask(torch.arange(n)[:, None], torch.arange(positions.shape[1])[None, :], n,
+    mask = fa4_forms.gathered_fixed_mask(torch.arange(n)[:, None], torch.arange(keys.shape[2])[None, :], n,
                                          stride, summary)
     scores = (q @ keys.transpose(-1, -2) * 0.3).masked_fill(~mask, float("-inf"))
     out = scores.softmax(-1) @ values

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from ..patterns import Pattern
 from ..attention.flex import block_mask
-from .flex_forms import concatenated_layout
+from .flex_forms import concatenated_keys
 
 INSTALL = "pip install flash-attn-4 (with nvidia-cutlass-dsl; a Hopper or newer GPU)"
 
@@ -73,13 +73,6 @@ def _cute_mask(n: int, stride: int, summary: int):
     return mask_mod
 
 
-def _gathered(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern):
-    """``(keys, values, block mask)`` of the concatenated layout; q, k, v ``[B, H, N, D]``."""
-    positions, block = concatenated_layout(pattern, q.shape[1], q.shape[2], str(q.device))
-    index = positions[None, :, :, None].expand(q.shape[0], -1, -1, q.shape[-1])
-    return k.gather(2, index), v.gather(2, index), block
-
-
 def direct(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, scale: float) -> Tensor:
     """The fixed pattern through ``flash_attn_func``: the gathered keys, the block mask's tiles as
     its block-sparse tensors (forward: key tiles per query tile; backward: query tiles per key tile)
@@ -88,7 +81,7 @@ def direct(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, scale: float) -> T
     from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
 
     stride, summary = fixed_sizes(pattern)
-    keys, values, block = _gathered(q, k, v, pattern)
+    keys, values, block = concatenated_keys(q, k, v, pattern)
     size = block.BLOCK_SIZE
     forward = BlockSparseTensorsTorch(block.kv_num_blocks, block.kv_indices, block.full_kv_num_blocks,
                                       block.full_kv_indices, block_size=size)
@@ -109,7 +102,7 @@ def _flex_flash():
 
 def flex_flash(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, scale: float) -> Tensor:
     """FlexAttention's FLASH backend (FlashAttention-4 underneath) on the concatenated layout."""
-    keys, values, block = _gathered(q, k, v, pattern)
+    keys, values, block = concatenated_keys(q, k, v, pattern)
     return _flex_flash()(q, keys, values, block_mask=block, scale=scale, kernel_options={"BACKEND": "FLASH"})
 
 

@@ -88,9 +88,16 @@ def concatenated_layout(pattern: Pattern, heads: int, n: int, device: str):
     return positions.clamp(max=n - 1), mask
 
 
+def concatenated_keys(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, mask: Optional[tuple] = None):
+    """``(keys, values, block mask)`` of the concatenated layout for q, k, v ``[B, H, N, D]``
+    (``mask``: the layout, when the caller has it); the gather is part of the call."""
+    positions, block = mask or concatenated_layout(pattern, q.shape[1], q.shape[2], str(q.device))
+    index = positions[None, :, :, None].expand(q.shape[0], -1, -1, q.shape[-1])
+    return k.gather(2, index), v.gather(2, index), block
+
+
 def concatenated(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, scale: float,
                  mask: Optional[tuple] = None) -> Tensor:
     """One flex call over ``[sequence keys | gathered keys]`` (see the module docstring)."""
-    positions, block = mask or concatenated_layout(pattern, q.shape[1], q.shape[2], str(q.device))
-    index = positions[None, :, :, None].expand(q.shape[0], -1, -1, q.shape[-1])
-    return _flex(q, k.gather(2, index), v.gather(2, index), block, scale)
+    keys, values, block = concatenated_keys(q, k, v, pattern, mask)
+    return _flex(q, keys, values, block, scale)
