@@ -348,7 +348,7 @@ def test_flex_forms_against_the_reference(pattern):
         out.backward(grad)
         for x, y in zip([out.detach(), a.grad, b.grad, c.grad], want):
             assert_close_norm(x, y, torch.float32)
-    whole = torch.compile(flex_forms.decomposed)
+    whole = flex_forms.decomposed_compiled()
     variants = [tuple(part.flex_forms()) for part, _ in flex_forms.part_forms(pattern)]
     with torch.no_grad():
         for chosen in itertools.product(*variants):

@@ -105,6 +105,9 @@ def flex_attention(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, scale: flo
     return _flex(q, k, v, block_mask(pattern, q.shape[2], q.shape[1], str(q.device)), scale)
 
 
+# The part masks are built eagerly even inside a caller's compile, as a user builds a BlockMask once:
+# traced, the gathered positions table is inlined into the mask_mod and Inductor's flex lowering fails.
+@torch.compiler.disable
 @functools.lru_cache(maxsize=64)
 def _part_mask(part: Part, earlier: tuple[Part, ...], batch: int, heads: int, n: int,
                columns: Optional[tuple[int, int]], device: str, packed: Optional[tuple[int, int]] = None):
@@ -140,6 +143,7 @@ def flex_part(q: Tensor, k: Tensor, v: Tensor, scale: float, part: Part, earlier
     return _flex(q, k, v, mask, scale, lse=True)
 
 
+@torch.compiler.disable
 @functools.lru_cache(maxsize=64)
 def _gathered(part: Part, earlier: tuple[Part, ...], heads: int, n: int, device: str):
     """``(positions [H, G], block mask)``: each head's key positions (``part.slots``), padded."""

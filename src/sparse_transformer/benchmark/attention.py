@@ -201,7 +201,7 @@ def flex_rows(pattern, n, q, k, v, grad, scale, log) -> list[Row]:
                         "fastest form of each part, summed; merge not counted: " + ", ".join(r.method for r in fastest)))
         log(rows[-1])
         chosen = tuple(variants)
-        whole = torch.compile(flex_forms.decomposed, dynamic=False)  # dynamic shapes fail on the column view's split
+        whole = flex_forms.decomposed_compiled()
         for method, fn in (("flex_decomposed_merged", flex_forms.decomposed), ("flex_decomposed_merged_compiled", whole)):
             rows.append(measure(pattern.name, method, lambda fn=fn: fn(q, k, v, pattern, scale, chosen), n, batch, pairs,
                                 heads, head_dim, grad, inputs,

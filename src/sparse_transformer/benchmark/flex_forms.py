@@ -40,6 +40,13 @@ def decomposed(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, scale: float,
     return merge([(o.float(), lse.float()) for o, lse in results])[0].to(q.dtype)
 
 
+@functools.lru_cache(maxsize=1)
+def decomposed_compiled():
+    """:func:`decomposed` compiled as one function, as a user would run it (static shapes: dynamic
+    ones fail on the column view's split); the parts' block masks are built once, outside the graph."""
+    return torch.compile(decomposed, dynamic=False)
+
+
 def _gathers(part: Part) -> bool:
     """A part whose keys are fixed positions (summary slots, global tokens), not all of them."""
     slots = part.slots(0, 2)
