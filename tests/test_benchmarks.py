@@ -232,8 +232,8 @@ def test_attention_benchmark_warms_each_n_and_pattern_in_its_own_process(capsys,
     args.n, args.patterns = [64], ["strided"]
     attention.warm_caches(args)
     out = capsys.readouterr().out
-    assert "warming the compile caches: 1 runs, 2 at a time" in out
-    assert "--n 64 --patterns strided: failed with exit code 1 (" in out and "needs a CUDA GPU" in out
+    assert "warming the compile caches: 1 runs, 2 at a time, at most 600 s each" in out
+    assert "--n 64 --patterns strided: failed with exit code 1 after " in out and "needs a CUDA GPU" in out
 
 
 def test_warm_runs_report_how_many_forms_compiled(monkeypatch, capsys):
@@ -257,5 +257,29 @@ def test_warm_runs_report_how_many_forms_compiled(monkeypatch, capsys):
     parser = argparse.ArgumentParser()
     attention.add_arguments(parser)
     attention.warm_caches(parser.parse_args(["--n", "4096", "--patterns", "fixed", "--warm-jobs", "1"]))
-    assert "--n 4096 --patterns fixed: 2 forms compiled and ran, 1 failed (flex_decomposed_merged_compiled)" in \
-        capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "--n 4096 --patterns fixed: 2 forms compiled and ran in " in out
+    assert ", 1 failed (flex_decomposed_merged_compiled)" in out
+
+
+def test_a_warm_run_past_its_time_is_stopped_and_said(monkeypatch, capsys):
+    """--warm-timeout: a child still compiling when its time is up is stopped and reported, and the
+    other children are reported as they end, not held back behind it."""
+    import argparse
+    import subprocess
+
+    from sparse_transformer.benchmark import attention
+
+    def child(command, **kwargs):
+        if command[command.index("--n") + 1] == "4096":
+            raise subprocess.TimeoutExpired(command, kwargs["timeout"])
+        return subprocess.CompletedProcess(command, 1, "", "ValueError: no GPU")
+
+    monkeypatch.setattr(subprocess, "run", child)
+    parser = argparse.ArgumentParser()
+    attention.add_arguments(parser)
+    attention.warm_caches(parser.parse_args(["--n", "4096", "16384", "--patterns", "fixed", "--warm-jobs", "2",
+                                             "--warm-timeout", "30"]))
+    out = capsys.readouterr().out
+    assert "--n 4096 --patterns fixed: stopped after 30 s" in out
+    assert "--n 16384 --patterns fixed: failed with exit code 1 after " in out and "ValueError: no GPU" in out

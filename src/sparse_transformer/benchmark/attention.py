@@ -290,6 +290,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="first run each (N, pattern) in this many processes at a time, so that the timed run "
                              "finds every Flex form already compiled in Inductor's and Triton's on-disk caches "
                              "(0: compile in the timed run; the forms compile for minutes per N)")
+    parser.add_argument("--warm-timeout", type=float, default=600.0,
+                        help="seconds before a warming run is stopped; what it compiled stays in the caches "
+                             "and the timed run compiles the rest")
 
 
 def warm_commands(args, scratch: Path) -> list[list[str]]:
@@ -305,44 +308,53 @@ def warm_commands(args, scratch: Path) -> list[list[str]]:
 
 
 def warm_caches(args) -> None:
-    """Run :func:`warm_commands` ``args.warm_jobs`` at a time (in a scratch folder) and say how each
-    ended. A child picks each part's fastest Flex form from its own (contended) timings, so the
-    timed run may still compile a merged form whose parts it picks differently."""
+    """Run :func:`warm_commands` ``args.warm_jobs`` at a time (in a scratch folder), each for at most
+    ``args.warm_timeout`` seconds, and say how each ended as it ends. A child picks each part's
+    fastest Flex form from its own (contended) timings, so the timed run may still compile a merged
+    form whose parts it picks differently."""
     import subprocess
     import tempfile
-    from concurrent.futures import ThreadPoolExecutor
+    import time
+    from concurrent.futures import ThreadPoolExecutor, as_completed
 
     with tempfile.TemporaryDirectory() as scratch, ThreadPoolExecutor(args.warm_jobs) as pool:
         commands = warm_commands(args, Path(scratch))
-        print(f"warming the compile caches: {len(commands)} runs, {args.warm_jobs} at a time", flush=True)
+        print(f"warming the compile caches: {len(commands)} runs, {args.warm_jobs} at a time, "
+              f"at most {args.warm_timeout:g} s each", flush=True)
 
         # Each child's compile workers get their share of the CPUs.
         env = dict(os.environ, TORCHINDUCTOR_COMPILE_THREADS=str(max(1, (os.cpu_count() or 1) // args.warm_jobs)))
 
         def one(command):
-            done = subprocess.run(command, capture_output=True, text=True, env=env)
-            label = f"  {' '.join(command[3:7])}"
+            label, start = f"  {' '.join(command[3:7])}", time.monotonic()
+            try:
+                done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=args.warm_timeout)
+            except subprocess.TimeoutExpired:
+                return f"{label}: stopped after {args.warm_timeout:g} s (the timed run compiles what it left)"
+            took = f"{time.monotonic() - start:.0f} s"
             if done.returncode != 0:
                 lines = [line for line in done.stderr.strip().splitlines() if "Warning" not in line] or [""]
-                return f"{label}: failed with exit code {done.returncode} ({lines[-1][:200]})"
+                return f"{label}: failed with exit code {done.returncode} after {took} ({lines[-1][:200]})"
             results = list(Path(command[-1]).glob("*.json"))
             rows = json.loads(results[0].read_text())["rows"] if results else []
             failed = [r["method"] for r in rows if r["fwdbwd_ms"] is None]
-            return f"{label}: {len(rows) - len(failed)} forms compiled and ran" + (
+            return f"{label}: {len(rows) - len(failed)} forms compiled and ran in {took}" + (
                 f", {len(failed)} failed ({', '.join(failed)})" if failed else "")
-        for line in pool.map(one, commands):
-            print(line, flush=True)
+        for finished in as_completed([pool.submit(one, command) for command in commands]):
+            print(finished.result(), flush=True)
 
 
 def run_cli(args) -> int:
+    if args.warm_jobs < 0:
+        raise ValueError(f"--warm-jobs must be >= 0, got {args.warm_jobs}")
+    if not args.warm_timeout > 0:
+        raise ValueError(f"--warm-timeout must be > 0 seconds, got {args.warm_timeout:g}")
     if not torch.cuda.is_available():
         raise ValueError("the attention benchmark needs a CUDA GPU")
     if importlib.util.find_spec("triton") is None:
         raise ValueError("the attention benchmark needs Triton: pip install triton")
     from ..attention.triton_sparse import KernelConfig
 
-    if args.warm_jobs < 0:
-        raise ValueError(f"--warm-jobs must be >= 0, got {args.warm_jobs}")
     if args.warm_jobs:
         warm_caches(args)
     configs = [KernelConfig()] + [KernelConfig.from_spec(c) for c in args.configs]
