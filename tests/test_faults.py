@@ -324,6 +324,29 @@ def test_resume_falls_back_when_a_checkpoint_matches_its_manifest_but_does_not_l
     assert not (tmp_path / "pwned").exists()
 
 
+def test_a_checkpoint_of_the_older_separate_projections_is_not_resumed_but_still_loads(text, tmp_path):
+    """A trainer checkpoint written when q, k and v were three projections: its optimizer state
+    cannot follow the joined projection, so --resume says so in one line (and writes nothing),
+    while the same folder still loads for eval and sampling."""
+    from safetensors.torch import load_file, save_file
+
+    from test_model import older_state
+
+    train(small(), tmp_path, text, progress=False, final_eval=False)
+    latest = tmp_path / "checkpoints" / "step-00000003"
+    model = SparseTransformer(small().model)
+    model.load_state_dict(load_file(str(latest / "model.safetensors")))
+    save_file({k: v.contiguous() for k, v in older_state(model).items()}, str(latest / "model.safetensors"))
+    write_manifest(latest, sorted(p.name for p in latest.iterdir() if p.name != "manifest.json"), step=3)
+    before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    with pytest.raises(ValueError, match=r"step-00000003 was written by an older version whose attention had "
+                                         r"separate query/key/value projections.*cannot continue this run"):
+        train(small(schedule={"steps": 4}), tmp_path, text, resume=True, progress=False, final_eval=False)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
+    tokens = torch.randint(0, 256, (1, 20))
+    assert torch.equal(load_model(latest)(tokens), model(tokens))
+
+
 # 7. Nothing overwritten without --force ----------------------------------------------------------
 
 def test_a_fresh_run_does_not_replace_files_it_did_not_write(tmp_path, data_file, capsys):

@@ -138,6 +138,41 @@ def test_save_and_load_pretrained_round_trip(tmp_path):
         SparseTransformer.from_pretrained(tmp_path)
 
 
+def older_state(model) -> dict:
+    """``model``'s weights as versions before the joined qkv projection named them."""
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if ".attn.qkv." not in name:
+            state[name] = tensor
+            continue
+        prefix, suffix = name.split(".attn.qkv.")
+        qk = model.blocks[0].attn.qk_width
+        for piece, part in zip(("query", "key", "value"), tensor.split([qk, qk, model.config.d_model])):
+            state[f"{prefix}.attn.{piece}.{suffix}"] = part.clone()
+    return state
+
+
+def test_weights_of_the_older_separate_projections_load(tmp_path):
+    """Folders written when q, k and v were three projections load into the joined one, with the
+    same outputs; the header check adds their shapes up the same way."""
+    from sparse_transformer.weights import save_weights
+
+    torch.manual_seed(0)
+    model = SparseTransformer(dataclasses.replace(TINY, half_qk=True)).eval()
+    for p in model.parameters():  # biases start at zero: make every piece count
+        p.data.normal_()
+    old = older_state(model)
+    assert "blocks.0.attn.query.weight" in old and not any(".qkv." in n for n in old)
+    save_weights(tmp_path / "old", old, model.config)
+    loaded = SparseTransformer.from_pretrained(tmp_path / "old").eval()
+    tokens = torch.randint(0, 256, (2, 30))
+    assert torch.equal(model(tokens), loaded(tokens))
+    swapped = dict(old, **{"blocks.1.attn.key.weight": old["blocks.1.attn.value.weight"][:, :16].clone()})
+    save_weights(tmp_path / "bad", swapped, model.config)
+    with pytest.raises(ValueError, match=r"blocks.1.attn.qkv.weight is \[\d+, 32\] in the file"):
+        SparseTransformer.from_pretrained(tmp_path / "bad")
+
+
 def test_from_pretrained_names_the_bad_file(tmp_path):
     SparseTransformer(TINY).save_pretrained(tmp_path / "m")
     weights, config = tmp_path / "m" / "model.safetensors", tmp_path / "m" / "config.json"

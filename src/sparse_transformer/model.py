@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -52,9 +52,7 @@ class Attention(nn.Module):
         d, h = config.d_model, config.n_head
         self.n_head, self.patterns, self.backend = h, tuple(patterns), config.backend
         self.qk_width = d // 2 if config.half_qk else d
-        self.query = nn.Linear(d, self.qk_width)
-        self.key = nn.Linear(d, self.qk_width)
-        self.value = nn.Linear(d, d)
+        self.qkv = nn.Linear(d, 2 * self.qk_width + d)  # queries, keys and values: one matmul
         self.proj = nn.Linear(d, d)
         # Split heads: the [first, last) heads of each pattern (as torch.tensor_split would cut them),
         # plain ints, constants when compiled.
@@ -71,7 +69,7 @@ class Attention(nn.Module):
         def heads(t: Tensor) -> Tensor:  # (B, N, w) -> (B, H, N, w / H)
             return t.view(b, n, h, -1).transpose(1, 2)
 
-        q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
+        q, k, v = (heads(t) for t in self.qkv(x).split([self.qk_width, self.qk_width, d], -1))
         scale = 1.0 / math.sqrt(q.shape[-1])
         if cache is not None:
             cache.write(k, v)
@@ -84,6 +82,20 @@ class Attention(nn.Module):
             out = torch.cat([sparse_attention(q[:, a:z], k[:, a:z], v[:, a:z], p, scale, self.backend)
                              for (a, z), p in zip(self.head_groups, self.patterns)], dim=1)
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+def join_qkv(state: dict, join: Callable[[list], Any] = torch.cat) -> dict:
+    """``state`` (names to tensors, or to shapes with ``join`` adding them up) with the separate
+    ``attn.query`` / ``attn.key`` / ``attn.value`` entries of older checkpoints joined into the one
+    ``attn.qkv`` projection that :class:`Attention` now has; a current state is returned as is."""
+    joined = dict(state)
+    for name in state:
+        if ".attn.query." in name:
+            prefix, suffix = name.split(".attn.query.")
+            pieces = [f"{prefix}.attn.{piece}.{suffix}" for piece in ("query", "key", "value")]
+            if all(piece in state for piece in pieces):
+                joined[f"{prefix}.attn.qkv.{suffix}"] = join([joined.pop(piece) for piece in pieces])
+    return joined
 
 
 class FeedForward(nn.Module):

@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 import torch
 
 from .config import ModelConfig, from_dict, to_dict
+from .model import join_qkv
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -96,6 +97,7 @@ def check_weights(path: str | Path, config: ModelConfig, cls: Optional[type] = N
     try:
         with safe_open(str(file), framework="pt") as f:
             found = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+        found = join_qkv(found, lambda shapes: (sum(s[0] for s in shapes), *shapes[0][1:]))
     except (SafetensorError, OSError) as err:  # truncated or corrupt; not a ValueError
         raise ValueError(f"{file}: not a readable safetensors file (truncated or corrupt?): {err}") from None
     with torch.device("meta"):
@@ -141,7 +143,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", cls: Option
         raise ValueError(f"{path / WEIGHTS_FILE}: not a readable safetensors file "
                          f"(truncated or corrupt?): {err}") from None
     try:
-        model.load_state_dict(state)
+        model.load_state_dict(join_qkv(state))
     except RuntimeError as err:  # missing, unexpected or mis-shaped tensors
         detail = str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
         raise ValueError(f"{path / WEIGHTS_FILE} does not fit the model in {path / CONFIG_FILE}: "

@@ -24,7 +24,7 @@ from torch import nn
 from ..config import ModelConfig, TrainConfig, from_dict, to_dict
 from ..data import ByteDataset, check_context, position_axes
 from ..data.batches import Prefetcher, TrainBatches
-from ..model import SparseTransformer
+from ..model import SparseTransformer, join_qkv
 from ..parallel import (World, all_reduce_mean, close_world, compiles, init_world, make_scaler,
                         main_process_first, parallelize, resolve_precision, wait_for_all)
 from . import checkpoint as ckpt
@@ -276,6 +276,10 @@ def _setup(config, run_dir, dataset, resume, world: World, progress) -> _Run:
     step, elapsed, state, rng = 0, 0.0, None, None
     if found is not None:
         model_state, state, rng = ckpt.load_state(found, world.rank, verify=False)  # verified when found
+        if join_qkv(model_state).keys() != model_state.keys():
+            raise ValueError(f"checkpoint {found} was written by an older version whose attention had separate "
+                             f"query/key/value projections: its weights still load for eval and sample "
+                             f"(--checkpoint), but its optimizer state cannot continue this run")
         step, elapsed = int(state["step"]), float(state["elapsed"])
         batches.load_state_dict(state["batches"])
         if not fsdp:
