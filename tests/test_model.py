@@ -169,8 +169,14 @@ def test_weights_of_the_older_separate_projections_load(tmp_path):
     assert torch.equal(model(tokens), loaded(tokens))
     swapped = dict(old, **{"blocks.1.attn.key.weight": old["blocks.1.attn.value.weight"][:, :16].clone()})
     save_weights(tmp_path / "bad", swapped, model.config)
-    with pytest.raises(ValueError, match=r"blocks.1.attn.qkv.weight is \[\d+, 32\] in the file"):
+    with pytest.raises(ValueError, match=r"blocks.1.attn query \[16, 32\], key \[32, 16\] and value \[32, 32\] "
+                                         r"cannot be one projection"):
         SparseTransformer.from_pretrained(tmp_path / "bad")
+    both = dict(old, **{"blocks.0.attn.qkv.weight": model.state_dict()["blocks.0.attn.qkv.weight"]})
+    save_weights(tmp_path / "both", both, model.config)
+    with pytest.raises(ValueError, match=r"blocks.0.attn.qkv.weight and the older blocks.0.attn.query.weight .* "
+                                         r"both present"):
+        SparseTransformer.from_pretrained(tmp_path / "both")
 
 
 def test_from_pretrained_names_the_bad_file(tmp_path):

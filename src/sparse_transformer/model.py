@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -84,17 +84,29 @@ class Attention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
 
-def join_qkv(state: dict, join: Callable[[list], Any] = torch.cat) -> dict:
-    """``state`` (names to tensors, or to shapes with ``join`` adding them up) with the separate
-    ``attn.query`` / ``attn.key`` / ``attn.value`` entries of older checkpoints joined into the one
-    ``attn.qkv`` projection that :class:`Attention` now has; a current state is returned as is."""
+def join_qkv(state: dict) -> dict:
+    """``state`` with the separate ``attn.query`` / ``attn.key`` / ``attn.value`` entries of older
+    checkpoints joined into the one ``attn.qkv`` projection that :class:`Attention` now has; values
+    are tensors, or shapes as a file's header gives them. A current state is returned as is;
+    pieces that cannot be one projection raise a ``ValueError`` naming them."""
     joined = dict(state)
     for name in state:
-        if ".attn.query." in name:
-            prefix, suffix = name.split(".attn.query.")
-            pieces = [f"{prefix}.attn.{piece}.{suffix}" for piece in ("query", "key", "value")]
-            if all(piece in state for piece in pieces):
-                joined[f"{prefix}.attn.qkv.{suffix}"] = join([joined.pop(piece) for piece in pieces])
+        prefix, found, suffix = name.rpartition(".attn.query.")
+        pieces = [f"{prefix}.attn.{piece}.{suffix}" for piece in ("query", "key", "value")]
+        if not found or not all(piece in state for piece in pieces):
+            continue
+        target = f"{prefix}.attn.qkv.{suffix}"
+        if target in state:
+            raise ValueError(f"{target} and the older {pieces[0]} (key, value) are both present: "
+                             f"two versions of one projection")
+        values = [state[piece] for piece in pieces]
+        q, k, v = (tuple(x.shape) if isinstance(x, Tensor) else tuple(x) for x in values)
+        if not q or q != k or v[1:] != q[1:]:
+            raise ValueError(f"{prefix}.attn query {list(q)}, key {list(k)} and value {list(v)} cannot be one "
+                             f"projection (query and key of one shape, value as wide)")
+        joined[target] = torch.cat(values) if isinstance(values[0], Tensor) else (q[0] + k[0] + v[0], *q[1:])
+        for piece in pieces:
+            del joined[piece]
     return joined
 
 

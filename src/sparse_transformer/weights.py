@@ -85,21 +85,26 @@ def _listed(what: str, names: list[str]) -> list[str]:
     return [f"{what} {', '.join(names[:3])}" + (f" and {len(names) - 3} more" if len(names) > 3 else "")]
 
 
+def weight_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """Name and shape of every tensor in ``model.safetensors`` of folder ``path``, from its header."""
+    from safetensors import SafetensorError, safe_open
+    file = Path(path) / WEIGHTS_FILE
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    except (SafetensorError, OSError) as err:  # truncated or corrupt; not a ValueError
+        raise ValueError(f"{file}: not a readable safetensors file (truncated or corrupt?): {err}") from None
+
+
 def check_weights(path: str | Path, config: ModelConfig, cls: Optional[type] = None) -> None:
     """``ValueError`` unless ``model.safetensors`` in ``path`` holds exactly the tensors, with the
     shapes, of ``cls(config)``. Reads only the file's header and builds the model on the meta
     device: nothing is allocated, however large the config says the model is."""
-    from safetensors import SafetensorError, safe_open
     if cls is None:
         from .model import SparseTransformer as cls
     path = Path(path)
     file = path / WEIGHTS_FILE
-    try:
-        with safe_open(str(file), framework="pt") as f:
-            found = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
-        found = join_qkv(found, lambda shapes: (sum(s[0] for s in shapes), *shapes[0][1:]))
-    except (SafetensorError, OSError) as err:  # truncated or corrupt; not a ValueError
-        raise ValueError(f"{file}: not a readable safetensors file (truncated or corrupt?): {err}") from None
+    found = join_qkv(weight_shapes(path))
     with torch.device("meta"):
         expected = {name: tuple(t.shape) for name, t in cls(config).state_dict().items()}
     missing = [n for n in expected if n not in found]

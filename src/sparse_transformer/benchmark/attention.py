@@ -347,8 +347,8 @@ def warm_caches(args) -> None:
 def run_cli(args) -> int:
     if args.warm_jobs < 0:
         raise ValueError(f"--warm-jobs must be >= 0, got {args.warm_jobs}")
-    if not args.warm_timeout > 0:
-        raise ValueError(f"--warm-timeout must be > 0 seconds, got {args.warm_timeout:g}")
+    if not 0 < args.warm_timeout <= 86400:
+        raise ValueError(f"--warm-timeout must be in (0, 86400] seconds, got {args.warm_timeout:g}")
     if not torch.cuda.is_available():
         raise ValueError("the attention benchmark needs a CUDA GPU")
     if importlib.util.find_spec("triton") is None:

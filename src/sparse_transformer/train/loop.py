@@ -27,6 +27,7 @@ from ..data.batches import Prefetcher, TrainBatches
 from ..model import SparseTransformer, join_qkv
 from ..parallel import (World, all_reduce_mean, close_world, compiles, init_world, make_scaler,
                         main_process_first, parallelize, resolve_precision, wait_for_all)
+from ..weights import weight_shapes
 from . import checkpoint as ckpt
 from . import run_folder
 from .checkpoint import checkpoint_dir
@@ -175,6 +176,11 @@ def _resume_point(run_dir: Path, resume: bool, world: World) -> Optional[Path]:
             damaged = f" ({len(existing)} damaged: {', '.join(p.name for p in existing)})" if existing else ""
             raise ValueError(f"cannot resume: {checkpoint_dir(run_dir)} holds no intact checkpoint{damaged}; "
                              f"drop --resume to start a fresh run")
+        shapes = weight_shapes(found)
+        if join_qkv(shapes).keys() != shapes.keys():  # its optimizer state follows the three old parameters
+            raise ValueError(f"checkpoint {found} was written by an older version whose attention had separate "
+                             f"query/key/value projections: its weights still load for eval and sample "
+                             f"(--checkpoint), but its optimizer state cannot continue this run")
         return found
     if existing:
         # A fresh run here would replace same-numbered checkpoints and its own would be pruned as the
@@ -276,10 +282,6 @@ def _setup(config, run_dir, dataset, resume, world: World, progress) -> _Run:
     step, elapsed, state, rng = 0, 0.0, None, None
     if found is not None:
         model_state, state, rng = ckpt.load_state(found, world.rank, verify=False)  # verified when found
-        if join_qkv(model_state).keys() != model_state.keys():
-            raise ValueError(f"checkpoint {found} was written by an older version whose attention had separate "
-                             f"query/key/value projections: its weights still load for eval and sample "
-                             f"(--checkpoint), but its optimizer state cannot continue this run")
         step, elapsed = int(state["step"]), float(state["elapsed"])
         batches.load_state_dict(state["batches"])
         if not fsdp:
