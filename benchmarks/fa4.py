@@ -122,7 +122,7 @@ def main(argv=None) -> int:
         raise SystemExit("error: this benchmark needs a CUDA GPU")
     patterns = [pattern_of(name) for name in args.patterns]
     device = torch.cuda.get_device_name()
-    results = ResultsFile(args.out, "fa4-" + file_stem(device), dict(device=device, torch=torch.__version__),
+    results = ResultsFile(args.out, "fa4-" + file_stem(device), dict(device=device, torch=torch.__version__, flash_attn_4=fa4_forms.version()),
                           lambda rows: markdown(rows, device))
     run(args.n, patterns, results.add)
     print(markdown(results.rows, device))

@@ -283,3 +283,21 @@ def test_a_warm_run_past_its_time_is_stopped_and_said(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "--n 4096 --patterns fixed: stopped after 30 s" in out
     assert "--n 16384 --patterns fixed: failed with exit code 1 after " in out and "ValueError: no GPU" in out
+
+
+def test_attention_table_counts_flex_on_fa4_among_the_flex_forms():
+    """The attention table's 'Flex on FA4' column is the faster of its two forms, and best Flex takes
+    it into account; without flash-attn-4 the column reads — and best Flex is the Triton forms'."""
+    from sparse_transformer.benchmark.attention import Row, markdown
+
+    def row(method, ms, pattern="window_global"):
+        return Row(pattern, 16384, 4, method, ms / 4, ms * 3 / 4, ms, 1.0, 0.5, "")
+
+    rows = [row("sdpa_default", 8.0, "dense"), row("triton", 1.8), row("flex_as_is", 2.7),
+            row("flex_concatenated", 3.0), row("flex_flash_as_is", 1.5), row("flex_flash_concatenated", 1.6)]
+    line = next(l for l in markdown(rows, "test").splitlines() if l.startswith("| window_global"))
+    cells = [c.strip() for c in line.split("|")[1:-1]]
+    assert cells[8:10] == ["1.50", "1.50"] and cells[-2] == "0.8x"
+    line = next(l for l in markdown(rows[:4], "test").splitlines() if l.startswith("| window_global"))
+    cells = [c.strip() for c in line.split("|")[1:-1]]
+    assert cells[8:10] == ["—", "2.70"] and cells[-2] == "1.5x"

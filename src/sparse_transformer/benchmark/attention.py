@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from .. import patterns as P
 from ..attention import sparse_attention
 from ..layout import cost
-from . import ResultsFile, allow_recompiles, file_stem, flex_forms
+from . import ResultsFile, allow_recompiles, fa4_forms, file_stem, flex_forms
 
 if TYPE_CHECKING:  # Triton is optional: the kernels' module is imported where they run
     from ..attention.triton_sparse import KernelConfig
@@ -214,6 +214,14 @@ def flex_rows(pattern, n, q, k, v, grad, scale, log) -> list[Row]:
                             pairs, heads, head_dim, grad, inputs,
                             note="sequence keys + gathered keys, one softmax"))
         log(rows[-1])
+    if fa4_forms.available():  # Flex on its FlashAttention-4 backend: no merged form (it takes no dLSE)
+        forms = {"flex_flash_as_is": fa4_forms.flex_flash_as_is}
+        if flex_forms.concatenated_supported(pattern):
+            forms["flex_flash_concatenated"] = fa4_forms.flex_flash
+        for method, form in forms.items():
+            rows.append(measure(pattern.name, method, lambda form=form: form(q, k, v, pattern, scale), n, batch,
+                                pairs, heads, head_dim, grad, inputs, note="Flex, FLASH backend (FlashAttention-4)"))
+            log(rows[-1])
     return rows
 
 
@@ -237,12 +245,14 @@ def markdown(rows: list[Row], device: str) -> str:
     complete Flex form (merges counted), ours (fwd, bwd, fwd+bwd, TFLOP/s, memory)."""
     lines = [f"Device: {device}. bf16 unless noted; B = 65,536 // N tokens per batch; forward+backward median ms. "
              "Flex decomposed: each part's fastest form summed, merge not counted (a lower bound); + merge: the "
-             "parts and their log-sum-exp merge as one function (fastest of eager and compiled). Best Flex: the "
-             "fastest complete form (as-is, decomposed + merge, concatenated).", "",
+             "parts and their log-sum-exp merge as one function (fastest of eager and compiled). Flex on FA4: its "
+             "FLASH backend (FlashAttention-4), as-is or concatenated, the faster; no merged form (that backend "
+             "takes no gradient of the log-sum-exp); — where flash-attn-4 is not installed. Best Flex: the "
+             "fastest complete form (as-is, decomposed + merge, concatenated, on FA4).", "",
              "| pattern | N | B | dense SDPA (backend) | Flex as-is | Flex decomposed | Flex decomposed + merge | "
-             "Flex concatenated | best Flex | ours fwd | ours bwd | ours fwd+bwd | ours TFLOP/s | ours peak GiB | "
-             "vs best Flex | vs dense |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "Flex concatenated | Flex on FA4 | best Flex | ours fwd | ours bwd | ours fwd+bwd | ours TFLOP/s | "
+             "ours peak GiB | vs best Flex | vs dense |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     by = {(r.pattern, r.n, r.method): r for r in rows}
     for (pat, n, method), r in by.items():
         if pat == "dense" or method != "triton":
@@ -252,11 +262,12 @@ def markdown(rows: list[Row], device: str) -> str:
         merged, _ = _fastest([by.get((pat, n, m)) for m in ("flex_decomposed_merged", "flex_decomposed_merged_compiled")])
         flex = [by.get((pat, n, m)) for m in ("flex_as_is", "flex_decomposed", "flex_concatenated")]
         flex_t = [f.fwdbwd_ms if f else None for f in flex]
-        best = min((t for t in (flex_t[0], merged, flex_t[2]) if t is not None), default=None)
+        on_fa4, _ = _fastest([by.get((pat, n, m)) for m in ("flex_flash_as_is", "flex_flash_concatenated")])
+        best = min((t for t in (flex_t[0], merged, flex_t[2], on_fa4) if t is not None), default=None)
         dense_label = f"{_fmt(dense_t)} ({dense_method.replace('sdpa_', '').replace('_causal', '')})" if dense_t else "—"
         lines.append(
             f"| {pat} | {n:,} | {r.batch} | {dense_label} | {_fmt(flex_t[0])} | {_fmt(flex_t[1])} | "
-            f"{_fmt(merged)} | {_fmt(flex_t[2])} | {_fmt(best)} | "
+            f"{_fmt(merged)} | {_fmt(flex_t[2])} | {_fmt(on_fa4)} | {_fmt(best)} | "
             f"{_fmt(r.fwd_ms, 3)} | {_fmt(r.bwd_ms, 3)} | {_fmt(r.fwdbwd_ms, 3)} | {_fmt(r.tflops, 1)} | "
             f"{_fmt(r.peak_gib)} | {_fmt(best / r.fwdbwd_ms if best and r.fwdbwd_ms else None, 1)}x | "
             f"{_fmt(dense_t / r.fwdbwd_ms if dense_t and r.fwdbwd_ms else None, 1)}x |")
@@ -361,6 +372,7 @@ def run_cli(args) -> int:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     device = torch.cuda.get_device_name()
     meta = dict(device=device, torch=torch.__version__, triton=__import__("triton").__version__,
+                flash_attn_4=fa4_forms.version(),
                 heads=args.heads, head_dim=args.head_dim, dtype=args.dtype, tokens=args.tokens)
     results = ResultsFile(args.out, file_stem(device), meta, lambda rows: markdown(rows, device))
     run(args.n, args.tokens, args.heads, args.head_dim, dtype, tuple(args.patterns), args.baseline_max_n,

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -36,6 +37,18 @@ INSTALL = "pip install flash-attn-4 (with nvidia-cutlass-dsl; a Hopper or newer 
 def available() -> bool:
     """Whether FlashAttention-4's CuTe interface can be imported."""
     return importlib.util.find_spec("flash_attn") is not None and importlib.util.find_spec("flash_attn.cute") is not None
+
+
+def version() -> Optional[str]:
+    """The installed ``flash-attn-4`` version (None: not installed, or installed without its metadata)."""
+    import importlib.metadata
+
+    if not available():
+        return None
+    try:
+        return importlib.metadata.version("flash-attn-4")
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def fixed_sizes(pattern: Pattern) -> tuple[int, int]:
