@@ -7,7 +7,7 @@ each fused backend; ours (``backend="triton"``); Flex on the pattern's own block
 backend and with its FLASH backend (FlashAttention-4). For the fixed pattern also the concatenated
 layout (sequence keys + gathered summary slots, one softmax) on both Flex backends, and
 ``flash_attn_func`` called directly with that layout, its block-sparse tiles and a closed-form mask
-(``sparse_transformer/benchmark/fa4_forms.py``). Forms that merge parts by log-sum-exp are not run on
+(``sparse_transformer/benchmark/fa4_forms.py``; the direct call is the ``fa4`` backend, ``attention/fa4.py``). Forms that merge parts by log-sum-exp are not run on
 the FLASH backend, whose backward takes no gradient of the log-sum-exp. Each row also gives the
 relative error of its output and gradients against ours. The FLASH and direct rows need
 flash-attn-4 (``pip install sparse-transformer[fa4]``); without it they say so.
@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 import sparse_transformer as st
+from sparse_transformer.attention import fa4 as fa4_backend
 from sparse_transformer.benchmark import ResultsFile, allow_recompiles, fa4_forms, file_stem, flex_forms
 from sparse_transformer.benchmark.attention import Row, dense_rows, inputs_for, measure, pattern_of
 from sparse_transformer.layout import cost
@@ -32,7 +33,7 @@ FORMS = {  # method -> fn(q, k, v, pattern, scale)
     "flex_flash_as_is": fa4_forms.flex_flash_as_is,
     "flex_concatenated": flex_forms.concatenated,
     "flex_flash_concatenated": fa4_forms.flex_flash,
-    "fa4_direct": fa4_forms.direct,
+    "fa4_direct": fa4_backend.fa4_attention,
 }
 NEEDS_FA4 = ("flex_flash_as_is", "flex_flash_concatenated", "fa4_direct")
 FIXED_ONLY = ("flex_concatenated", "flex_flash_concatenated", "fa4_direct")
@@ -40,7 +41,7 @@ FIXED_ONLY = ("flex_concatenated", "flex_flash_concatenated", "fa4_direct")
 
 def is_fixed(pattern) -> bool:
     try:
-        fa4_forms.fixed_sizes(pattern)
+        fa4_backend.fixed_sizes(pattern)
     except ValueError:
         return False
     return True
@@ -83,8 +84,8 @@ def pattern_rows(pattern, n, q, k, v, grad, log) -> list[dict]:
         if method in FIXED_ONLY and not is_fixed(pattern):
             continue
         error = None
-        if method in NEEDS_FA4 and not fa4_forms.available():
-            row = Row(pattern.name, n, batch, method, None, None, None, None, None, f"not run: {fa4_forms.INSTALL}")
+        if method in NEEDS_FA4 and not fa4_backend.available():
+            row = Row(pattern.name, n, batch, method, None, None, None, None, None, f"not run: {fa4_backend.INSTALL}")
         else:
             call = lambda form=form: form(q, k, v, pattern, scale)  # noqa: E731
             row = measure(pattern.name, method, call, n, batch, pairs, heads, head_dim, grad, (q, k, v))
@@ -122,7 +123,7 @@ def main(argv=None) -> int:
         raise SystemExit("error: this benchmark needs a CUDA GPU")
     patterns = [pattern_of(name) for name in args.patterns]
     device = torch.cuda.get_device_name()
-    results = ResultsFile(args.out, "fa4-" + file_stem(device), dict(device=device, torch=torch.__version__, flash_attn_4=fa4_forms.version()),
+    results = ResultsFile(args.out, "fa4-" + file_stem(device), dict(device=device, torch=torch.__version__, flash_attn_4=fa4_backend.version()),
                           lambda rows: markdown(rows, device))
     run(args.n, patterns, results.add)
     print(markdown(results.rows, device))

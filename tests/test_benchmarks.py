@@ -194,7 +194,7 @@ def test_fa4_script_runs_each_pattern_through_its_forms(monkeypatch):
     forms["flex_concatenated"] = lambda q, k, v, p, s: portable(q, k, v, p, s) * 1.01  # a form that differs
     monkeypatch.setattr(fa4, "FORMS", forms)
     monkeypatch.setattr(fa4, "measure", once)
-    monkeypatch.setattr(fa4.fa4_forms, "available", lambda: False)
+    monkeypatch.setattr(fa4.fa4_backend, "available", lambda: False)
     g = torch.Generator().manual_seed(0)
     q, k, v, grad = (torch.randn(1, 2, 64, 8, generator=g, requires_grad=i < 3) for i in range(4))
     rows = {P.strided(8).name: fa4.pattern_rows(P.strided(8), 64, q, k, v, grad, lambda r: None),

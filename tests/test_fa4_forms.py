@@ -5,8 +5,9 @@ import pytest
 import torch
 
 import sparse_transformer as st
+from sparse_transformer.attention import fa4
+from sparse_transformer.attention.concatenated import concatenated_keys, concatenated_layout
 from sparse_transformer.benchmark import fa4_forms
-from sparse_transformer.benchmark.flex_forms import concatenated_keys, concatenated_layout
 from tolerances import assert_close, assert_close_norm
 
 P = st.patterns
@@ -21,10 +22,10 @@ def test_closed_form_mask_equals_the_layouts_position_table(pattern, n):
     positions up) admits, over every query and every key of [sequence | gathered slots]."""
     heads = 4
     positions, block = concatenated_layout(pattern, heads, n, "cpu")
-    stride, summary = fa4_forms.fixed_sizes(pattern)
+    stride, summary = fa4.fixed_sizes(pattern)
     q_idx = torch.arange(n)[:, None]
     kv_idx = torch.arange(positions.shape[1])[None, :]
-    closed = fa4_forms.gathered_fixed_mask(q_idx, kv_idx, n, stride, summary)
+    closed = fa4.gathered_fixed_mask(q_idx, kv_idx, n, stride, summary)
     for h in range(heads):
         table = block.mask_mod(torch.tensor(0), torch.tensor(h), q_idx, kv_idx)
         assert torch.equal(closed, table), (h, (closed != table).nonzero()[:5])
@@ -38,8 +39,8 @@ def test_gathered_layout_with_the_closed_form_is_the_fixed_pattern(pattern, n):
     g = torch.Generator().manual_seed(n)
     q, k, v = (torch.randn(2, heads, n, width, generator=g, dtype=torch.float64).requires_grad_() for _ in range(3))
     keys, values, _ = concatenated_keys(q, k, v, pattern)
-    stride, summary = fa4_forms.fixed_sizes(pattern)
-    mask = fa4_forms.gathered_fixed_mask(torch.arange(n)[:, None], torch.arange(keys.shape[2])[None, :], n,
+    stride, summary = fa4.fixed_sizes(pattern)
+    mask = fa4.gathered_fixed_mask(torch.arange(n)[:, None], torch.arange(keys.shape[2])[None, :], n,
                                          stride, summary)
     scores = (q @ keys.transpose(-1, -2) * 0.3).masked_fill(~mask, float("-inf"))
     out = scores.softmax(-1) @ values
@@ -54,23 +55,28 @@ def test_gathered_layout_with_the_closed_form_is_the_fixed_pattern(pattern, n):
 
 def test_only_the_fixed_pattern_is_taken():
     for pattern in (P.strided(8), P.local(4) | P.global_tokens(2), P.block(8) | P.summary(16, 2)):
-        with pytest.raises(ValueError, match="FlashAttention-4 forms run the fixed pattern"):
-            fa4_forms.fixed_sizes(pattern)
+        with pytest.raises(ValueError, match="the fa4 backend runs the fixed pattern"):
+            fa4.fixed_sizes(pattern)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("form", ["direct", "flex_flash"])
-@pytest.mark.parametrize("pattern", [P.fixed(128, 32), P.fixed(128, 32, 4)], ids=str)
+@pytest.mark.parametrize("form", ["backend", "flex_flash"])
+@pytest.mark.parametrize("pattern", [P.fixed(128, 32), P.fixed(128, 32, 4), P.fixed(64, 16)], ids=str)
 def test_fa4_forms_against_the_reference(form, pattern):
+    """The fa4 backend (FlashAttention-4 called directly) and Flex on its FLASH backend, values and
+    gradients against the float64 reference; N = 2,000 is no multiple of the stride or tile."""
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("needs a Hopper or newer GPU")
-    if not fa4_forms.available():
-        pytest.skip(f"needs FlashAttention-4: {fa4_forms.INSTALL}")
-    n, heads, width = 2048, 4, 64
+    if not fa4.available():
+        pytest.skip(f"needs FlashAttention-4: {fa4.INSTALL}")
+    n, heads, width = 2000, 4, 64
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(2, heads, n, width, device="cuda", generator=g, dtype=torch.bfloat16).requires_grad_()
                for _ in range(3))
-    out = getattr(fa4_forms, form)(q, k, v, pattern, width ** -0.5)
+    if form == "backend":
+        out = st.sparse_attention(q, k, v, pattern, width ** -0.5, backend="fa4")
+    else:
+        out = fa4_forms.flex_flash(q, k, v, pattern, width ** -0.5)
     grad = torch.randn_like(out)
     got = torch.autograd.grad(out, (q, k, v), grad)
     ref = [x.detach().double().requires_grad_() for x in (q, k, v)]
@@ -112,3 +118,17 @@ def test_block_masks_built_in_bands_equal_create_block_mask(case):
             used = int(counts[row])
             assert torch.equal(getattr(got, name)[row][:used], getattr(expected, name)[row][:used]), (name, row)
     assert got.seq_lengths == (q_len, kv_len) and got.BLOCK_SIZE == expected.BLOCK_SIZE
+
+
+def test_fa4_backend_is_opt_in_and_refuses_what_it_cannot_run():
+    """fa4 is listed, never chosen by auto, and refused (naming the backend) off a Hopper GPU with
+    flash-attn-4, or for a pattern other than fixed."""
+    from sparse_transformer.attention import BACKENDS, available_backends, choose_backend
+
+    assert "fa4" in BACKENDS
+    q = torch.zeros(1, 2, 64, 64, dtype=torch.bfloat16)
+    assert "fa4" not in available_backends(q, P.fixed(16, 4)) and choose_backend(q, P.fixed(16, 4)) != "fa4"
+    with pytest.raises(ValueError, match="backend 'fa4' cannot run fixed"):
+        st.sparse_attention(q, q, q, P.fixed(16, 4), 0.125, backend="fa4")
+    assert not fa4.supports(q, q, P.strided(16)) and not fa4.supports(q.float(), q.float(), P.fixed(16, 4))
+

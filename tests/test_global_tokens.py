@@ -69,6 +69,7 @@ def test_cache_reads_each_key_once(pattern):
 def test_flex_decomposed_and_concatenated_forms_on_cpu():
     """The benchmark's Flex forms (eager on the CPU: forward only) equal the reference."""
     from sparse_transformer.attention import BACKENDS
+    from sparse_transformer.attention.concatenated import concatenated_supported
     from sparse_transformer.benchmark import flex_forms
 
     pattern = P.local(40) | P.global_tokens(16)
@@ -76,7 +77,7 @@ def test_flex_decomposed_and_concatenated_forms_on_cpu():
     q, k, v = (torch.randn(1, 2, 256, 16, generator=g) for _ in range(3))
     ref = BACKENDS["reference"].load()(q, k, v, pattern, 0.25)
     assert_close(flex_forms.decomposed(q, k, v, pattern, 0.25), ref, torch.float32)
-    assert flex_forms.concatenated_supported(pattern)
+    assert concatenated_supported(pattern)
     assert_close(flex_forms.concatenated(q, k, v, pattern, 0.25), ref, torch.float32)
 
 
@@ -109,6 +110,7 @@ def test_flex_packed_column_form_on_cpu():
     """The column part's packed Flex form (columns laid end to end, one block-diagonal sequence)
     equals its transposed-view form and, merged with the window, the reference (eager flex, forward)."""
     from sparse_transformer.attention import BACKENDS
+    from sparse_transformer.attention.concatenated import concatenated_supported
     from sparse_transformer.benchmark import flex_forms
 
     pattern = P.strided(16)  # N = 256: columns of 16 rows, several to one of Flex's 128-row tiles

@@ -335,13 +335,14 @@ def test_flex_forms_against_the_reference(pattern):
     packed columns), merged by their log-sum-exps, eager and compiled as one function."""
     import itertools
 
+    from sparse_transformer.attention.concatenated import concatenated_supported
     from sparse_transformer.benchmark import allow_recompiles, flex_forms
 
     allow_recompiles()  # as the benchmark: past Dynamo's default limit the compiled form would run eager
     q, k, v, grad = inputs((1, 4, 2048, 64), torch.float32, seed=13)
     want = run("reference", pattern, q.double(), k.double(), v.double(), grad.double())
     forms = [lambda a, b, c: BACKENDS["flex"].load()(a, b, c, pattern, 0.125)]
-    if flex_forms.concatenated_supported(pattern):
+    if concatenated_supported(pattern):
         forms.append(lambda a, b, c: flex_forms.concatenated(a, b, c, pattern, 0.125))
     for form in forms:
         a, b, c = (x.detach().requires_grad_() for x in (q, k, v))

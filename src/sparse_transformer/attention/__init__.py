@@ -82,6 +82,16 @@ def _flex_supports(q: Tensor, v: Tensor, pattern: Pattern) -> bool:
     return widths_ok and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
 
 
+def _load_fa4() -> AttentionFn:
+    from .fa4 import fa4_attention
+    return fa4_attention
+
+
+def _fa4_supports(q: Tensor, v: Tensor, pattern: Pattern) -> bool:
+    from .fa4 import supports
+    return supports(q, v, pattern)
+
+
 BACKENDS: dict[str, Backend] = {
     "reference": Backend("reference", lambda: reference_attention, _always,
                          "dense mask in float64; the oracle, O(N^2)"),
@@ -92,6 +102,9 @@ BACKENDS: dict[str, Backend] = {
                       auto_supports=lambda q, v, p: q.is_cuda and _triton_supports(q, v, p)),
     "flex": Backend("flex", _load_flex, _flex_supports,
                     "FlexAttention with a cached BlockMask from pattern.mask_mod; any pattern, CUDA"),
+    "fa4": Backend("fa4", _load_fa4, _fa4_supports,
+                   "FlashAttention-4's Hopper kernels on the fixed pattern's concatenated keys; fp16/bf16, "
+                   "sm90+, optional (pip install sparse-transformer[fa4]); opt-in, auto does not pick it"),
 }
 
 # Preference order for backend="auto"; the first that supports the inputs wins: triton on CUDA

@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import patterns as P
-from ..attention import sparse_attention
+from ..attention import fa4, sparse_attention
+from ..attention.concatenated import concatenated_supported
 from ..layout import cost
 from . import ResultsFile, allow_recompiles, fa4_forms, file_stem, flex_forms
 
@@ -208,15 +209,15 @@ def flex_rows(pattern, n, q, k, v, grad, scale, log) -> list[Row]:
                                 note="the parts and their log-sum-exp merge" + (", compiled as one function"
                                                                                if fn is whole else ", merge eager")))
             log(rows[-1])
-    if flex_forms.concatenated_supported(pattern):
+    if concatenated_supported(pattern):
         rows.append(measure(pattern.name, "flex_concatenated",
                             lambda: flex_forms.concatenated(q, k, v, pattern, scale), n, batch,
                             pairs, heads, head_dim, grad, inputs,
                             note="sequence keys + gathered keys, one softmax"))
         log(rows[-1])
-    if fa4_forms.available():  # Flex on its FlashAttention-4 backend: no merged form (it takes no dLSE)
+    if fa4.available():  # Flex on its FlashAttention-4 backend: no merged form (it takes no dLSE)
         forms = {"flex_flash_as_is": fa4_forms.flex_flash_as_is}
-        if flex_forms.concatenated_supported(pattern):
+        if concatenated_supported(pattern):
             forms["flex_flash_concatenated"] = fa4_forms.flex_flash
         for method, form in forms.items():
             rows.append(measure(pattern.name, method, lambda form=form: form(q, k, v, pattern, scale), n, batch,
@@ -372,7 +373,7 @@ def run_cli(args) -> int:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     device = torch.cuda.get_device_name()
     meta = dict(device=device, torch=torch.__version__, triton=__import__("triton").__version__,
-                flash_attn_4=fa4_forms.version(),
+                flash_attn_4=fa4.version(),
                 heads=args.heads, head_dim=args.head_dim, dtype=args.dtype, tokens=args.tokens)
     results = ResultsFile(args.out, file_stem(device), meta, lambda rows: markdown(rows, device))
     run(args.n, args.tokens, args.heads, args.head_dim, dtype, tuple(args.patterns), args.baseline_max_n,
