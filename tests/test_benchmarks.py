@@ -301,3 +301,19 @@ def test_attention_table_counts_flex_on_fa4_among_the_flex_forms():
     line = next(l for l in markdown(rows[:4], "test").splitlines() if l.startswith("| window_global"))
     cells = [c.strip() for c in line.split("|")[1:-1]]
     assert cells[8:10] == ["—", "2.70"] and cells[-2] == "1.5x"
+
+
+def test_decode_step_launches_per_layer_without_a_gpu(monkeypatch):
+    """benchmarks/decode_kernels.py counts one decode step's launches per layer on the CPU: four
+    matmuls (q/k/v together, the attention output, the feed-forward pair), the decode kernel once,
+    the compact summary-slot scatter only where the pattern has summary slots (fixed, not strided)."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    import decode_kernels
+
+    fixed = decode_kernels.step_launches("enwik8", 2, 256) - decode_kernels.step_launches("enwik8", 1, 256)
+    strided = decode_kernels.step_launches("cifar10", 2, 256) - decode_kernels.step_launches("cifar10", 1, 256)
+    for per_layer in (fixed, strided):
+        assert per_layer["addmm"] == 4 and per_layer["triton decode kernel"] == 1
+        assert per_layer["native_layer_norm"] == 2 and per_layer["add"] == 2
+    assert fixed["scatter_"] == 1 and "scatter_" not in strided
