@@ -316,4 +316,5 @@ def test_decode_step_launches_per_layer_without_a_gpu(monkeypatch):
     for per_layer in (fixed, strided):
         assert per_layer["addmm"] == 4 and per_layer["triton decode kernel"] == 1
         assert per_layer["native_layer_norm"] == 2 and per_layer["add"] == 2
+        assert "cat" not in per_layer  # keys and values come out of the projection side by side, as cached
     assert fixed["scatter_"] == 1 and "scatter_" not in strided

@@ -5,7 +5,9 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from sparse_transformer import model as model_module
 from sparse_transformer import patterns
 from sparse_transformer.config import ModelConfig
 from sparse_transformer.weights import load_model
@@ -146,9 +148,12 @@ def older_state(model) -> dict:
             state[name] = tensor
             continue
         prefix, suffix = name.split(".attn.qkv.")
-        qk = model.blocks[0].attn.qk_width
-        for piece, part in zip(("query", "key", "value"), tensor.split([qk, qk, model.config.d_model])):
+        qk, h, d = model.blocks[0].attn.qk_width, model.config.n_head, model.config.d_model
+        per_head = tensor[qk:].unflatten(0, (h, -1))  # each head's key rows, then its value rows
+        pieces = (tensor[:qk], per_head[:, :qk // h].flatten(0, 1), per_head[:, qk // h:].flatten(0, 1))
+        for piece, part in zip(("query", "key", "value"), pieces):
             state[f"{prefix}.attn.{piece}.{suffix}"] = part.clone()
+        assert pieces[2].shape[0] == d
     return state
 
 
@@ -167,6 +172,17 @@ def test_weights_of_the_older_separate_projections_load(tmp_path):
     loaded = SparseTransformer.from_pretrained(tmp_path / "old").eval()
     tokens = torch.randint(0, 256, (2, 30))
     assert torch.equal(model(tokens), loaded(tokens))
+    # What the old projections meant, written out: head j's queries, keys and values are rows
+    # [j w, (j + 1) w) of query, key and value (w their width per head).
+    seen = []
+    real = model_module.sparse_attention
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(model_module, "sparse_attention", lambda q, k, v, *a: seen.append((q, k, v)) or real(q, k, v, *a))
+        loaded(tokens)
+    x = loaded.blocks[0].norm_attn(loaded.embed(tokens))
+    for got, piece in zip(seen[0], ("query", "key", "value")):
+        want = F.linear(x, old[f"blocks.0.attn.{piece}.weight"], old[f"blocks.0.attn.{piece}.bias"])
+        assert torch.allclose(got, want.view(2, 30, TINY.n_head, -1).transpose(1, 2), atol=1e-5)
     swapped = dict(old, **{"blocks.1.attn.key.weight": old["blocks.1.attn.value.weight"][:, :16].clone()})
     save_weights(tmp_path / "bad", swapped, model.config)
     with pytest.raises(ValueError, match=r"blocks.1.attn query \[16, 32\], key \[32, 16\] and value \[32, 32\] "

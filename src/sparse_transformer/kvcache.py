@@ -173,10 +173,10 @@ class LayerCache(nn.Module):
     def nbytes(self) -> int:
         return sum(x.numel() * x.element_size() for x in (self.kv, self.fixed_kv) if x is not None)
 
-    def write(self, k: Tensor, v: Tensor) -> None:
-        """Prefill: store ``k [B, H, N, dk]``, ``v [B, H, N, dv]`` as positions ``0..N-1``."""
-        n = k.shape[2]
-        self.kv[:, :, :n] = torch.cat([k, v], -1).to(self.kv.dtype)
+    def write(self, kv: Tensor) -> None:
+        """Prefill: store keys and values side by side, ``kv [B, H, N, dk + dv]``, as positions ``0..N-1``."""
+        n = kv.shape[2]
+        self.kv[:, :, :n] = kv
         if self.fixed_kv is not None:  # unwritten positions stay invalid until decoded
             self.fixed_kv[:, :, :self.plan.fixed] = self.kv[:, self.heads, self.plan.positions.clamp(max=n - 1)]
 
@@ -195,11 +195,11 @@ class _Step:
         self.cache, self.t, self.decoder = cache, t.view(1), decoder
         self.index, self.moving_bias, self.fixed_bias, self.slot = state
 
-    def write(self, k: Tensor, v: Tensor) -> None:
-        """Store this position's ``k [B, H, 1, dk]``, ``v [B, H, 1, dv]`` (and its fixed-slot copy;
+    def write(self, kv: Tensor) -> None:
+        """Store this position's keys and values ``kv [B, H, 1, dk + dv]`` (and its fixed-slot copy;
         a position that is no fixed slot writes the scratch slot)."""
         cache = self.cache
-        row = torch.cat([k, v], -1).to(cache.kv.dtype)
+        row = kv.to(cache.kv.dtype)
         cache.kv.index_copy_(2, self.t, row)
         if cache.fixed_kv is not None:
             cache.fixed_kv.scatter_(2, self.slot.expand(*row.shape[:2], 1, row.shape[-1]), row)

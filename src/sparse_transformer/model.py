@@ -52,7 +52,8 @@ class Attention(nn.Module):
         d, h = config.d_model, config.n_head
         self.n_head, self.patterns, self.backend = h, tuple(patterns), config.backend
         self.qk_width = d // 2 if config.half_qk else d
-        self.qkv = nn.Linear(d, 2 * self.qk_width + d)  # queries, keys and values: one matmul
+        # Queries, then each head's key and value side by side (the row a sampling cache stores): one matmul.
+        self.qkv = nn.Linear(d, 2 * self.qk_width + d)
         self.proj = nn.Linear(d, d)
         # Split heads: the [first, last) heads of each pattern (as torch.tensor_split would cut them),
         # plain ints, constants when compiled.
@@ -69,10 +70,12 @@ class Attention(nn.Module):
         def heads(t: Tensor) -> Tensor:  # (B, N, w) -> (B, H, N, w / H)
             return t.view(b, n, h, -1).transpose(1, 2)
 
-        q, k, v = (heads(t) for t in self.qkv(x).split([self.qk_width, self.qk_width, d], -1))
+        projected = self.qkv(x)
+        q, kv = heads(projected[..., :self.qk_width]), heads(projected[..., self.qk_width:])
+        k, v = kv.split([self.qk_width // h, d // h], -1)
         scale = 1.0 / math.sqrt(q.shape[-1])
         if cache is not None:
-            cache.write(k, v)
+            cache.write(kv)
             out = cache.attend(q, scale)
             if out is not None:  # (B, H, 1, d / H): one decoded position
                 return self.proj(out.transpose(1, 2).reshape(b, n, d))
@@ -84,11 +87,12 @@ class Attention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
 
-def join_qkv(state: dict) -> dict:
+def join_qkv(state: dict, n_head: Optional[int] = None) -> dict:
     """``state`` with the separate ``attn.query`` / ``attn.key`` / ``attn.value`` entries of older
-    checkpoints joined into the one ``attn.qkv`` projection that :class:`Attention` now has; values
-    are tensors, or shapes as a file's header gives them. A current state is returned as is;
-    pieces that cannot be one projection raise a ``ValueError`` naming them."""
+    checkpoints joined into the one ``attn.qkv`` projection that :class:`Attention` now has
+    (queries, then each head's key and value rows side by side: tensors need ``n_head``); values are
+    tensors, or shapes as a file's header gives them. A current state is returned as is; pieces
+    that cannot be one projection raise a ``ValueError`` naming them."""
     joined = dict(state)
     for name in state:
         prefix, found, suffix = name.rpartition(".attn.query.")
@@ -101,10 +105,15 @@ def join_qkv(state: dict) -> dict:
                              f"two versions of one projection")
         values = [state[piece] for piece in pieces]
         q, k, v = (tuple(x.shape) if isinstance(x, Tensor) else tuple(x) for x in values)
-        if not q or q != k or v[1:] != q[1:]:
+        if not q or q != k or v[1:] != q[1:] or (n_head and (k[0] % n_head or v[0] % n_head)):
             raise ValueError(f"{prefix}.attn query {list(q)}, key {list(k)} and value {list(v)} cannot be one "
-                             f"projection (query and key of one shape, value as wide)")
-        joined[target] = torch.cat(values) if isinstance(values[0], Tensor) else (q[0] + k[0] + v[0], *q[1:])
+                             f"projection (query and key of one shape, value as wide, rows split into heads)")
+        if isinstance(values[0], Tensor):
+            query, key, value = values
+            per_head = torch.cat([key.unflatten(0, (n_head, -1)), value.unflatten(0, (n_head, -1))], 1)
+            joined[target] = torch.cat([query, per_head.flatten(0, 1)])
+        else:
+            joined[target] = (q[0] + k[0] + v[0], *q[1:])
         for piece in pieces:
             del joined[piece]
     return joined

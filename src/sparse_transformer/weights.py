@@ -148,7 +148,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", cls: Option
         raise ValueError(f"{path / WEIGHTS_FILE}: not a readable safetensors file "
                          f"(truncated or corrupt?): {err}") from None
     try:
-        model.load_state_dict(join_qkv(state))
+        model.load_state_dict(join_qkv(state, config.n_head))
     except RuntimeError as err:  # missing, unexpected or mis-shaped tensors
         detail = str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
         raise ValueError(f"{path / WEIGHTS_FILE} does not fit the model in {path / CONFIG_FILE}: "
