@@ -46,7 +46,9 @@ class _Launches(TorchDispatchMode):
 
 def step_launches(preset: str, layers: int, context: int, batch: int = 2) -> Counter:
     """Launches of one decode step of ``preset``'s model with ``layers`` layers (random weights)."""
-    config = getattr(presets, preset.replace("-", "_"))().model
+    if context < 2:
+        raise ValueError(f"--context must be >= 2 (a prime and the decoded position), got {context}")
+    config = presets.get(preset).model
     config = dataclasses.replace(config, n_layer=layers, context=context, dropout=0.0)
     model = SparseTransformer(config).eval()
     os.environ.setdefault("TRITON_INTERPRET", "1")  # lets the decoder take the Triton path on the CPU
@@ -70,13 +72,20 @@ def main(argv=None) -> int:
     parser.add_argument("--preset", nargs="+", default=["cifar10", "enwik8"], help="preset names")
     parser.add_argument("--context", type=int, default=1024, help="context the count runs at (cut for the CPU)")
     args = parser.parse_args(argv)
-    for preset in args.preset:
-        one, two = step_launches(preset, 1, args.context), step_launches(preset, 2, args.context)
+    try:
+        report(args.preset, args.context)
+    except ValueError as err:  # bad arguments: one line, as the CLI does
+        parser.exit(2, f"error: {err}\n")
+    return 0
+
+
+def report(preset_names: list[str], context: int) -> None:
+    for preset in preset_names:
+        one, two = step_launches(preset, 1, context), step_launches(preset, 2, context)
         per_layer = two - one
         total = sum(per_layer.values())
         print(f"{preset}: {total} launches per layer and step ({sum(one.values()) - total} outside the layers)")
         print("  " + ", ".join(f"{name} {count}" for name, count in sorted(per_layer.items(), key=lambda x: -x[1])))
-    return 0
 
 
 if __name__ == "__main__":

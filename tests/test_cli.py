@@ -64,3 +64,20 @@ def test_patterns_takes_a_union_spec_and_any_length(tmp_path, capsys):
     assert "stride must be >= 1 and <= 2,147,483,647" in capsys.readouterr().err
     assert main(["patterns", "--n", str(2 ** 63)]) == 2
     assert "n must be in [0, 4,611,686,018,427,387,904]" in capsys.readouterr().err
+
+
+def test_patterns_out_is_checked_as_the_file_it_writes(tmp_path, capsys):
+    """--out without a suffix writes name.png: that file is what --force protects; a folder or
+    another format is refused; --heads is bounded (a figure row per head)."""
+    (tmp_path / "mine.png").write_text("precious")
+    assert main(["patterns", "--n", "32", "--out", str(tmp_path / "mine")]) == 2
+    assert "mine.png exists; pass --force" in capsys.readouterr().err
+    assert (tmp_path / "mine.png").read_text() == "precious"
+    assert main(["patterns", "--n", "32", "--out", str(tmp_path), "--force"]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    assert main(["patterns", "--n", "32", "--out", str(tmp_path / "x.txt")]) == 2
+    assert "--out must name a PNG file" in capsys.readouterr().err
+    assert main(["patterns", "--n", "32", "--out", str(tmp_path / "new")]) == 0
+    assert (tmp_path / "new.png").is_file() and f"wrote {tmp_path / 'new.png'}" in capsys.readouterr().out
+    assert main(["patterns", "--pattern", "fixed", "--distinct", "4", "--heads", "500", "--n", "32"]) == 2
+    assert "--heads must be in [1, 64], got 500" in capsys.readouterr().err
