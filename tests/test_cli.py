@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import matplotlib.image
+import pytest
 
 from sparse_transformer.cli import main
 
@@ -42,7 +43,7 @@ def test_bad_argument_is_one_clear_line(capsys):
     assert main(["patterns", "--pattern", "fixed", "--stride", "4", "--summary", "5"]) == 2
     assert "summary must be in [1, 4], got 5" in capsys.readouterr().err
     assert main(["patterns", "--pattern", "fixed", "--stride", "8", "--summary", "2", "--heads", "0"]) == 2
-    assert "--heads must be >= 1, got 0" in capsys.readouterr().err
+    assert "--heads must be in [1, 64], got 0" in capsys.readouterr().err
 
 
 def test_console_entry_point_runs():
@@ -81,3 +82,25 @@ def test_patterns_out_is_checked_as_the_file_it_writes(tmp_path, capsys):
     assert (tmp_path / "new.png").is_file() and f"wrote {tmp_path / 'new.png'}" in capsys.readouterr().out
     assert main(["patterns", "--pattern", "fixed", "--distinct", "4", "--heads", "500", "--n", "32"]) == 2
     assert "--heads must be in [1, 64], got 500" in capsys.readouterr().err
+
+
+def test_an_allocation_the_machine_refuses_is_one_line(monkeypatch, capsys):
+    """An out-of-memory RuntimeError (the CPU allocator's or CUDA's) ends the command with one line
+    and exit code 2; any other RuntimeError is still a bug and keeps its traceback."""
+    from sparse_transformer.cli import patterns as patterns_cmd
+
+    def refuse(args):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:121] data. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 262144000000 bytes.\nmore detail")
+
+    monkeypatch.setattr(patterns_cmd, "run", refuse)
+    assert main(["patterns"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: out of memory (") and "262144000000 bytes" in err
+
+    def bug(args):
+        raise RuntimeError("shape mismatch")
+
+    monkeypatch.setattr(patterns_cmd, "run", bug)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        main(["patterns"])

@@ -504,3 +504,15 @@ def test_messages_and_help_name_no_paths_of_our_machines(tmp_path):
     texts.append((Path(__file__).parents[1] / "README.md").read_text())
     for text in texts:
         assert "../shared" not in text and "device machine" not in text
+
+
+def test_a_backend_that_cannot_run_here_is_refused_before_the_run_folder_is_written(text, tmp_path):
+    """model.backend is checked against the device and precision first (fa4 needs a Hopper GPU and
+    flash-attn-4): the refusal says what the backend needs, and a retry with another backend is
+    not blocked by files of the refused run."""
+    run = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"model.backend: backend 'fa4' cannot run fixed_l8_c2 on torch.float32 cpu "
+                                         r"inputs \(fa4: .*pip install sparse-transformer\[fa4\]"):
+        train(small(model={"backend": "fa4"}), run, text, progress=False, final_eval=False)
+    assert not run.exists() or not any(run.iterdir())
+    train(small(), run, text, progress=False, final_eval=False)

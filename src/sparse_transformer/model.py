@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .attention import sparse_attention
+from .attention import refusal, sparse_attention
 from .config import ModelConfig
 from .patterns import Pattern
 
@@ -41,6 +41,23 @@ def layer_patterns(config: ModelConfig, custom: Optional[Pattern] = None) -> lis
         cycle = [pieces[0]] * config.interleave_ratio + list(pieces[1:])
         return [(cycle[i % len(cycle)],) for i in range(config.n_layer)]
     return [pieces] * config.n_layer  # split heads
+
+
+def backend_refusal(config: ModelConfig, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    """Why ``config.backend`` cannot run this model's attention on ``device`` in ``dtype`` (None: it
+    can, or the backend is ``auto``), checked on shapes alone before anything is built."""
+    if config.backend == "auto":
+        return None
+    qk_width = config.d_model // 2 if config.half_qk else config.d_model
+    point = torch.zeros((), device=device, dtype=dtype)
+    q = point.expand(1, config.n_head, config.context, qk_width // config.n_head)
+    v = point.expand(1, config.n_head, config.context, config.d_model // config.n_head)
+    for patterns in dict.fromkeys(layer_patterns(config)):
+        for pattern in patterns:
+            problem = refusal(config.backend, q, v, pattern)
+            if problem:
+                return f"model.backend: {problem}"
+    return None
 
 
 class Attention(nn.Module):

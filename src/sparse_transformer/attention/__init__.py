@@ -184,13 +184,21 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, scale: O
     _check(q, k, v, pattern, scale, backend)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     name = choose_backend(q, pattern, v) if backend == "auto" else backend
-    chosen = BACKENDS[name]
-    if not chosen.supports(q, v, pattern):
-        raise ValueError(f"backend {name!r} cannot run {pattern} on {q.dtype} {q.device.type} inputs; "
-                         f"available here: {available_backends(q, pattern, v) + ['reference']}")
+    problem = refusal(name, q, v, pattern)
+    if problem:
+        raise ValueError(problem)
     if q.numel() == 0:  # B, H or N is 0 (D = 0 was refused): nothing to attend
         return v.clone()
-    return chosen.load()(q, k, v, pattern, scale)
+    return BACKENDS[name].load()(q, k, v, pattern, scale)
 
 
-__all__ = ["sparse_attention", "BACKENDS", "available_backends", "choose_backend"]
+def refusal(backend: str, q: Tensor, v: Tensor, pattern: Pattern) -> Optional[str]:
+    """Why ``backend`` cannot run ``pattern`` on inputs like q and v (None: it can), with what it
+    needs and what can run them; shapes only matter, so expanded or empty tensors will do."""
+    if BACKENDS[backend].supports(q, v, pattern):
+        return None
+    return (f"backend {backend!r} cannot run {pattern} on {q.dtype} {q.device.type} inputs ({backend}: "
+            f"{BACKENDS[backend].note}); available here: {available_backends(q, pattern, v) + ['reference']}")
+
+
+__all__ = ["sparse_attention", "BACKENDS", "available_backends", "choose_backend", "refusal"]

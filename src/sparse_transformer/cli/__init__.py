@@ -30,6 +30,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is an allocation the CPU or GPU refused (torch raises these as RuntimeError)."""
+    text = str(err).lower()
+    return isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError" or (
+        "can't allocate memory" in text or "out of memory" in text)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -38,6 +45,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # line, no traceback.
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except (MemoryError, RuntimeError) as err:  # what the machine refused: one line, not a traceback
+        if not out_of_memory(err):
+            raise
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        print(f"error: out of memory ({first}); ask for less (a smaller batch, --n, context or model)",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C outside training (which checkpoints and returns 130 itself)
         print("interrupted", file=sys.stderr)

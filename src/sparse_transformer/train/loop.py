@@ -24,7 +24,7 @@ from torch import nn
 from ..config import ModelConfig, TrainConfig, from_dict, to_dict
 from ..data import ByteDataset, check_context, position_axes
 from ..data.batches import Prefetcher, TrainBatches
-from ..model import SparseTransformer, join_qkv
+from ..model import SparseTransformer, backend_refusal, join_qkv
 from ..parallel import (World, all_reduce_mean, close_world, compiles, init_world, make_scaler,
                         main_process_first, parallelize, resolve_precision, wait_for_all)
 from ..weights import weight_shapes
@@ -252,6 +252,10 @@ def _setup(config, run_dir, dataset, resume, world: World, progress) -> _Run:
     wrappers, the optimizer, the metrics; refusals come before anything is built or written."""
     precision = resolve_precision(config.precision, world.device)
     found = _resume_point(run_dir, resume, world)  # before loading data: a refusal should be quick
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    problem = backend_refusal(config.model, world.device, dtype)
+    if problem:
+        raise ValueError(problem)
     changes = run_folder.resume_changes(found, config) if found else ""
     if dataset is None:
         with main_process_first(world):  # rank 0 prepares the cache; the others then read it
