@@ -318,3 +318,17 @@ def test_decode_step_launches_per_layer_without_a_gpu(monkeypatch):
         assert per_layer["native_layer_norm"] == 2 and per_layer["add"] == 2
         assert "cat" not in per_layer  # keys and values come out of the projection side by side, as cached
     assert fixed["scatter_"] == 1 and "scatter_" not in strided
+
+
+def test_attention_benchmark_checks_its_arguments_before_anything_runs(tmp_path, capsys):
+    """Bad sizes and pattern specs are refused in one line before the GPU check, so a run never
+    starts (and replaces a results file) only to fail on a later row."""
+    from sparse_transformer.cli import main
+
+    for args, message in ((["--n", "4096", "0"], "--n must be >= 1, got 4096 0"),
+                          (["--patterns", "strided", "bogus:3"], "pattern spec 'bogus:3': unknown part 'bogus'"),
+                          (["--head-dim", "48"], "--head-dim must be one of 16, 32, 64, 128, got 48"),
+                          (["--tokens", "0"], "--tokens must be >= 1, got 0")):
+        assert main(["bench", "attention", "--out", str(tmp_path / "out"), *args]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -144,3 +144,13 @@ def test_parts_union_is_the_merged_pattern():
         for head in range(3):
             union = parts[0].mask(40, head=head) | parts[1].mask(40, head=head)
             assert torch.equal(union, merged.mask(40, head=head))
+
+
+def test_spec_numbers_are_plain_ascii_digits():
+    """int() would read '4_0' as 40 and other scripts' digits as numbers: a spec takes 0-9 only."""
+    from sparse_transformer.patterns import parse
+
+    for spec in ("local:4_0", "local:\u0663", "local: 4e2", "local:" + "9" * 5000):
+        with pytest.raises(ValueError, match="needs integer arguments"):
+            parse(spec)
+    assert parse("local:40").spec == "local:40"

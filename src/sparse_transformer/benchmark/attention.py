@@ -361,6 +361,14 @@ def run_cli(args) -> int:
         raise ValueError(f"--warm-jobs must be >= 0, got {args.warm_jobs}")
     if not 0 < args.warm_timeout <= 86400:
         raise ValueError(f"--warm-timeout must be in (0, 86400] seconds, got {args.warm_timeout:g}")
+    # Checked before anything runs or is written: a bad row must not replace a results file halfway.
+    for flag, values in (("--n", args.n), ("--tokens", [args.tokens]), ("--heads", [args.heads])):
+        if any(value < 1 for value in values):
+            raise ValueError(f"{flag} must be >= 1, got {' '.join(map(str, values))}")
+    if args.head_dim not in (16, 32, 64, 128):
+        raise ValueError(f"--head-dim must be one of 16, 32, 64, 128, got {args.head_dim}")
+    for name in args.patterns:
+        pattern_of(name)  # a ValueError naming the bad spec
     if not torch.cuda.is_available():
         raise ValueError("the attention benchmark needs a CUDA GPU")
     if importlib.util.find_spec("triton") is None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 from typing import Optional
 
 from .base import Pattern
@@ -44,11 +45,10 @@ def _term(text: str, spec: str) -> Pattern:
     piece = {}
     if token in PAPER and fields and fields[-1] in STRIDED_PARTS + FIXED_PARTS:  # "strided:8:row" reads too
         piece["part"] = fields.pop()
-    try:
-        args = [int(x) for x in fields]
-    except ValueError:
-        raise ValueError(f"pattern spec {spec!r}: {text.strip()!r} needs integer arguments, "
-                         f"written {forms()[token]}") from None
+    if not all(re.fullmatch(r"-?[0-9]{1,30}", x) for x in fields):  # int() also takes "4_0", other digits, 5000 digits
+        raise ValueError(f"pattern spec {spec[:80]!r}: {text.strip()[:40]!r} needs integer arguments, "
+                         f"written {forms()[token]}")
+    args = [int(x) for x in fields]
     try:
         return builders[token](*args, **piece)
     except TypeError:  # too many or too few numbers
