@@ -119,12 +119,18 @@ def main(argv=None) -> int:
                         help="names of the attention benchmark (strided, fixed, ...) or pattern specs")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
+    # Checked before anything runs or is written: a bad row must not replace a results file halfway.
+    if any(n < 1 for n in args.n):
+        parser.exit(2, f"error: --n must be >= 1, got {' '.join(map(str, args.n))}\n")
+    try:
+        patterns = [pattern_of(name) for name in args.patterns]
+    except ValueError as err:
+        parser.exit(2, f"error: {err}\n")
     if not torch.cuda.is_available():
         raise SystemExit("error: this benchmark needs a CUDA GPU")
-    patterns = [pattern_of(name) for name in args.patterns]
     device = torch.cuda.get_device_name()
-    results = ResultsFile(args.out, "fa4-" + file_stem(device), dict(device=device, torch=torch.__version__, flash_attn_4=fa4_backend.version()),
-                          lambda rows: markdown(rows, device))
+    meta = dict(device=device, torch=torch.__version__, flash_attn_4=fa4_backend.version())
+    results = ResultsFile(args.out, "fa4-" + file_stem(device), meta, lambda rows: markdown(rows, device))
     run(args.n, patterns, results.add)
     print(markdown(results.rows, device))
     return 0
