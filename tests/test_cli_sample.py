@@ -182,3 +182,19 @@ def test_help_states_each_default_once():
     assert "(default: fill the context)" in text and "(default: 16)" in text  # --steps, --n
     for name, text in helps.items():
         assert "(default: None)" not in text, name
+
+
+def test_sample_and_eval_choose_the_backend_not_the_checkpoint(tmp_path, capsys):
+    """A model saved with a GPU-only backend samples on the CPU: --backend (default auto) replaces
+    the saved one; a backend that cannot run here is refused in one line."""
+    from sparse_transformer.weights import load_model
+
+    config = ModelConfig(n_layer=1, n_head=2, d_model=32, context=32, pattern="fixed", stride=8, summary=2,
+                         backend="fa4")
+    SparseTransformer(config).save_pretrained(tmp_path / "m")
+    assert load_model(tmp_path / "m").config.backend == "fa4"
+    assert load_model(tmp_path / "m", backend="auto").config.backend == "auto"
+    sample = ["sample", "--checkpoint", str(tmp_path / "m"), "--n", "1", "--steps", "4", "--device", "cpu"]
+    assert main([*sample, "--out", str(tmp_path / "s")]) == 0
+    assert main([*sample, "--out", str(tmp_path / "s2"), "--backend", "fa4"]) == 2
+    assert "backend 'fa4' cannot run" in capsys.readouterr().err

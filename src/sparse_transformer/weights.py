@@ -7,6 +7,7 @@ loading checks. safetensors only: loading never unpickles anything.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -118,13 +119,13 @@ def check_weights(path: str | Path, config: ModelConfig, cls: Optional[type] = N
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu", cls: Optional[type] = None,
-               allow_unverified: bool = False):
+               allow_unverified: bool = False, backend: Optional[str] = None):
     """The model in folder ``path`` (written by :func:`save_weights`), on ``device``; ``cls``
     defaults to :class:`~sparse_transformer.model.SparseTransformer`. Errors name the bad file.
 
     The folder's files must match its manifest; a folder without one is refused unless
     ``allow_unverified``. The weights' names and shapes are checked against the config before the
-    model is allocated."""
+    model is allocated. ``backend`` replaces the attention backend the model was saved with."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
     if cls is None:
@@ -140,6 +141,8 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", cls: Option
         raise ValueError(f"{path} has no {MANIFEST}, so its files cannot be verified; if you trust them, "
                          f"load it with allow_unverified=True (command line: --allow-unverified)")
     config = read_config(path)
+    if backend is not None:  # a runtime choice, not part of the weights: a GPU run's model samples on a CPU
+        config = dataclasses.replace(config, backend=backend)
     check_weights(path, config, cls)
     model = cls(config).to(device)
     try:

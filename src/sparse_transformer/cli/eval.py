@@ -33,6 +33,9 @@ def add_load_arguments(p: argparse.ArgumentParser) -> None:
                    help="a checkpoint or save_pretrained folder, or a run folder (its latest good checkpoint)")
     p.add_argument("--allow-unverified", action="store_true",
                    help="load a folder that has no manifest.json (its files cannot be checked for damage)")
+    p.add_argument("--backend", default="auto",
+                   help="attention backend for this run, whatever the model trained with: auto (the fastest "
+                        "that runs here), torch, triton, flex, fa4 or reference")
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -68,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
                           eval_stride=data.eval_stride, eval_bytes=data.eval_bytes,
                           eval_batch_size=data.eval_batch_size)
     device = resolve_device(args.device)
-    model = load_model(folder, device, allow_unverified=args.allow_unverified)
+    model = load_model(folder, device, allow_unverified=args.allow_unverified, backend=args.backend)
     dataset = load_dataset(data)
     check_vocab(model.config.vocab_size, dataset)
     eval_bytes = {None: data.eval_bytes, ALL: None}.get(args.eval_bytes, args.eval_bytes)

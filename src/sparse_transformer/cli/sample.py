@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
         prime = args.prime_text.encode("utf-8")
     folder = resolve_checkpoint(args.checkpoint)
     device = resolve_device(args.device)
-    model = load_model(folder, device, allow_unverified=args.allow_unverified).eval()
+    model = load_model(folder, device, allow_unverified=args.allow_unverified, backend=args.backend).eval()
     config = model.config
     train_config = _train_config(folder)
     dataset = train_config.data.dataset if train_config is not None else "stdlib"
