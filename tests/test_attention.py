@@ -90,6 +90,7 @@ def test_auto_picks_torch_on_cpu():
     (dict(scale=-1.0), "scale must be a finite number > 0"),
     (dict(scale=True), "scale must be a finite number > 0"),
     (dict(scale=10 ** 400), "scale must be a finite number > 0"),  # was an OverflowError
+    (dict(scale=1e300), "scale 1e\\+300 is outside what torch.float32 holds"),  # fp32 scores were NaN
     (dict(backend=["torch"]), "backend must be 'auto' or one of"),  # was a TypeError
     (dict(pattern=P.custom(lambda b, h, q, k: torch.ones(3, dtype=torch.bool))), "elementwise"),
     (dict(pattern="strided"), "pattern must be a sparse_transformer Pattern"),

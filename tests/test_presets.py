@@ -65,6 +65,11 @@ def test_config_json_round_trip_and_overrides():
         override(config, "model.n_layer=many")
     with pytest.raises(ValueError, match="unknown field"):
         override(config, "model.layers=3")
+    with pytest.raises(ValueError, match=r"'model' is a config section: set one of its fields, e.g. model.n_layer="):
+        override(config, "model=3")
+    with pytest.raises(ValueError, match=r"unknown field 'modl' in TrainConfig; fields: \['seed'.*; sections \(set "
+                                         r"as section.field\): model, data, optim, schedule"):
+        override(config, "modl=3")
     with pytest.raises(ValueError, match="model.pattern"):
         override(config, "model.pattern=diagonal")
     with pytest.raises(ValueError, match="divisible"):

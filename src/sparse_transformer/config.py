@@ -305,9 +305,15 @@ def _parse_assignment(config: TrainConfig, assignment: str) -> tuple[tuple[str, 
             raise ValueError(f"unknown config section {name!r} in {key!r}; sections: model, data, optim, schedule")
     leaf = path[-1]
     hints = typing.get_type_hints(type(owner))
-    if leaf not in hints or dataclasses.is_dataclass(hints[leaf]):
+    if leaf in hints and dataclasses.is_dataclass(hints[leaf]):  # "model=3": a section, not a value
+        raise ValueError(f"{key.strip()!r} is a config section: set one of its fields, e.g. "
+                         f"{key.strip()}.{dataclasses.fields(hints[leaf])[0].name}=...")
+    if leaf not in hints:
+        names = [f.name for f in dataclasses.fields(owner)]
+        sections = [n for n in names if dataclasses.is_dataclass(hints[n])]
         raise ValueError(f"unknown field {leaf!r} in {type(owner).__name__}; fields: "
-                         f"{[f.name for f in dataclasses.fields(owner)]}")
+                         f"{[n for n in names if n not in sections]}"
+                         + (f"; sections (set as section.field): {', '.join(sections)}" if sections else ""))
     try:
         value = _parse_value(text.strip(), hints[leaf])
     except ValueError as err:  # name the field: "expected int" alone does not say which --set was wrong

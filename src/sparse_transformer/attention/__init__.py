@@ -149,7 +149,11 @@ def _check(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, scale: Optional[fl
     if not isinstance(pattern, Pattern):
         raise ValueError(f"pattern must be a sparse_transformer Pattern (see st.patterns), got {type(pattern).__name__}")
     if scale is not None and not _positive_finite(scale):
-        raise ValueError(f"scale must be a finite number > 0 or None (1/sqrt(D)), got {scale!r}")
+        raise ValueError(f"scale must be a finite number > 0 or None (1/sqrt(D)), got {str(scale)[:40]}")
+    limits = torch.finfo(q.dtype) if q.is_floating_point() else None
+    if scale is not None and limits is not None and not limits.tiny <= float(scale) <= limits.max:
+        raise ValueError(f"scale {float(scale):g} is outside what {q.dtype} holds ({limits.tiny:g} to "
+                         f"{limits.max:g}): the scores would overflow or vanish")
     if not isinstance(backend, str) or (backend != "auto" and backend not in BACKENDS):
         raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, got {backend!r}")
 
