@@ -285,8 +285,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n", type=int, nargs="+", default=[4096, 16384, 65536, 262144, 1048576],
                         help="sequence lengths")
     parser.add_argument("--tokens", type=int, default=65536, help="B * N per measurement (B >= 1)")
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--heads", type=int, default=8, help="attention heads per call")
+    parser.add_argument("--head-dim", type=int, default=64, help="width of each head (16, 32, 64 or 128)")
     parser.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
     parser.add_argument("--patterns", nargs="+", default=list(DEFAULT_PATTERNS),
                         help=f"names ({', '.join(PATTERNS)}) or pattern specs, e.g. local:512+global_tokens:64")

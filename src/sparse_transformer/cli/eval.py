@@ -13,7 +13,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("eval", help="bits per byte of a checkpoint on the validation or test split",
                        formatter_class=DefaultsHelpFormatter)
     add_load_arguments(p)
-    p.add_argument("--split", default="test", choices=("validation", "test"))
+    p.add_argument("--split", default="test", choices=("validation", "test"), help="which held-out split to score")
     p.add_argument("--data", default=None, help="a plain byte file (default: the data the run trained on)")
     p.add_argument("--dataset", default=None, help="dataset name (default: the run's; 'stdlib' if unknown)")
     # Checked when parsed: 0 was read as "the default" (via `or`), a negative --stride never ended.
@@ -21,7 +21,8 @@ def add_parser(sub) -> None:
                    help="score at most this many bytes, or 'all' for the whole split (default: the run's)")
     p.add_argument("--stride", type=positive_int, default=None, help="new bytes scored per window (default: the run's)")
     p.add_argument("--batch-size", type=positive_int, default=None, help="windows per forward pass")
-    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="autocast of the forward pass (auto: bf16 on a GPU, fp32 on a CPU)")
     p.add_argument("--device", default=None)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)

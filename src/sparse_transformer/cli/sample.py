@@ -30,11 +30,12 @@ def add_parser(sub) -> None:
                    help="images to complete: a raw file of concatenated H*W*C images (default: the test split "
                         "of the dataset the model trained on)")
     p.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
-    p.add_argument("--top-k", type=positive_int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=positive_int, default=None, help="sample among the k likeliest bytes (default: all)")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="sample among the likeliest bytes whose probability adds up to p (default: all)")
     p.add_argument("--out", default="samples", help="output folder")
     p.add_argument("--force", action="store_true", help="replace sample files already in --out")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed of the sampling")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--decode", default="cudagraph", choices=("eager", "cudagraph", "compile"),
                    help="GPU decode step: captured as a CUDA graph (default, fastest), torch.compile + CUDA graphs "

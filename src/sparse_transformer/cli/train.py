@@ -34,7 +34,8 @@ def add_parser(sub) -> None:
     p.add_argument("--time", type=float, default=None, help="stop after this many seconds of training")
     p.add_argument("--batch-size", type=int, default=None, help="global batch in sequences")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate")
-    p.add_argument("--precision", default=None, choices=("auto", "fp32", "bf16", "fp16"))
+    p.add_argument("--precision", default=None, choices=("auto", "fp32", "bf16", "fp16"),
+                   help="mixed precision (fp16 with loss scaling; default: the preset's, auto: bf16 on a GPU)")
     p.add_argument("--parallel", default=None, choices=("ddp", "fsdp"), help="multi-process strategy")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default: on with a GPU, off on the CPU)")
