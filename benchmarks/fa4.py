@@ -39,14 +39,6 @@ NEEDS_FA4 = ("flex_flash_as_is", "flex_flash_concatenated", "fa4_direct")
 FIXED_ONLY = ("flex_concatenated", "flex_flash_concatenated", "fa4_direct")
 
 
-def is_fixed(pattern) -> bool:
-    try:
-        fa4_backend.fixed_sizes(pattern)
-    except ValueError:
-        return False
-    return True
-
-
 def relative_error(fn, reference, q, k, v, grad) -> float:
     """Largest relative norm of the difference, over the output and the three gradients."""
     results = []
@@ -81,7 +73,7 @@ def pattern_rows(pattern, n, q, k, v, grad, log) -> list[dict]:
     pairs = cost(pattern, n).pairs
     ours = lambda: FORMS["triton"](q, k, v, pattern, scale)  # noqa: E731
     for method, form in FORMS.items():
-        if method in FIXED_ONLY and not is_fixed(pattern):
+        if method in FIXED_ONLY and not fa4_backend.is_fixed(pattern):
             continue
         error = None
         if method in NEEDS_FA4 and not fa4_backend.available():

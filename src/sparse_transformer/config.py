@@ -66,9 +66,8 @@ class ModelConfig:
         if self.integration == "split" and self.n_head < pieces:
             raise ValueError(f"model.integration='split' needs n_head >= {pieces} (one group of heads per part of "
                              f"{self.pattern!r}), got {self.n_head}")
-        qk = self.d_model // 2 if self.half_qk else self.d_model
-        if self.d_model % self.n_head or qk % self.n_head:
-            raise ValueError(f"model.d_model ({self.d_model}) and the query/key width ({qk}) must be "
+        if self.d_model % self.n_head or self.qk_width % self.n_head:
+            raise ValueError(f"model.d_model ({self.d_model}) and the query/key width ({self.qk_width}) must be "
                              f"divisible by n_head ({self.n_head})")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
@@ -93,6 +92,11 @@ class ModelConfig:
         """The one-part patterns interleaved layers and split heads use (one for dense or a part)."""
         from .patterns import parts
         return parts(self.attention_pattern())
+
+    @property
+    def qk_width(self) -> int:
+        """Width of the queries and keys: d_model, or half of it in half-size layers."""
+        return self.d_model // 2 if self.half_qk else self.d_model
 
     @property
     def axes(self) -> tuple[int, ...]:

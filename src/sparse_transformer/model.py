@@ -48,9 +48,8 @@ def backend_refusal(config: ModelConfig, device: torch.device, dtype: torch.dtyp
     can, or the backend is ``auto``), checked on shapes alone before anything is built."""
     if config.backend == "auto":
         return None
-    qk_width = config.d_model // 2 if config.half_qk else config.d_model
     point = torch.zeros((), device=device, dtype=dtype)
-    q = point.expand(1, config.n_head, config.context, qk_width // config.n_head)
+    q = point.expand(1, config.n_head, config.context, config.qk_width // config.n_head)
     v = point.expand(1, config.n_head, config.context, config.d_model // config.n_head)
     for patterns in dict.fromkeys(layer_patterns(config)):
         for pattern in patterns:
@@ -68,7 +67,7 @@ class Attention(nn.Module):
         super().__init__()
         d, h = config.d_model, config.n_head
         self.n_head, self.patterns, self.backend = h, tuple(patterns), config.backend
-        self.qk_width = d // 2 if config.half_qk else d
+        self.qk_width = config.qk_width
         # Queries, then each head's key and value side by side (the row a sampling cache stores): one matmul.
         self.qkv = nn.Linear(d, 2 * self.qk_width + d)
         self.proj = nn.Linear(d, d)

@@ -106,12 +106,16 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+def compute_dtype(precision: str) -> torch.dtype:
+    """The dtype a resolved precision ("fp32", "bf16", "fp16") computes the forward pass in."""
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
 def autocast(precision: str, device: torch.device):
     """The forward-pass context for a resolved precision ("fp32", "bf16", "fp16")."""
     if precision == "fp32":
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
+    return torch.autocast(device.type, dtype=compute_dtype(precision))
 
 
 def make_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler:

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ..patterns import Part, Pattern
 from ..patterns.base import covered
-from .flex import make_block_mask
+from .flex import make_block_mask, slot_table
 
 
 def _gathers(part: Part) -> bool:
@@ -39,13 +39,8 @@ def concatenated_layout(pattern: Pattern, heads: int, n: int, device: str):
     tables, owners = [], []
     for index, part in enumerate(parts):
         if _gathers(part):
-            rows = [part.slots(h, n).positions for h in range(heads)]
-            width = max(len(r) for r in rows)
-            table = torch.full((heads, width), n, dtype=torch.long)  # padding at position n: never admitted
-            for h, r in enumerate(rows):
-                table[h, :len(r)] = r
-            tables.append(table)
-            owners.append(torch.full((width,), index))
+            tables.append(slot_table(part, heads, n))
+            owners.append(torch.full((tables[-1].shape[1],), index))
     positions = torch.cat([torch.arange(n).expand(heads, n)] + tables, 1).to(device)
     owner = torch.cat([torch.full((n,), -1)] + owners).to(device)  # -1: a sequence key
     sequence = [i for i, p in enumerate(parts) if not _gathers(p)]

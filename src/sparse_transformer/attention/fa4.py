@@ -53,6 +53,15 @@ def fixed_sizes(pattern: Pattern) -> tuple[int, int]:
     return pattern.parts[1].stride, pattern.parts[1].summary
 
 
+def is_fixed(pattern: Pattern) -> bool:
+    """Whether :func:`fixed_sizes` takes ``pattern``."""
+    try:
+        fixed_sizes(pattern)
+    except ValueError:
+        return False
+    return True
+
+
 def gathered_fixed_mask(q_idx, kv_idx, n, stride, summary):
     """The fixed pattern over ``[sequence keys | summary slots]``: a sequence key of the query's own
     block at or before it, or summary slot ``g = kv_idx - n``, which belongs to block ``g //
@@ -104,8 +113,4 @@ def supports(q: Tensor, v: Tensor, pattern: Pattern) -> bool:
     head width in (64, 128), and a fixed pattern (any summary width and distinct count)."""
     if not (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] == v.shape[-1] in (64, 128)):
         return False
-    try:
-        fixed_sizes(pattern)
-    except ValueError:
-        return False
-    return torch.cuda.get_device_capability(q.device)[0] >= 9 and available()
+    return is_fixed(pattern) and torch.cuda.get_device_capability(q.device)[0] >= 9 and available()

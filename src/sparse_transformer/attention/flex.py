@@ -143,16 +143,21 @@ def flex_part(q: Tensor, k: Tensor, v: Tensor, scale: float, part: Part, earlier
     return _flex(q, k, v, mask, scale, lse=True)
 
 
+def slot_table(part: Part, heads: int, n: int) -> Tensor:
+    """Each head's fixed key positions of ``part`` (``part.slots``), ``[heads, at least 1]``, padded
+    with position ``n``, which no query admits."""
+    rows = [part.slots(h, n).positions for h in range(heads)]
+    table = torch.full((heads, max(1, max(len(r) for r in rows))), n, dtype=torch.long)
+    for h, r in enumerate(rows):
+        table[h, :len(r)] = r
+    return table
+
+
 @torch.compiler.disable
 @functools.lru_cache(maxsize=64)
 def _gathered(part: Part, earlier: tuple[Part, ...], heads: int, n: int, device: str):
     """``(positions [H, G], block mask)``: each head's key positions (``part.slots``), padded."""
-    rows = [part.slots(h, n).positions for h in range(heads)]
-    width = max(1, max(len(r) for r in rows))
-    positions = torch.full((heads, width), n, dtype=torch.long)  # padding: position n, never admitted
-    for h, r in enumerate(rows):
-        positions[h, :len(r)] = r
-    positions = positions.to(device)
+    positions = slot_table(part, heads, n).to(device)
 
     def mask_mod(b, h, q_idx, kv_idx):
         j = positions[h, kv_idx]
@@ -160,7 +165,7 @@ def _gathered(part: Part, earlier: tuple[Part, ...], heads: int, n: int, device:
         mine = (j <= q_idx) & part.allowed(b, h, q_idx, j)
         return mine if hit is None else mine & ~hit
 
-    return positions, make_block_mask(mask_mod, None, heads, n, width, device)
+    return positions, make_block_mask(mask_mod, None, heads, n, positions.shape[1], device)
 
 
 def flex_gathered(q: Tensor, k: Tensor, v: Tensor, scale: float, part: Part,

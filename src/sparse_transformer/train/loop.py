@@ -25,7 +25,7 @@ from ..config import ModelConfig, TrainConfig, from_dict, to_dict
 from ..data import ByteDataset, check_context, position_axes
 from ..data.batches import Prefetcher, TrainBatches
 from ..model import SparseTransformer, backend_refusal, join_qkv
-from ..parallel import (World, all_reduce_mean, close_world, compiles, init_world, make_scaler,
+from ..parallel import (World, all_reduce_mean, close_world, compiles, compute_dtype, init_world, make_scaler,
                         main_process_first, parallelize, resolve_precision, wait_for_all)
 from ..weights import weight_shapes
 from . import checkpoint as ckpt
@@ -252,8 +252,7 @@ def _setup(config, run_dir, dataset, resume, world: World, progress) -> _Run:
     wrappers, the optimizer, the metrics; refusals come before anything is built or written."""
     precision = resolve_precision(config.precision, world.device)
     found = _resume_point(run_dir, resume, world)  # before loading data: a refusal should be quick
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    problem = backend_refusal(config.model, world.device, dtype)
+    problem = backend_refusal(config.model, world.device, compute_dtype(precision))
     if problem:
         raise ValueError(problem)
     changes = run_folder.resume_changes(found, config) if found else ""
