@@ -1,6 +1,8 @@
 """The FlashAttention-4 forms of the fixed pattern (issue 28's benchmark): the gathered layout and its
 closed-form mask on the CPU; the kernels themselves on a GPU with flash-attn-4 installed."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -87,6 +89,31 @@ def test_fa4_forms_against_the_reference(form, pattern):
         assert_close_norm(a.double(), b, torch.bfloat16)
 
 
+@pytest.mark.gpu
+def test_auto_takes_fa4_at_long_context():
+    """On a Hopper GPU with flash-attn-4, auto runs fixed 128/32 at 32,768 tokens on fa4 (and on
+    triton at 16,384), with values and gradients of the portable backend in float32."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("needs a Hopper or newer GPU")
+    if not fa4.available():
+        pytest.skip(f"needs FlashAttention-4: {fa4.INSTALL}")
+    from sparse_transformer.attention import choose_backend
+
+    pattern, g = P.fixed(128, 32), torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, 2, fa4.AUTO_MIN_TOKENS, 64, device="cuda", generator=g, dtype=torch.bfloat16)
+               .requires_grad_() for _ in range(3))
+    assert choose_backend(q, pattern) == "fa4" and choose_backend(q[:, :, :16384], pattern) == "triton"
+    out = st.sparse_attention(q, k, v, pattern)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    ref = [x.detach().float().requires_grad_() for x in (q, k, v)]
+    expected = st.sparse_attention(*ref, pattern, backend="torch")
+    want = torch.autograd.grad(expected, ref, grad.float())
+    assert_close_norm(out, expected, torch.bfloat16)
+    for a, b in zip(got, want):
+        assert_close_norm(a, b, torch.bfloat16)
+
+
 @pytest.mark.parametrize("case", ["causal", "per_head_window", "positions_table", "block_or_prefix", "per_batch"])
 def test_block_masks_built_in_bands_equal_create_block_mask(case):
     """make_block_mask (query bands, so a long mask never exists whole) gives create_block_mask's
@@ -120,9 +147,9 @@ def test_block_masks_built_in_bands_equal_create_block_mask(case):
     assert got.seq_lengths == (q_len, kv_len) and got.BLOCK_SIZE == expected.BLOCK_SIZE
 
 
-def test_fa4_backend_is_opt_in_and_refuses_what_it_cannot_run():
-    """fa4 is listed, never chosen by auto, and refused (naming the backend) off a Hopper GPU with
-    flash-attn-4, or for a pattern other than fixed."""
+def test_fa4_backend_is_listed_and_refuses_what_it_cannot_run():
+    """fa4 is listed, not chosen by auto here (no CUDA), and refused (naming the backend) off a
+    Hopper GPU with flash-attn-4, or for a pattern other than fixed."""
     from sparse_transformer.attention import BACKENDS, available_backends, choose_backend
 
     assert "fa4" in BACKENDS
@@ -132,3 +159,24 @@ def test_fa4_backend_is_opt_in_and_refuses_what_it_cannot_run():
         st.sparse_attention(q, q, q, P.fixed(16, 4), 0.125, backend="fa4")
     assert not fa4.supports(q, q, P.strided(16)) and not fa4.supports(q.float(), q.float(), P.fixed(16, 4))
 
+
+
+def test_auto_picks_fa4_only_where_it_was_measured_faster(monkeypatch):
+    """With fa4 able to run (stubbed here), auto takes it for fixed stride 128, D = 64, N >= 32,768,
+    and for nothing shorter, narrower, of another stride, or while torch.compile traces."""
+    from sparse_transformer.attention import BACKENDS, choose_backend
+
+    monkeypatch.setattr(fa4, "supports", lambda q, v, pattern: fa4.is_fixed(pattern))
+    long = torch.zeros(1, 1, fa4.AUTO_MIN_TOKENS, 64, dtype=torch.bfloat16)
+    assert fa4.auto_picks(long, long, P.fixed(128, 32)) and fa4.auto_picks(long, long, P.fixed(128, 16, 4))
+    assert not fa4.auto_picks(long[:, :, :-128], long[:, :, :-128], P.fixed(128, 32))
+    assert not fa4.auto_picks(long, long, P.fixed(256, 32)) and not fa4.auto_picks(long, long, P.strided(128))
+    wide = torch.zeros(1, 1, fa4.AUTO_MIN_TOKENS, 128, dtype=torch.bfloat16)
+    assert not fa4.auto_picks(wide, wide, P.fixed(128, 32))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert not fa4.auto_picks(long, long, P.fixed(128, 32))
+    # auto asks fa4 first: where its test holds it wins, else the next backend
+    monkeypatch.setitem(BACKENDS, "fa4", dataclasses.replace(BACKENDS["fa4"], auto_supports=lambda q, v, p: True))
+    assert choose_backend(long, P.fixed(128, 32)) == "fa4"
+    monkeypatch.setitem(BACKENDS, "fa4", dataclasses.replace(BACKENDS["fa4"], auto_supports=lambda q, v, p: False))
+    assert choose_backend(long, P.fixed(128, 32)) == "torch"

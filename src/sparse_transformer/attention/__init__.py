@@ -92,6 +92,13 @@ def _fa4_supports(q: Tensor, v: Tensor, pattern: Pattern) -> bool:
     return supports(q, v, pattern)
 
 
+def _fa4_auto(q: Tensor, v: Tensor, pattern: Pattern) -> bool:
+    if torch.compiler.is_compiling() or not q.is_cuda:  # before the import: compiled code cannot trace it
+        return False
+    from .fa4 import auto_picks
+    return auto_picks(q, v, pattern)
+
+
 BACKENDS: dict[str, Backend] = {
     "reference": Backend("reference", lambda: reference_attention, _always,
                          "dense mask in float64; the oracle, O(N^2)"),
@@ -104,14 +111,15 @@ BACKENDS: dict[str, Backend] = {
                     "FlexAttention with a cached BlockMask from pattern.mask_mod; any pattern, CUDA"),
     "fa4": Backend("fa4", _load_fa4, _fa4_supports,
                    "FlashAttention-4's Hopper kernels on the fixed pattern's concatenated keys; fp16/bf16, "
-                   "sm90+, optional (pip install sparse-transformer[fa4]); opt-in, auto does not pick it"),
+                   "sm90+, optional (pip install sparse-transformer[fa4]); auto picks it for fixed stride 128, "
+                   "D = 64, N >= 32,768, outside torch.compile", auto_supports=_fa4_auto),
 }
 
-# Preference order for backend="auto"; the first that supports the inputs wins: triton on CUDA
-# when every part of the pattern has a kernel form, in fp16/bf16 (D in 16..128), flex for custom
-# patterns and for what triton cannot take (fp32, other D, a part without a kernel) on CUDA, torch
-# otherwise.
-AUTO_ORDER = ("triton", "flex", "torch")
+# Preference order for backend="auto"; the first that supports the inputs wins: fa4 where installed
+# and measured faster (the fixed pattern at long context, eager), triton on CUDA when every part of
+# the pattern has a kernel form, in fp16/bf16 (D in 16..128), flex for custom patterns and for what
+# triton cannot take (fp32, other D, a part without a kernel) on CUDA, torch otherwise.
+AUTO_ORDER = ("fa4", "triton", "flex", "torch")
 
 
 def available_backends(q: Tensor, pattern: Pattern, v: Optional[Tensor] = None) -> list[str]:

@@ -8,8 +8,8 @@ those to compute under a mask function written in CuTe. Here the keys are the co
 :func:`gathered_fixed_mask`, a closed form the kernel evaluates without a position table. One
 softmax, so FlashAttention-4's backward (which takes no gradient of the log-sum-exp) is exact.
 
-Opt-in (``backend="fa4"``): ``auto`` does not pick it (see docs/results.md, issue 28, for where it
-is faster than ``triton``).
+``auto`` picks it only where it was measured faster than ``triton`` (:func:`auto_picks`), and
+never inside ``torch.compile``: its CuTe launch is not traceable.
 """
 
 from __future__ import annotations
@@ -23,6 +23,12 @@ from torch import Tensor
 
 from ..patterns import Pattern
 from .concatenated import concatenated_keys
+
+# The measured crossover against triton (fixed 128/32, head width 64, H100; docs/results.md, issue 28):
+# faster from 32,768 tokens, slower at 16,384 and below.
+AUTO_MIN_TOKENS = 32768
+AUTO_STRIDE = 128
+AUTO_HEAD_WIDTH = 64
 
 INSTALL = "pip install sparse-transformer[fa4] (flash-attn-4 with nvidia-cutlass-dsl; a Hopper or newer GPU)"
 
@@ -114,3 +120,12 @@ def supports(q: Tensor, v: Tensor, pattern: Pattern) -> bool:
     if not (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] == v.shape[-1] in (64, 128)):
         return False
     return is_fixed(pattern) and torch.cuda.get_device_capability(q.device)[0] >= 9 and available()
+
+
+def auto_picks(q: Tensor, v: Tensor, pattern: Pattern) -> bool:
+    """Whether ``backend="auto"`` takes fa4: where :func:`supports` holds, on the shapes where it was
+    measured faster than ``triton`` (stride :data:`AUTO_STRIDE`, head width :data:`AUTO_HEAD_WIDTH`,
+    at least :data:`AUTO_MIN_TOKENS` tokens), and not while ``torch.compile`` traces."""
+    if torch.compiler.is_compiling() or q.shape[-1] != AUTO_HEAD_WIDTH or q.shape[-2] < AUTO_MIN_TOKENS:
+        return False
+    return supports(q, v, pattern) and fixed_sizes(pattern)[0] == AUTO_STRIDE
