@@ -2,6 +2,10 @@
 
 import argparse
 import json
+import os
+import socket
+import threading
+from pathlib import Path
 
 import matplotlib.image
 import numpy as np
@@ -143,6 +147,59 @@ def test_bad_input_is_caught_before_any_sampling(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["sample", "--checkpoint", str(text_model), "--top-k", "0"])
     assert "argument --top-k: expected an int >= 1, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo") or not Path("/dev/zero").exists(), reason="needs pipes and /dev/zero")
+def test_prime_file_may_be_a_pipe_or_a_device(tmp_path, capsys):
+    """/dev/null said "no such file": it is an empty prime, as an empty file is; a pipe is read as a file is."""
+    folder, _ = save(tmp_path, ModelConfig(n_layer=1, n_head=2, d_model=16, context=32, stride=8, summary=2))
+
+    def sample(name, *prime):
+        out = tmp_path / name
+        assert main(["sample", "--checkpoint", str(folder), "--n", "2", "--steps", "12", "--temperature", "0",
+                     "--out", str(out), "--no-progress", *map(str, prime)]) == 0, capsys.readouterr().err
+        return (out / "samples.txt").read_bytes()
+
+    empty = tmp_path / "empty.txt"
+    empty.write_bytes(b"")
+    assert sample("null", "--prime-file", "/dev/null") == sample("empty", "--prime-file", empty)
+    pipe = tmp_path / "prime.fifo"  # as `--prime-file <(printf 'def ')` passes it
+    os.mkfifo(pipe)
+    writer = threading.Thread(target=pipe.write_bytes, args=(b"def ",), daemon=True)
+    writer.start()
+    from_pipe = sample("pipe", "--prime-file", pipe)
+    writer.join(timeout=30)
+    assert not writer.is_alive() and from_pipe == sample("text", "--prime-text", "def ")
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(tmp_path / "s.sock"))
+        out = tmp_path / "o"
+        for prime, message in (
+                # A device that never ends is read only as far as the context: one line, no hang.
+                ("/dev/zero", "--prime-file /dev/zero is 32 bytes or more, leaving no room in the model's context 32"),
+                (tmp_path / "s.sock", f"--prime-file {tmp_path / 's.sock'} is a socket; expected a file of bytes")):
+            assert main(["sample", "--checkpoint", str(folder), "--prime-file", str(prime), "--out", str(out),
+                         "--no-progress"]) == 2
+            assert message in capsys.readouterr().err
+            assert not out.exists()
+
+
+def test_a_checkpoint_that_is_not_a_folder_is_named_with_what_is_expected(tmp_path, capsys):
+    """A file given as --checkpoint read "<file> holds no model.safetensors ... under <file>/checkpoints"."""
+    folder, _ = save(tmp_path, ModelConfig(n_layer=1, n_head=2, d_model=16, context=32, stride=8, summary=2))
+    expected = "expected a checkpoint or save_pretrained folder (with model.safetensors) or a run folder"
+    (tmp_path / "empty").mkdir()
+    cases = [(folder / "config.json", f"--checkpoint {folder / 'config.json'} is a file; {expected}"),
+             (folder / "model.safetensors", f"is a file; {expected} (pass its folder, {folder})"),
+             (os.devnull, f"--checkpoint {os.devnull} is not a folder; {expected}"),
+             (tmp_path / "empty", f"--checkpoint {tmp_path / 'empty'} holds no model.safetensors and no intact "
+                                  f"checkpoint under {tmp_path / 'empty' / 'checkpoints'}; {expected}"),
+             (tmp_path / "missing", f"--checkpoint {tmp_path / 'missing'}: no such file or folder; {expected}")]
+    for command in (["eval"], ["sample", "--out", str(tmp_path / "o")]):
+        for checkpoint, message in cases:
+            assert main(command + ["--checkpoint", str(checkpoint), "--no-progress"]) == 2
+            err = capsys.readouterr().err
+            assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "o").exists()
 
 
 def test_eval_on_other_pictures_keeps_the_runs_tile(tmp_path, capsys, monkeypatch):

@@ -279,7 +279,11 @@ def test_bad_run_arguments_are_one_line_and_write_nothing(tmp_path, data_file, c
     run = tmp_path / "run"
     for extra, message in ((["--set", "model.vocab_size=2"], "model.vocab_size 2 does not cover the data: the "
                                                              "train split of text holds byte value"),
-                           (["--epochs", "1e308"], "schedule.epochs 1e+308 is more steps than can be counted")):
+                           (["--epochs", "1e308"], "schedule.epochs 1e+308 is more steps than can be counted"),
+                           # Trained as if the sizes were never given (the spec carries its own).
+                           (["--set", "model.pattern=local:16+global_tokens:4", "--set", "model.stride=64"],
+                            "model.stride=64 has no effect on the attention of "
+                            "model.pattern='local:16+global_tokens:4' (a spec carries its own sizes)")):
         assert cli_train(data_file, run, *extra) == 2
         assert message in one_error_line(capsys.readouterr().err)
         assert not run.exists()  # refused before anything was built or written

@@ -90,6 +90,33 @@ def test_overrides_checked_together_apply_in_any_order():
         override(config, "model.summary=8", "model.stride=16")
 
 
+def test_sizes_set_next_to_a_spec_pattern_are_refused_not_ignored():
+    spec = "model.pattern=local:16+global_tokens:4"
+    tiny = presets.get("tiny")  # context 256, fixed stride 16, summary 4
+    with pytest.raises(ValueError, match=r"^model.stride=64 has no effect on the attention of model.pattern="
+                                         r"'local:16\+global_tokens:4' \(a spec carries its own sizes\); drop it or "
+                                         r"use model.pattern=strided or fixed; for position tables of rows of 64, "
+                                         r"set model.position_axes=4x64$"):
+        override(tiny, spec, "model.stride=64")
+    with pytest.raises(ValueError, match=r"^model.summary=8 and model.distinct=2 have no effect .*; drop them or "
+                                         r"use model.pattern=fixed$"):
+        override(tiny, "model.distinct=2", "model.summary=8", spec)  # in any order
+    with pytest.raises(ValueError, match=r"^model.stride=64 has no effect .* or fixed$"):  # no rows: axes are set
+        override(presets.get("cifar10"), spec, "model.stride=64")
+    with pytest.raises(ValueError, match=r"^model.summary=8 has no effect .*'strided:32'"):  # a spec of strided
+        override(tiny, "model.pattern=strided:32", "model.summary=8")
+    # Kept: the defaults said out loud, a preset's own sizes, a saved run's config, and the named
+    # patterns a sweep sizes alike (docs/results.md: dense, strided, fixed with stride 128, summary 32).
+    assert override(tiny, spec, "model.stride=16", "model.summary=4").model.pattern == "local:16+global_tokens:4"
+    assert override(presets.get("enwik8-small"), spec).model.summary == 16
+    saved = override(presets.get("enwik8-small"), spec)
+    assert from_dict(TrainConfig, to_dict(dataclasses.replace(saved, model=dataclasses.replace(
+        saved.model, stride=64)))).model.stride == 64
+    for pattern in ("dense", "strided"):
+        model = override(tiny, f"model.pattern={pattern}", "model.stride=128", "model.summary=32").model
+        assert (model.stride, model.summary) == (128, 32)
+
+
 @pytest.mark.parametrize("assignment,message", [
     ("model.n_layer=many", r"^model.n_layer: expected int, got 'many'"),
     ("data.tile=big", r"^data.tile: expected int values separated by ',' or 'x'"),

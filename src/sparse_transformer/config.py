@@ -293,7 +293,31 @@ def override(config: TrainConfig, *assignments: str) -> TrainConfig:
                 fields[f.name] = rebuild(child, path + (f.name,))
         return dataclasses.replace(owner, **fields) if fields else owner  # replace re-runs validation
 
-    return rebuild(config, ())
+    result = rebuild(config, ())
+    _refuse_unused_sizes(result.model, changes.get(("model",), {}))
+    return result
+
+
+def _refuse_unused_sizes(model: ModelConfig, assigned: dict[str, Any]) -> None:
+    """A spec pattern (``local:256+global_tokens:16``) carries its own sizes, so ``stride``, ``summary``
+    and ``distinct`` set on the command line next to one would change nothing the user meant; refuse
+    them rather than train a model other than the one asked for. Only explicit overrides to other than
+    the field's default are refused: a preset's or a saved run's sizes stay valid under any pattern."""
+    if model.pattern in PATTERNS:
+        return
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+    unused = [name for name in ("stride", "summary", "distinct")
+              if name in assigned and assigned[name] != defaults[name]]
+    if not unused:
+        return
+    named = " and ".join(f"model.{name}={assigned[name]}" for name in unused)
+    # stride still sets the position tables' row length; say how to ask for that without it.
+    width = min(model.stride, model.context)
+    rows = f"; for position tables of rows of {width}, set model.position_axes={-(-model.context // width)}x{width}"
+    raise ValueError(f"{named} {'has' if len(unused) == 1 else 'have'} no effect on the attention of "
+                     f"model.pattern={model.pattern!r} (a spec carries its own sizes); drop "
+                     f"{'it' if len(unused) == 1 else 'them'} or use model.pattern={'strided or ' * (unused == ['stride'])}fixed"
+                     + (rows if "stride" in unused and model.position_axes is None else ""))
 
 
 def _parse_assignment(config: TrainConfig, assignment: str) -> tuple[tuple[str, ...], str, Any]:

@@ -47,11 +47,16 @@ def resolve_checkpoint(path: str | Path) -> Path:
     path = Path(path)
     if (path / WEIGHTS_FILE).is_file():
         return path
+    expected = f"expected a checkpoint or save_pretrained folder (with {WEIGHTS_FILE}) or a run folder"
+    if not path.exists():
+        raise FileNotFoundError(f"--checkpoint {path}: no such file or folder; {expected}")
+    if not path.is_dir():  # was "<file> holds no model.safetensors ... under <file>/checkpoints"
+        hint = f" (pass its folder, {path.parent})" if path.name == WEIGHTS_FILE else ""
+        raise ValueError(f"--checkpoint {path} is {'a file' if path.is_file() else 'not a folder'}; {expected}{hint}")
     found = latest_checkpoint(path)
     if found is None:
-        if not path.exists():
-            raise FileNotFoundError(f"--checkpoint {path}: no such file or folder")
-        raise ValueError(f"{path} holds no {WEIGHTS_FILE} and no intact checkpoint under {path}/checkpoints")
+        raise ValueError(f"--checkpoint {path} holds no {WEIGHTS_FILE} and no intact checkpoint under "
+                         f"{path / 'checkpoints'}; {expected}")
     return found
 
 

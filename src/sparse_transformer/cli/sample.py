@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import stat
 import sys
 from pathlib import Path
 
@@ -75,6 +77,30 @@ def _test_images(args, train_config, shape, k: int):
     return np.asarray(test[:k * length]).reshape(k, length)
 
 
+def _check_prime_file(path: Path) -> None:
+    """Refuse a --prime-file that cannot be read, before the model loads. A pipe (``<(command)``) or a
+    device is read like a file: ``/dev/null`` is an empty prime, as an empty file is."""
+    if path.is_dir():
+        raise ValueError(f"--prime-file {path} is a folder; expected a file of bytes")
+    if not path.exists():
+        raise FileNotFoundError(f"--prime-file {path}: no such file; expected a file of bytes")
+    if stat.S_ISSOCK(path.stat().st_mode):  # open() fails on one with "No such device or address"
+        raise ValueError(f"--prime-file {path} is a socket; expected a file of bytes (a pipe or a device also do)")
+    if not os.access(path, os.R_OK):
+        raise PermissionError(f"--prime-file {path} cannot be read (permission denied); expected a readable file")
+
+
+def _read_prime(path: Path, limit: int) -> tuple[bytes, str]:
+    """The bytes of --prime-file and their count in words. Of a pipe or a device (``/dev/zero`` never
+    ends) at most ``limit`` bytes are read: as many are already too long a prime."""
+    if path.is_file():
+        prime = path.read_bytes()
+        return prime, f"{len(prime):,} bytes"
+    with open(path, "rb") as stream:
+        prime = stream.read(limit)
+    return prime, f"{len(prime):,} bytes" + (" or more" if len(prime) == limit else "")
+
+
 def _outputs(kind: str, args: argparse.Namespace) -> list[str]:
     """The files this command writes into --out."""
     names = []
@@ -106,15 +132,8 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; expected a folder for the samples")
-    prime = b""
     if args.prime_file is not None:
-        if Path(args.prime_file).is_dir():
-            raise ValueError(f"--prime-file {args.prime_file} is a folder; expected a file of bytes")
-        if not Path(args.prime_file).is_file():
-            raise FileNotFoundError(f"--prime-file {args.prime_file}: no such file")
-        prime = Path(args.prime_file).read_bytes()
-    elif args.prime_text is not None:
-        prime = args.prime_text.encode("utf-8")
+        _check_prime_file(Path(args.prime_file))
     folder = resolve_checkpoint(args.checkpoint)
     device = resolve_device(args.device)
     model = load_model(folder, device, allow_unverified=args.allow_unverified, backend=args.backend).eval()
@@ -123,9 +142,13 @@ def run(args: argparse.Namespace) -> int:
     dataset = train_config.data.dataset if train_config is not None else "stdlib"
     kind, shape = sample_io.data_kind(dataset, config.axes, config.context)
     # Everything that can be wrong is checked before the first byte is sampled, not after minutes of it.
-    where = f"--prime-file {args.prime_file}" if args.prime_file is not None else "--prime-text"
+    prime = (args.prime_text or "").encode("utf-8")
+    where, size = "--prime-text", f"{len(prime):,} bytes"
+    if args.prime_file is not None:
+        prime, size = _read_prime(Path(args.prime_file), config.context)
+        where = f"--prime-file {args.prime_file}"
     if args.n and len(prime) >= config.context:
-        raise ValueError(f"{where} is {len(prime):,} bytes, leaving no room in the model's context "
+        raise ValueError(f"{where} is {size}, leaving no room in the model's context "
                          f"{config.context:,}; use a shorter prime")
     steps = args.steps if args.steps is not None else config.context - len(prime)
     if args.n and len(prime) + steps > config.context:
