@@ -91,8 +91,8 @@ def test_triton_splits_the_queries_of_few_global_key_tiles():
     pattern = P.global_tokens(16) | P.local(24)
     config = KernelConfig(tiles=(16, 16, 1, 1))
     _, _, dkdv = _pass_plan(plan(pattern, 257), torch.Size((1, 2, 257, 16)), 16, config, False, True, tk)
-    assert dkdv[0].constexprs["SPLIT"] and dkdv[0].args[-1] == 4  # 17 query tiles: 4 shares of at most 5
-    assert not dkdv[1].constexprs["SPLIT"]  # the window: as many programs as key tiles
+    assert not dkdv[0].constexprs["SPLIT"]  # the window first (it writes every key): one program a key tile
+    assert dkdv[1].constexprs["SPLIT"] and dkdv[1].args[-1] == 4  # 17 query tiles: 4 shares of at most 5
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(1, 2, 257, 16, generator=g).half().requires_grad_() for _ in range(3))
     out = triton_attention(q, k, v, pattern, 0.25, config)

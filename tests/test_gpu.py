@@ -101,7 +101,7 @@ def test_triton_backward_tile_shapes_of_the_tutorial(pattern):
 
 
 @pytest.mark.parametrize("tma", [True, False])
-@pytest.mark.parametrize("pattern", [P.strided(128), P.fixed(128, 32, distinct=4), P.dense()], ids=str)
+@pytest.mark.parametrize("pattern", [P.strided(128), P.fixed(128, 32, distinct=4), P.dense(), UNIONS[0]], ids=str)
 def test_triton_loads_through_descriptors_or_pointers(pattern, tma):
     """N = 4,096, whole blocks, so every view fits a tensor descriptor: both load paths, forced,
     against the reference (the default picks per launch)."""

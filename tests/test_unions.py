@@ -78,6 +78,34 @@ def test_triton_on_random_unions(pattern):
         against_reference("triton", pattern, (1, 2, n, 16), torch.bfloat16, assert_close_norm, seed=n)
 
 
+@needs_interpreter
+@pytest.mark.parametrize("pattern", [P.global_tokens(1024), P.global_tokens(600) | P.local(16),
+                                     P.global_tokens(8) | P.local(16)], ids=str)
+def test_triton_split_global_tokens_dkdv(pattern):
+    """Global tokens' dK/dV splits its queries between programs whose fp32 shares the host adds up
+    (N = 512: 8 key tiles). With count >= N that part covers every key; its launch still leaves the
+    sum to the host, so dK/dV must start at zero (they once started uninitialised: NaN)."""
+    against_reference("triton", pattern, (1, 1, 512, 16), torch.bfloat16, assert_close_norm, seed=3)
+
+
+def test_triton_dkdv_launches_start_with_a_part_that_writes_every_key():
+    """A part that stores every key row goes first in the dK/dV launches (no zeroing of dK, dV);
+    global tokens (kept to their first keys, maybe split) and summary slots never do."""
+    from sparse_transformer.attention import triton_kernels
+    from sparse_transformer.attention.triton_sparse import KernelConfig, _pass_plan, plan
+    from sparse_transformer.patterns.plans import BAND, BLOCK, SUMMARY
+
+    def dkdv(pattern, n):
+        launches = _pass_plan(plan(pattern, n), torch.Size((1, 2, n, 16)), 16, KernelConfig(), False, True,
+                              triton_kernels)[2]
+        return [(launch.parts[0].mode, launch.parts[0].keys, launch.constexprs["ACCUMULATE"]) for launch in launches]
+
+    assert dkdv(P.global_tokens(64) | P.local(512), 4096) == [(BAND, 0, False), (BAND, 64, True)]
+    assert dkdv(P.global_tokens(4096), 1024) == [(BAND, 1024, True)]  # covers every key, but keyed: zeroed first
+    assert dkdv(P.fixed(16, 4), 256) == [(BLOCK, 0, False), (SUMMARY, 0, True)]
+    assert dkdv(P.summary(16, 4), 256) == [(SUMMARY, 0, True)]
+
+
 def test_triton_plans_come_from_the_parts():
     """Strided and fixed keep their launches; other overlaps are excluded by position tests."""
     from sparse_transformer.attention.triton_sparse import _launches, plan
@@ -95,6 +123,12 @@ def test_triton_plans_come_from_the_parts():
     assert wide_block.dmin == 5
     block, col, summ = plan(P.block(12) | P.column(5) | P.summary(8, 2), 256)
     assert [p.mode for p in col.exclude] == [BLOCK] and [p.mode for p in summ.exclude] == [BLOCK, BAND]
+    # global tokens share the launch of the window or block after them; a summary pair comes first
+    modes = lambda pattern: [[p.mode for p in launch] for launch in _launches(plan(pattern, 4096))]  # noqa: E731
+    assert modes(P.global_tokens(64) | P.local(512)) == [[BAND, BAND]]
+    assert modes(P.global_tokens(16) | P.local(128) | P.column(128)) == [[BAND, BAND], [BLOCK]]  # column packed
+    assert modes(P.global_tokens(7) | P.block(64) | P.summary(128, 16, 4)) == [[BAND], [BLOCK, SUMMARY]]
+    assert modes(P.global_tokens(7) | P.global_tokens(9)) == [[BAND]]  # one part: the larger holds the smaller
 
 
 @pytest.mark.slow
@@ -112,7 +146,8 @@ def test_union_kernels_compile_for_hopper_without_a_gpu():
     root = Path(__file__).resolve().parents[1]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(root / "src")
-    for pattern, launches in (("block:64+column:33+summary:128:16:4", 9), ("window_column_global", 9)):
+    for pattern, launches in (("block:64+column:33+summary:128:16:4", 9), ("window_column_global", 7),
+                              ("window_global", 4)):
         done = subprocess.run([sys.executable, str(root / "benchmarks" / "kernel_resources.py"), "--pattern", pattern,
                                "--n", "1024", "--tokens", "2048"], env=env, capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, done.stderr[-3000:]

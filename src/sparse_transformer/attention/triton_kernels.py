@@ -38,8 +38,8 @@ With ``TMA`` the loops load their tiles through tensor descriptors (the copy eng
 ``_load_rows``), else through pointers. A forward launch
 with ``MERGE`` starts its online softmax from a previous part's (output, lse): parts on disjoint
 key sets merge exactly, as one softmax. With ``TWO_PARTS`` the forward and dQ kernels run a second
-part (``MODE2``) over the same query rows in the same program (the fixed pattern's local and
-summary parts).
+part (``MODE2``) over the same query rows in the same program: the fixed pattern's block and
+summary parts, or global tokens and the window or block after them (width ``W2``).
 """
 
 from __future__ import annotations
@@ -325,7 +325,7 @@ def _fwd_part(acc, l_i, m_i, q, Kb, Vb, KD, VD, bh, i_lo, i_hi, offs_m, offs_n, 
 
 @triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, O_PREV, KD, VD, KD2, VD2, LO, XP, XP2, N, H, n_tiles, NCOLS, STEP, W, KEYS, L, C,
-                scale2, MODE: tl.constexpr, DMIN: tl.constexpr, MODE2: tl.constexpr, DMIN2: tl.constexpr,
+                W2, scale2, MODE: tl.constexpr, DMIN: tl.constexpr, MODE2: tl.constexpr, DMIN2: tl.constexpr,
                 TWO_PARTS: tl.constexpr, MERGE: tl.constexpr, PACKED: tl.constexpr, Q_IN_REGISTERS: tl.constexpr,
                 QK_DIM: tl.constexpr, V_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 UPCAST: tl.constexpr, TMA: tl.constexpr, EXCL: tl.constexpr, EXCL_COUNT: tl.constexpr,
@@ -367,9 +367,9 @@ def _fwd_kernel(Q, K, V, O, LSE, O_PREV, KD, VD, KD2, VD2, LO, XP, XP2, N, H, n_
                               STEP, len_q, _key_count(N, len_q, KEYS, L, C, lo, MODE, KEYED), W, L, C, lo, scale2,
                               q_pos, XP, H, MODE, DMIN, PACKED, QK_DIM, V_DIM, BLOCK_N, UPCAST, TMA, EXCL, EXCL_COUNT,
                               KEYED)
-    if TWO_PARTS:  # the second part is a summary part: it reads L, C and lo, the first W and KEYS
+    if TWO_PARTS:  # the first part reads W and KEYS; the second W2 (a band or block) or L, C and lo (summary)
         acc, l_i, m_i = _fwd_part(acc, l_i, m_i, q, Kb, Vb, KD2, VD2, bh, i_lo, i_hi, offs_m, offs_n, offs_qk, offs_v,
-                                  col, STEP, len_q, _key_count(N, len_q, 0, L, C, lo, MODE2, False), W, L, C, lo,
+                                  col, STEP, len_q, _key_count(N, len_q, 0, L, C, lo, MODE2, False), W2, L, C, lo,
                                   scale2, q_pos, XP2, H, MODE2, DMIN2, PACKED, QK_DIM, V_DIM, BLOCK_N, UPCAST, TMA,
                                   EXCL2, EXCL_COUNT2, False)
     empty = l_i == 0.0  # no admissible key: output 0, lse -inf
@@ -412,7 +412,7 @@ def _dq_part(dq, q, do, lse, delta, Kb, Vb, KD, VD, bh, i_lo, i_hi, offs_m, offs
 
 @triton.jit
 def _dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, KD, VD, KD2, VD2, LO, XP, XP2, N, H, n_tiles, NCOLS, STEP, W, KEYS,
-               L, C, scale, scale2, MODE: tl.constexpr, DMIN: tl.constexpr, MODE2: tl.constexpr, DMIN2: tl.constexpr,
+               L, C, W2, scale, scale2, MODE: tl.constexpr, DMIN: tl.constexpr, MODE2: tl.constexpr, DMIN2: tl.constexpr,
                TWO_PARTS: tl.constexpr, ACCUMULATE: tl.constexpr, WRITE_DELTA: tl.constexpr, PACKED: tl.constexpr,
                QK_DIM: tl.constexpr, V_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                UPCAST: tl.constexpr, TMA: tl.constexpr, EXCL: tl.constexpr, EXCL_COUNT: tl.constexpr,
@@ -454,7 +454,7 @@ def _dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, KD, VD, KD2, VD2, LO, XP, XP2, N,
                   DMIN, PACKED, QK_DIM, V_DIM, BLOCK_N, UPCAST, TMA, EXCL, EXCL_COUNT, KEYED)
     if TWO_PARTS:
         dq = _dq_part(dq, q, do, lse, delta, Kb, Vb, KD2, VD2, bh, i_lo, i_hi, offs_m, offs_n, offs_qk, offs_v, col,
-                      STEP, len_q, _key_count(N, len_q, 0, L, C, lo, MODE2, False), W, L, C, lo, scale2, q_pos, XP2, H,
+                      STEP, len_q, _key_count(N, len_q, 0, L, C, lo, MODE2, False), W2, L, C, lo, scale2, q_pos, XP2, H,
                       MODE2, DMIN2, PACKED, QK_DIM, V_DIM, BLOCK_N, UPCAST, TMA, EXCL2, EXCL_COUNT2, False)
     dq = dq * scale
     if ACCUMULATE:  # an earlier part (separate launch) already wrote its share

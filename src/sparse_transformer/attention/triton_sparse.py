@@ -150,22 +150,33 @@ def _interpreting() -> bool:
 
 
 def _launches(parts: tuple[Part, ...]) -> tuple[tuple[Part, ...], ...]:
-    """Parts grouped into query-tiled launches. A part over the sequence's rows followed by a
-    summary part share the query view and no launch argument (BAND and BLOCK read ``W`` and
-    ``KEYS``, SUMMARY ``L, C`` and ``lo``), so one launch runs both in one online softmax: no
-    partial output between them (the fixed pattern's two parts)."""
+    """Parts grouped into query-tiled launches: two parts over the sequence's rows share one launch,
+    one online softmax and no partial output between them, when the second only adds keys to the
+    first's query tiles. That is a part followed by summary slots (the fixed pattern: the second
+    reads ``L, C`` and ``lo``), or global tokens followed by a window or block (the second reads
+    ``W2``, which its own first key tile leaves the global keys out of); the summary pair wins where
+    both could form."""
     launches, index = [], 0
     while index < len(parts):
-        first = parts[index]
         pair = parts[index:index + 2]
-        if (len(pair) == 2 and first.mode != SUMMARY and pair[1].mode == SUMMARY and first.step == 1
-                and pair[1].step == 1):
+        if _summary_pair(pair) or (_prefix_pair(pair) and not _summary_pair(parts[index + 1:index + 3])):
             launches.append(pair)
             index += 2
         else:
-            launches.append((first,))
+            launches.append(pair[:1])
             index += 1
     return tuple(launches)
+
+
+def _summary_pair(pair: tuple[Part, ...]) -> bool:
+    return (len(pair) == 2 and pair[0].mode != SUMMARY and pair[1].mode == SUMMARY and pair[0].step == 1
+            and pair[1].step == 1)
+
+
+def _prefix_pair(pair: tuple[Part, ...]) -> bool:
+    """Global tokens (a band kept to its first keys) and then a band or block over the sequence."""
+    return (len(pair) == 2 and pair[0].mode == BAND and pair[0].keys > 0 and pair[0].step == 1
+            and pair[1].mode != SUMMARY and pair[1].step == 1 and not pair[1].keys)
 
 
 def _grid_args(launch: tuple[Part, ...], n: int, heads: int, bh: int, block: int, keys: bool):
@@ -342,18 +353,21 @@ def _pass_plan(parts: tuple[Part, ...], shape: torch.Size, value_dim: int, confi
         for kernel, out in (("forward", forward), ("dq", dq)):
             bm, bn, warps, stages = config.resolve(d, launch[-1], kernel)
             grid, args = _grid_args(launch, n, h, b * h, bm, keys=False)
+            args = (*args, launch[-1].width)  # W2: the second part's width (unused by summary slots)
             # A later launch continues from the earlier ones: the forward from their output and
             # lse (MERGE), dQ adding to their dQ; the first dQ launch writes delta. The forward of
-            # short parts keeps q in registers (see triton_kernels, "register operands").
+            # a short part keeps q in registers (see triton_kernels, "register operands"); in a pair
+            # the last part, which sets the tiles, decides (global tokens add one key tile to a window).
             if kernel == "forward":
-                flags = dict(MERGE=idx > 0, Q_IN_REGISTERS=all(p.short for p in launch))
+                flags = dict(MERGE=idx > 0, Q_IN_REGISTERS=launch[-1].short)
             else:
                 flags = dict(ACCUMULATE=idx > 0, WRITE_DELTA=idx == 0)
             out.append(_Launch(launch, grid, args, dict(**_modes(launch), **flags, **dims, BLOCK_M=bm, BLOCK_N=bn,
                                                         UPCAST=upcast, num_warps=warps, num_stages=stages),
                                bn, tma and all(tma_fits(p, n, bn, keys=True) for p in launch), _tables(launch, n, h)))
-    first_covers_all = _first_covers_all_keys(parts, n)
-    for idx, part in enumerate(parts):
+    order = _dkdv_order(parts, n)
+    first_covers_all = _writes_every_key(order[0], n)
+    for idx, part in enumerate(order):
         (bm, bn, warps, stages), registers = config.launch(d, part, "dkdv")
         grid, args = _grid_args((part,), n, h, b * h, bn, keys=True)
         splits = _splits(part, grid[0], n, bm)
@@ -376,9 +390,18 @@ def _splits(part: Part, programs: int, n: int, block_m: int) -> int:
     return max(1, min(-(-TARGET_PROGRAMS // programs), -(-n // block_m) // 4))
 
 
-def _first_covers_all_keys(parts: tuple[Part, ...], n: int) -> bool:
-    """Whether the first dK/dV launch writes every key row (not a summary part, nor global tokens)."""
-    return parts[0].covers_every_key(n)
+def _dkdv_order(parts: tuple[Part, ...], n: int) -> tuple[Part, ...]:
+    """The parts in dK/dV launch order: one that writes every key row first (not a summary part, nor
+    global tokens), so that dK and dV need no zeroing; each launch adds its own part's share, so
+    the order is free."""
+    covering = next((p for p in parts if _writes_every_key(p, n)), None)
+    return parts if covering is None else (covering, *(p for p in parts if p is not covering))
+
+
+def _writes_every_key(part: Part, n: int) -> bool:
+    """Whether the part's dK/dV launch stores every key row itself: it covers every key and is not
+    kept to its first keys (such a launch may split its queries and leave the sum to the host)."""
+    return not part.keys and part.covers_every_key(n)
 
 
 def _plan_of(parts: tuple[Part, ...], q: Tensor, v: Tensor, config: KernelConfig):
@@ -418,7 +441,7 @@ def _backward(q, k, v, out, lse, do, parts, scale: float, config: KernelConfig):
         _launcher(tk._dq_kernel)[launch.grid](q, k, v, out, do, dq, lse, delta, *descriptors,
                                               *launch.table_tensors(q.device), *launch.args, scale, scale * LOG2E,
                                               TMA=tma, **launch.constexprs)
-    first_covers_all = _first_covers_all_keys(parts, q.shape[2])  # else dK/dV rows no part writes stay zero
+    first_covers_all = not dkdv_launches[0].constexprs["ACCUMULATE"]  # else rows no part writes stay zero
     dk = torch.empty_like(k) if first_covers_all else torch.zeros_like(k)
     dv = torch.empty_like(v) if first_covers_all else torch.zeros_like(v)
     for launch in dkdv_launches:
@@ -436,9 +459,8 @@ def _backward(q, k, v, out, lse, do, parts, scale: float, config: KernelConfig):
                                                 scale * LOG2E, TMA=tma, **launch.constexprs)
         if split:  # key rows are positions here (a part over the sequence's rows)
             rows = part.key_rows(n, 0)
-            for grad, shares in ((dk, dkp), (dv, dvp)):
-                total = shares[:, :, :rows].sum(0).view(b, h, rows, -1)
-                grad[:, :, :rows] = (grad[:, :, :rows].float() + total).to(grad.dtype)
+            for grad, shares in ((dk, dkp), (dv, dvp)):  # in place: added in fp32, rounded once
+                grad[:, :, :rows] += shares[:, :, :rows].sum(0).view(b, h, rows, -1)
     return dq, dk, dv
 
 
