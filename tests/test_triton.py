@@ -175,6 +175,7 @@ def test_triton_packed_short_columns(pattern, n, tiles):
     (P.fixed(16, 4, distinct=2), 160, (16, 16, 1, 1)),  # N whole blocks: the summary view too
     (P.fixed(64, 32, distinct=2), 192, (16, 16, 1, 1)),  # the tile divides C: half a sub-block a tile
     (P.fixed(8, 2, distinct=3, part="summary"), 72, (64, 64, 4, 2)),  # 32 sub-blocks a tile, 9 there
+    (P.global_tokens(20) | P.local(40), 150, (16, 16, 1, 1)),  # one launch, two descriptors of the rows
 ], ids=str)
 def test_triton_tma_descriptors_match_reference(pattern, n, tiles, monkeypatch):
     """``KernelConfig(tma=True)``: the loops load through tensor descriptors where they fit."""
