@@ -88,6 +88,14 @@ def test_triton_split_global_tokens_dkdv(pattern):
     against_reference("triton", pattern, (1, 1, 512, 16), torch.bfloat16, assert_close_norm, seed=3)
 
 
+@needs_interpreter
+@pytest.mark.parametrize("pattern", [P.fixed(16, 4, distinct=2), P.global_tokens(40) | P.summary(16, 3, 4)], ids=str)
+def test_triton_distinct_summaries_on_one_head(pattern):
+    """distinct > 1 with a single head: one offset in use, so the kernels take it as an int, not a
+    table (the flag and the argument once disagreed, and the launch failed)."""
+    against_reference("triton", pattern, (2, 1, 100, 16), torch.float16, assert_close_norm, seed=4)
+
+
 def test_triton_dkdv_launches_start_with_a_part_that_writes_every_key():
     """A part that stores every key row goes first in the dK/dV launches (no zeroing of dK, dV);
     global tokens (kept to their first keys, maybe split) and summary slots never do."""

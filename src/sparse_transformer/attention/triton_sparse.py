@@ -195,19 +195,21 @@ def _grid_args(launch: tuple[Part, ...], n: int, heads: int, bh: int, block: int
     return (tiles * cols * bh,), args
 
 
-def _modes(launch: tuple[Part, ...]) -> dict:
+def _modes(launch: tuple[Part, ...], heads: int) -> dict:
     """The constexpr part arguments of a query-tiled launch."""
     last = launch[-1]
     return dict(MODE=launch[0].mode, DMIN=launch[0].dmin, MODE2=last.mode, DMIN2=last.dmin,
                 TWO_PARTS=len(launch) == 2, PACKED=launch[0].packed, KEYED=launch[0].keys > 0,
-                LO_TABLE=_per_head_offsets(launch),
+                LO_TABLE=_per_head_offsets(launch, heads),
                 **_exclusion_modes(launch[0]),
                 **{f"{key}2": value for key, value in _exclusion_modes(last).items()})
 
 
-def _per_head_offsets(launch: tuple[Part, ...]) -> bool:
-    """Whether the launch's summary part has more than one offset (``distinct > 1``)."""
-    return any(p.mode == SUMMARY and len(set(p.offsets)) > 1 for p in launch)
+def _per_head_offsets(launch: tuple[Part, ...], heads: int) -> bool:
+    """Whether the launch's summary part gives its ``heads`` heads more than one offset (``distinct >
+    1`` and at least two heads): the kernels then read ``lo`` from the table, else take it as an int
+    (the same rule as :meth:`_Launch.table_tensors`)."""
+    return any(p.mode == SUMMARY and len({p.offset(h) for h in range(heads)}) > 1 for p in launch)
 
 
 def _exclusion_modes(part: Part) -> dict:
@@ -362,7 +364,7 @@ def _pass_plan(parts: tuple[Part, ...], shape: torch.Size, value_dim: int, confi
                 flags = dict(MERGE=idx > 0, Q_IN_REGISTERS=launch[-1].short)
             else:
                 flags = dict(ACCUMULATE=idx > 0, WRITE_DELTA=idx == 0)
-            out.append(_Launch(launch, grid, args, dict(**_modes(launch), **flags, **dims, BLOCK_M=bm, BLOCK_N=bn,
+            out.append(_Launch(launch, grid, args, dict(**_modes(launch, h), **flags, **dims, BLOCK_M=bm, BLOCK_N=bn,
                                                         UPCAST=upcast, num_warps=warps, num_stages=stages),
                                bn, tma and all(tma_fits(p, n, bn, keys=True) for p in launch), _tables(launch, n, h)))
     order = _dkdv_order(parts, n)
@@ -375,7 +377,7 @@ def _pass_plan(parts: tuple[Part, ...], shape: torch.Size, value_dim: int, confi
         dkdv.append(_Launch((part,), grid, args, dict(
             MODE=part.mode, DMIN=part.dmin, ACCUMULATE=idx > 0 or not first_covers_all, PACKED=part.packed,
             **_exclusion_modes(part), **dims, BLOCK_M=bm, BLOCK_N=bn, UPCAST=upcast, num_warps=warps,
-            num_stages=stages, SPLIT=splits > 1, KEYED=part.keys > 0, LO_TABLE=_per_head_offsets((part,)),
+            num_stages=stages, SPLIT=splits > 1, KEYED=part.keys > 0, LO_TABLE=_per_head_offsets((part,), h),
             **({"maxnreg": registers} if registers else {})),
             bm, _use_tma(config, tma_capable, (part,)) and tma_fits(part, n, bm, keys=False),  # query rows
             _tables((part,), n, h)[:2]))
