@@ -24,8 +24,8 @@ from torch import Tensor
 from ..patterns import Pattern
 from .concatenated import concatenated_keys
 
-# The measured crossover against triton (fixed 128/32, head width 64, H100; docs/results.md, issue 28):
-# faster from 32,768 tokens, slower at 16,384 and below.
+# The shapes where fa4 was measured faster than triton (docs/results.md, issue 28, "the crossover"):
+# FlashAttention-4 pays a fixed cost per call that only long sequences repay.
 AUTO_MIN_TOKENS = 32768
 AUTO_STRIDE = 128
 AUTO_HEAD_WIDTH = 64

@@ -195,21 +195,20 @@ def _grid_args(launch: tuple[Part, ...], n: int, heads: int, bh: int, block: int
     return (tiles * cols * bh,), args
 
 
-def _modes(launch: tuple[Part, ...], heads: int) -> dict:
-    """The constexpr part arguments of a query-tiled launch."""
+def _modes(launch: tuple[Part, ...], lo: tuple[int, ...]) -> dict:
+    """The constexpr part arguments of a query-tiled launch (``lo``: its summary offset per head)."""
     last = launch[-1]
     return dict(MODE=launch[0].mode, DMIN=launch[0].dmin, MODE2=last.mode, DMIN2=last.dmin,
                 TWO_PARTS=len(launch) == 2, PACKED=launch[0].packed, KEYED=launch[0].keys > 0,
-                LO_TABLE=_per_head_offsets(launch, heads),
+                LO_TABLE=_lo_is_table(lo),
                 **_exclusion_modes(launch[0]),
                 **{f"{key}2": value for key, value in _exclusion_modes(last).items()})
 
 
-def _per_head_offsets(launch: tuple[Part, ...], heads: int) -> bool:
-    """Whether the launch's summary part gives its ``heads`` heads more than one offset (``distinct >
-    1`` and at least two heads): the kernels then read ``lo`` from the table, else take it as an int
-    (the same rule as :meth:`_Launch.table_tensors`)."""
-    return any(p.mode == SUMMARY and len({p.offset(h) for h in range(heads)}) > 1 for p in launch)
+def _lo_is_table(lo: tuple[int, ...]) -> bool:
+    """Whether the heads' summary offsets ``lo`` differ (``distinct > 1`` and at least two heads): the
+    kernels then read ``lo`` from a table (``LO_TABLE``), else take the one offset as an int."""
+    return len(set(lo)) > 1
 
 
 def _exclusion_modes(part: Part) -> dict:
@@ -321,7 +320,7 @@ class _Launch:
         """The tables as device tensors; ``LO`` as a plain int when every head has the same offset
         (then the kernels fold it into their index arithmetic: ``LO_TABLE`` False)."""
         lo, *rest = self.tables
-        first = lo[0] if len(set(lo)) == 1 else _device_table(lo, device)
+        first = _device_table(lo, device) if _lo_is_table(lo) else lo[0]
         return (first, *(_device_table(table, device) for table in rest))
 
 
@@ -352,6 +351,7 @@ def _pass_plan(parts: tuple[Part, ...], shape: torch.Size, value_dim: int, confi
     forward, dq, dkdv = [], [], []
     for idx, launch in enumerate(_launches(parts)):
         tma = _use_tma(config, tma_capable, launch)
+        tables = _tables(launch, n, h)
         for kernel, out in (("forward", forward), ("dq", dq)):
             bm, bn, warps, stages = config.resolve(d, launch[-1], kernel)
             grid, args = _grid_args(launch, n, h, b * h, bm, keys=False)
@@ -364,23 +364,24 @@ def _pass_plan(parts: tuple[Part, ...], shape: torch.Size, value_dim: int, confi
                 flags = dict(MERGE=idx > 0, Q_IN_REGISTERS=launch[-1].short)
             else:
                 flags = dict(ACCUMULATE=idx > 0, WRITE_DELTA=idx == 0)
-            out.append(_Launch(launch, grid, args, dict(**_modes(launch, h), **flags, **dims, BLOCK_M=bm, BLOCK_N=bn,
+            out.append(_Launch(launch, grid, args, dict(**_modes(launch, tables[0]), **flags, **dims, BLOCK_M=bm, BLOCK_N=bn,
                                                         UPCAST=upcast, num_warps=warps, num_stages=stages),
-                               bn, tma and all(tma_fits(p, n, bn, keys=True) for p in launch), _tables(launch, n, h)))
+                               bn, tma and all(tma_fits(p, n, bn, keys=True) for p in launch), tables))
     order = _dkdv_order(parts, n)
     first_covers_all = _writes_every_key(order[0], n)
     for idx, part in enumerate(order):
         (bm, bn, warps, stages), registers = config.launch(d, part, "dkdv")
+        tables = _tables((part,), n, h)[:2]
         grid, args = _grid_args((part,), n, h, b * h, bn, keys=True)
         splits = _splits(part, grid[0], n, bm)
         grid, args = (grid[0] * splits,), (*args, splits)
         dkdv.append(_Launch((part,), grid, args, dict(
             MODE=part.mode, DMIN=part.dmin, ACCUMULATE=idx > 0 or not first_covers_all, PACKED=part.packed,
             **_exclusion_modes(part), **dims, BLOCK_M=bm, BLOCK_N=bn, UPCAST=upcast, num_warps=warps,
-            num_stages=stages, SPLIT=splits > 1, KEYED=part.keys > 0, LO_TABLE=_per_head_offsets((part,), h),
+            num_stages=stages, SPLIT=splits > 1, KEYED=part.keys > 0, LO_TABLE=_lo_is_table(tables[0]),
             **({"maxnreg": registers} if registers else {})),
             bm, _use_tma(config, tma_capable, (part,)) and tma_fits(part, n, bm, keys=False),  # query rows
-            _tables((part,), n, h)[:2]))
+            tables))
     return tuple(forward), tuple(dq), tuple(dkdv)
 
 
