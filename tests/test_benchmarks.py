@@ -210,6 +210,39 @@ def test_fa4_script_runs_each_pattern_through_its_forms(monkeypatch):
     assert "| fixed_l128_c32" not in table and "| fixed_l8_c2 | 64 | fa4_direct | — | — | — | — | — | not run" in table
 
 
+def test_fa4_script_rounds_take_turns_and_keep_the_median(monkeypatch):
+    """--rounds: every form is timed once a round, the forms in turn (not one form's rounds in a row),
+    and each row is its median round with every round listed."""
+    import torch
+
+    import sparse_transformer as st
+    from sparse_transformer.benchmark.attention import Row
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import fa4
+
+    order, times = [], iter([5.0, 1.0, 9.0, 2.0, 3.0, 7.0, 4.0, 8.0, 6.0])
+
+    def once(label, method, fn, n, batch, pairs, heads, d, grad, inputs, note=""):
+        order.append(method)
+        t = next(times)
+        return Row(label, n, batch, method, t / 2, t / 2, t, 1.0, 0.1, note)
+
+    monkeypatch.setattr(fa4, "FORMS", {name: (lambda q, k, v, p, s: st.sparse_attention(q, k, v, p, s, backend="torch"))
+                                       for name in fa4.FORMS})
+    monkeypatch.setattr(fa4, "measure", once)
+    monkeypatch.setattr(fa4.fa4_backend, "available", lambda: True)
+    q, k, v, grad = (torch.randn(1, 2, 64, 8, requires_grad=i < 3) for i in range(4))
+    rows = fa4.pattern_rows(st.patterns.strided(8), 64, q, k, v, grad, lambda r: None, rounds=3)
+    assert order == ["triton", "flex_as_is", "flex_flash_as_is"] * 3
+    assert [r["rounds_ms"] for r in rows] == [[5.0, 2.0, 4.0], [1.0, 3.0, 8.0], [9.0, 7.0, 6.0]]
+    assert [r["fwdbwd_ms"] for r in rows] == [4.0, 3.0, 7.0]
+    assert "rounds: 5.000, 2.000, 4.000" in fa4.markdown(rows, "test device")
+    assert "--rounds must be >= 1" in subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "fa4.py"), "--rounds", "0"], capture_output=True, text=True,
+        env=dict(os.environ, PYTHONPATH=str(ROOT / "src")), timeout=120).stderr
+
+
 def test_attention_benchmark_warms_each_n_and_pattern_in_its_own_process(capsys, tmp_path):
     """--warm-jobs: one child benchmark per (N, pattern), writing into a scratch folder; each child's
     end is reported (here, without a GPU, each one fails with its one-line reason)."""
