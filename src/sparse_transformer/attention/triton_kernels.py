@@ -209,6 +209,26 @@ def _program(n_tiles, NCOLS, H, LO, KEY_TILES: tl.constexpr, LO_TABLE: tl.conste
 
 
 @triton.jit
+def _query_tile(N, H, n_tiles, NCOLS, STEP, W, L, C, LO, PACKED: tl.constexpr, QK_DIM: tl.constexpr,
+                V_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LO_TABLE: tl.constexpr):
+    """The query rows of a query-tiled program (forward and dQ): its tile, column, head and summary
+    offset; the view's length; the row and column offsets; which rows exist; their positions in the
+    sequence and the offsets of their q and output rows."""
+    tile, col, bh, lo = _program(n_tiles, NCOLS, H, LO, False, LO_TABLE)
+    len_q = _view_length(N, col, STEP, PACKED)
+    base_qk = bh.to(tl.int64) * N * QK_DIM
+    base_v = bh.to(tl.int64) * N * V_DIM
+    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_qk = tl.arange(0, QK_DIM)
+    offs_v = tl.arange(0, V_DIM)
+    q_pos = _position(offs_m, col, STEP, W, L, C, lo, False, PACKED)
+    q_off = base_qk + q_pos[:, None] * QK_DIM + offs_qk[None, :]
+    o_off = base_v + q_pos[:, None] * V_DIM + offs_v[None, :]
+    return (tile, col, bh, lo, len_q, base_qk, base_v, offs_m, tl.arange(0, BLOCK_N), offs_qk, offs_v,
+            offs_m < len_q, q_pos, q_off, o_off)
+
+
+@triton.jit
 def _key_count(N, len_q, KEYS, L, C, lo, MODE: tl.constexpr, KEYED: tl.constexpr):
     """Length of a part's list of key rows: the summary slots, else the view (its first ``KEYS`` rows
     with ``KEYED``)."""
@@ -335,18 +355,8 @@ def _fwd_kernel(Q, K, V, O, LSE, O_PREV, KD, VD, KD2, VD2, LO, XP, XP2, N, H, n_
     With ``TMA``, keys and values come through the descriptors ``KD, VD`` (``KD2, VD2``: the second
     part's) instead of pointers (see ``_load_rows``). With ``Q_IN_REGISTERS`` the ``QK^T`` matmul reads
     q from registers, not shared memory (see "register operands" above)."""
-    tile, col, bh, lo = _program(n_tiles, NCOLS, H, LO, False, LO_TABLE)
-    len_q = _view_length(N, col, STEP, PACKED)
-    base_qk = bh.to(tl.int64) * N * QK_DIM
-    base_v = bh.to(tl.int64) * N * V_DIM
-    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_qk = tl.arange(0, QK_DIM)
-    offs_v = tl.arange(0, V_DIM)
-    row_ok = offs_m < len_q
-    q_pos = _position(offs_m, col, STEP, W, L, C, lo, False, PACKED)
-    q_off = base_qk + q_pos[:, None] * QK_DIM + offs_qk[None, :]
-    o_off = base_v + q_pos[:, None] * V_DIM + offs_v[None, :]
+    (tile, col, bh, lo, len_q, base_qk, base_v, offs_m, offs_n, offs_qk, offs_v, row_ok, q_pos, q_off,
+     o_off) = _query_tile(N, H, n_tiles, NCOLS, STEP, W, L, C, LO, PACKED, QK_DIM, V_DIM, BLOCK_M, BLOCK_N, LO_TABLE)
     q = tl.load(Q + q_off, mask=row_ok[:, None], other=0.0)
     if Q_IN_REGISTERS:  # a computed q (the load's own mask again) stays in registers for the wgmma
         q = tl.where(row_ok[:, None], q, 0.0)
@@ -421,18 +431,8 @@ def _dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, KD, VD, KD2, VD2, LO, XP, XP2, N,
     computes delta = rowsum(dO * O), the softmax backward's correction term, and stores it for the
     dK/dV launches: the first dQ launch covers every query row once, so no launch of its own
     computes delta (a launch costs the host about as much as the delta kernel cost the GPU)."""
-    tile, col, bh, lo = _program(n_tiles, NCOLS, H, LO, False, LO_TABLE)
-    len_q = _view_length(N, col, STEP, PACKED)
-    base_qk = bh.to(tl.int64) * N * QK_DIM
-    base_v = bh.to(tl.int64) * N * V_DIM
-    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_qk = tl.arange(0, QK_DIM)
-    offs_v = tl.arange(0, V_DIM)
-    row_ok = offs_m < len_q
-    q_pos = _position(offs_m, col, STEP, W, L, C, lo, False, PACKED)
-    q_off = base_qk + q_pos[:, None] * QK_DIM + offs_qk[None, :]
-    o_off = base_v + q_pos[:, None] * V_DIM + offs_v[None, :]
+    (tile, col, bh, lo, len_q, base_qk, base_v, offs_m, offs_n, offs_qk, offs_v, row_ok, q_pos, q_off,
+     o_off) = _query_tile(N, H, n_tiles, NCOLS, STEP, W, L, C, LO, PACKED, QK_DIM, V_DIM, BLOCK_M, BLOCK_N, LO_TABLE)
     q = tl.load(Q + q_off, mask=row_ok[:, None], other=0.0)
     do = tl.load(DO + o_off, mask=row_ok[:, None], other=0.0)
     row_off = bh.to(tl.int64) * N + q_pos
