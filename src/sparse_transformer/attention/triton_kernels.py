@@ -308,21 +308,40 @@ SHORT_DKDV_MAX_REGISTERS = 168
 
 # ----------------------------------------------------------------------------- forward
 @triton.jit
+def _key_tiles(i_lo, i_hi, len_k, W, L, C, lo, MODE: tl.constexpr, DMIN: tl.constexpr, BLOCK_N: tl.constexpr,
+               KEYED: tl.constexpr):
+    """``(first, a, b, end)``: the key tiles of a part for the query rows ``[i_lo, i_hi]`` start at
+    ``first`` and end before ``end``; those in ``[a, b)`` need no mask (see ``_split``)."""
+    start, full_lo, full_hi, end = _keys_of(i_lo, i_hi, W, L, C, lo, MODE, DMIN)
+    if KEYED:  # a part kept to its first KEYS rows
+        end, full_hi = tl.minimum(end, len_k), tl.minimum(full_hi, len_k)
+    first, a, b = _split(start, full_lo, full_hi, end, BLOCK_N)
+    return first, a, b, end
+
+
+@triton.jit
+def _load_keys(KD, VD, Kb, Vb, bh, t, col, STEP, W, L, C, lo, len_k, offs_n, offs_qk, offs_v, MODE: tl.constexpr,
+               PACKED: tl.constexpr, QK_DIM: tl.constexpr, V_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+               TMA: tl.constexpr):
+    """The key and value rows of key tile ``t`` (see ``_load_rows``)."""
+    k = _load_rows(KD, Kb, bh, t, col, STEP, W, L, C, lo, len_k, offs_n, offs_qk, QK_DIM, BLOCK_N, MODE == 2, PACKED,
+                   TMA)
+    v = _load_rows(VD, Vb, bh, t, col, STEP, W, L, C, lo, len_k, offs_n, offs_v, V_DIM, BLOCK_N, MODE == 2, PACKED,
+                   TMA)
+    return k, v
+
+
+@triton.jit
 def _fwd_part(acc, l_i, m_i, q, Kb, Vb, KD, VD, bh, i_lo, i_hi, offs_m, offs_n, offs_qk, offs_v, col, STEP, len_q,
               len_k, W, L, C, lo, scale2, q_pos, XP, H, MODE: tl.constexpr, DMIN: tl.constexpr, PACKED: tl.constexpr,
               QK_DIM: tl.constexpr, V_DIM: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
               TMA: tl.constexpr, EXCL: tl.constexpr, EXCL_COUNT: tl.constexpr, KEYED: tl.constexpr):
     """One part's keys for the query rows ``[i_lo, i_hi]``, continuing the online softmax."""
-    start, full_lo, full_hi, end = _keys_of(i_lo, i_hi, W, L, C, lo, MODE, DMIN)
-    if KEYED:  # a part kept to its first KEYS rows
-        end, full_hi = tl.minimum(end, len_k), tl.minimum(full_hi, len_k)
-    first, a, b = _split(start, full_lo, full_hi, end, BLOCK_N)
+    first, a, b, end = _key_tiles(i_lo, i_hi, len_k, W, L, C, lo, MODE, DMIN, BLOCK_N, KEYED)
     for t in range(first, end, BLOCK_N):
         j = t + offs_n
-        k = _load_rows(KD, Kb, bh, t, col, STEP, W, L, C, lo, len_k, offs_n, offs_qk, QK_DIM, BLOCK_N, MODE == 2,
-                       PACKED, TMA)
-        v = _load_rows(VD, Vb, bh, t, col, STEP, W, L, C, lo, len_k, offs_n, offs_v, V_DIM, BLOCK_N, MODE == 2,
-                       PACKED, TMA)
+        k, v = _load_keys(KD, VD, Kb, Vb, bh, t, col, STEP, W, L, C, lo, len_k, offs_n, offs_qk, offs_v, MODE,
+                          PACKED, QK_DIM, V_DIM, BLOCK_N, TMA)
         s = _dot(q, tl.trans(k), None, UPCAST)  # unscaled: the scale folds into one FMA below (needs scale > 0)
         if (t < a) | (t >= b):  # an edge tile
             s = tl.where(_allowed(offs_m[:, None], j[None, :], len_q, len_k, W, L, C, lo, MODE, DMIN), s,
@@ -396,16 +415,11 @@ def _dq_part(dq, q, do, lse, delta, Kb, Vb, KD, VD, bh, i_lo, i_hi, offs_m, offs
              len_k, W, L, C, lo, scale2, q_pos, XP, H, MODE: tl.constexpr, DMIN: tl.constexpr, PACKED: tl.constexpr,
              QK_DIM: tl.constexpr, V_DIM: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
              TMA: tl.constexpr, EXCL: tl.constexpr, EXCL_COUNT: tl.constexpr, KEYED: tl.constexpr):
-    start, full_lo, full_hi, end = _keys_of(i_lo, i_hi, W, L, C, lo, MODE, DMIN)
-    if KEYED:
-        end, full_hi = tl.minimum(end, len_k), tl.minimum(full_hi, len_k)
-    first, a, b = _split(start, full_lo, full_hi, end, BLOCK_N)
+    first, a, b, end = _key_tiles(i_lo, i_hi, len_k, W, L, C, lo, MODE, DMIN, BLOCK_N, KEYED)
     for t in range(first, end, BLOCK_N):
         j = t + offs_n
-        k = _load_rows(KD, Kb, bh, t, col, STEP, W, L, C, lo, len_k, offs_n, offs_qk, QK_DIM, BLOCK_N, MODE == 2,
-                       PACKED, TMA)
-        v = _load_rows(VD, Vb, bh, t, col, STEP, W, L, C, lo, len_k, offs_n, offs_v, V_DIM, BLOCK_N, MODE == 2,
-                       PACKED, TMA)
+        k, v = _load_keys(KD, VD, Kb, Vb, bh, t, col, STEP, W, L, C, lo, len_k, offs_n, offs_qk, offs_v, MODE,
+                          PACKED, QK_DIM, V_DIM, BLOCK_N, TMA)
         qk = _dot(q, tl.trans(k), None, UPCAST)
         dp = _dot(do, tl.trans(v), None, UPCAST)  # issued before the exp, which then overlaps it
         p = tl.math.exp2(qk * scale2 - lse[:, None])
