@@ -90,6 +90,9 @@ class Cost:
 def cost(pattern: Pattern, n: int, head: int = 0) -> Cost:
     """Exact keys-per-query statistics and density of ``pattern`` at length ``n`` (up to
     :data:`~sparse_transformer.patterns.MAX_LENGTH` for built-in patterns), without O(n) memory."""
+    if not isinstance(pattern, Pattern):
+        raise ValueError(f"pattern must be a pattern from st.patterns (parse a spec string with "
+                         f"st.patterns.parse), got {type(pattern).__name__} {str(pattern)[:80]!r}")
     check_int("n", n, 0, MAX_LENGTH)
     check_int("head", head, 0)
     if n == 0:

@@ -20,9 +20,10 @@ def add_parser(sub) -> None:
     p.add_argument("--pattern", default="strided",
                    help="dense | strided | fixed (sized by --stride, --summary, --distinct), or a spec: parts "
                         "joined by '+', e.g. 'local:256+global_tokens:16' or 'block:64+summary:64:8+column:128'")
-    p.add_argument("--stride", type=int, default=4, help="l: block / row length")
-    p.add_argument("--summary", type=int, default=1, help="c: summary positions per block (fixed)")
-    p.add_argument("--distinct", type=int, default=1, help="heads with different summary sub-blocks (fixed)")
+    p.add_argument("--stride", type=int, default=None, help="l: block / row length (strided, fixed; default: 4)")
+    p.add_argument("--summary", type=int, default=None, help="c: summary positions per block (fixed; default: 1)")
+    p.add_argument("--distinct", type=int, default=None,
+                   help="heads with different summary sub-blocks (fixed; default: 1)")
     p.add_argument("--part", default=None, help="row | column (strided), local | summary (fixed); default: merged")
     p.add_argument("--n", type=int, default=32, help="sequence length")
     p.add_argument("--heads", type=int, default=None,
@@ -33,10 +34,32 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
+SIZES = {"stride": 4, "summary": 1, "distinct": 1}  # the sizes --pattern strided / fixed take, and their defaults
+USES = {"strided": ("stride",), "fixed": ("stride", "summary", "distinct")}
+
+
+def _pattern(args: argparse.Namespace):
+    """The pattern of ``--pattern``, sized by the flags it uses; a size flag it would ignore (``--stride``
+    next to a spec, which carries its own sizes; ``--summary`` for strided) is refused, not dropped."""
+    unused = [name for name in SIZES if getattr(args, name) is not None and name not in USES.get(args.pattern, ())]
+    if unused:
+        flags = " and ".join(f"--{name}" for name in unused)
+        why = {"strided": "it takes --stride only", "dense": "dense takes no sizes"}.get(
+            args.pattern, "a spec carries its own sizes")
+        instead = "strided or fixed" if unused == ["stride"] else "fixed"
+        raise ValueError(f"{flags} {'has' if len(unused) == 1 else 'have'} no effect on --pattern {args.pattern} "
+                         f"({why}); drop {'it' if len(unused) == 1 else 'them'} or use --pattern {instead}")
+    sizes = {name: default if getattr(args, name) is None else getattr(args, name) for name, default in SIZES.items()}
+    return by_name(args.pattern, sizes["stride"], sizes["summary"], sizes["distinct"], args.part)
+
+
 def run(args: argparse.Namespace) -> int:
-    pattern = by_name(args.pattern, args.stride, args.summary, args.distinct, args.part)
+    pattern = _pattern(args)
     if args.n < 1:
         raise ValueError(f"--n must be >= 1, got {args.n}")
+    if args.query is not None and not 0 <= args.query < args.n:
+        raise ValueError(f"--query must be in [0, {args.n - 1:,}] (a position of the --n {args.n:,} sequence), "
+                         f"got {args.query:,}")
     if args.heads is not None and not 1 <= args.heads <= MAX_HEADS:  # a row of the figure per head
         raise ValueError(f"--heads must be in [1, {MAX_HEADS}], got {args.heads}")
     out = None
@@ -53,9 +76,9 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--out {out}: the folder {out.parent} does not exist")
     distinct = math.lcm(*(getattr(p, "distinct", 1) for p in pattern.parts)) if pattern.heads_differ() else 1
     heads = range(args.heads if args.heads is not None else min(distinct, 4))
-    print(f"pattern {pattern.name}, n = {args.n:,}")
-    for head in heads if pattern.heads_differ() else [0]:
-        c = cost(pattern, args.n, head)
+    costs = [(head, cost(pattern, args.n, head)) for head in (heads if pattern.heads_differ() else [0])]
+    print(f"pattern {pattern.name}, n = {args.n:,}")  # after the costs: an n they refuse prints nothing
+    for head, c in costs:
         print(f"  head {head}: keys per query mean {c.mean_keys_per_query:,.1f}, max {c.max_keys_per_query:,}; "
               f"density {c.density:.4%} of n^2, {c.causal_density:.4%} of dense causal")
     if out is not None:

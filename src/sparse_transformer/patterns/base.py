@@ -106,6 +106,10 @@ class Pattern:
         from .union import union
         return union(self, other)
 
+    def __ror__(self, other) -> "Pattern":  # ``3 | local(4)``: the same one-line error as ``local(4) | 3``
+        from .union import union
+        return union(other, self)
+
     def __eq__(self, other) -> bool:
         if self is other:
             return True

@@ -15,7 +15,7 @@ import functools
 import re
 from typing import Optional
 
-from .base import Pattern
+from .base import MAX_PARAMETER, Pattern
 from .paper import FIXED_PARTS, STRIDED_PARTS, fixed, strided
 
 PAPER = {"strided": strided, "fixed": fixed}
@@ -45,24 +45,33 @@ def _term(text: str, spec: str) -> Pattern:
     piece = {}
     if token in PAPER and fields and fields[-1] in STRIDED_PARTS + FIXED_PARTS:  # "strided:8:row" reads too
         piece["part"] = fields.pop()
-    if not all(re.fullmatch(r"-?[0-9]{1,30}", x) for x in fields):  # int() also takes "4_0", other digits, 5000 digits
+    if not all(re.fullmatch(r"-?[0-9]+", x) for x in fields):  # int() also takes "4_0", other digits
         raise ValueError(f"pattern spec {spec[:80]!r}: {text.strip()[:40]!r} needs integer arguments, "
                          f"written {forms()[token]}")
+    if any(len(x) > 30 for x in fields):  # an integer, but int() of 5000 digits is slow, and no size is that large
+        raise ValueError(f"pattern spec {spec[:80]!r}: {text.strip()[:40]!r} needs integer arguments of at most 30 "
+                         f"digits (sizes are at most {MAX_PARAMETER:,})")
     args = [int(x) for x in fields]
     try:
         return builders[token](*args, **piece)
     except TypeError:  # too many or too few numbers
         raise ValueError(f"pattern spec {spec!r}: {text.strip()!r} has {len(args)} numbers, "
                          f"expected {forms()[token]}") from None
+    except ValueError as err:  # a size out of range: say which part of a longer spec holds it
+        raise ValueError(f"pattern spec {spec[:80]!r}: {text.strip()[:40]!r}: {err}") from None
 
 
-@functools.lru_cache(maxsize=1024)
 def parse(spec: str) -> Pattern:
     """The built-in pattern written ``spec`` (see the module docstring). Cached: cheap to call
     per forward pass (the triton custom op receives its pattern as this string)."""
-    if not isinstance(spec, str):
+    if not isinstance(spec, str):  # checked before the cache, which would fail on an unhashable list
         raise ValueError(f"pattern spec must be a string such as 'local:256+global_tokens:16', got "
                          f"{type(spec).__name__} {spec!r}")
+    return _parse(spec)
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse(spec: str) -> Pattern:
     terms = spec.split("+")
     if not spec.strip() or any(not t.strip() for t in terms):
         raise ValueError(f"pattern spec {spec!r} has an empty part; write parts joined by '+', "

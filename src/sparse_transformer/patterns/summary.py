@@ -26,6 +26,11 @@ from .plans import SUMMARY, KernelPart, Slots
 
 QUERY_CHUNK = 1024  # query rows per step of the gathered form: bounds temporaries to chunk x keys
 
+MAX_DISTINCT = 4096
+"""Most head groups a summary part takes: more than any model has heads (head ``h`` uses group
+``h % distinct``, so groups past the head count change nothing), and the kernel plan holds one
+offset per group (``distinct = 10**9`` built a billion-entry tuple before the first launch)."""
+
 
 @dataclass(frozen=True, eq=False)
 class Summary(Part):
@@ -42,6 +47,9 @@ class Summary(Part):
         check_int("stride", self.stride, 1)
         check_int("summary", self.summary, 1, self.stride)
         check_int("distinct", self.distinct, 1)
+        if self.distinct > MAX_DISTINCT:
+            raise ValueError(f"distinct must be <= {MAX_DISTINCT:,} (head groups; head h uses group h % distinct), "
+                             f"got {self.distinct:,}")
         if self.distinct * self.summary > self.stride:
             raise ValueError(
                 f"distinct * summary must be <= stride ({self.stride}), "
