@@ -25,7 +25,7 @@ import torch
 import sparse_transformer as st
 from sparse_transformer.attention import fa4 as fa4_backend
 from sparse_transformer.benchmark import ResultsFile, allow_recompiles, fa4_forms, file_stem, flex_forms
-from sparse_transformer.benchmark.attention import Row, dense_rows, inputs_for, measure, pattern_of
+from sparse_transformer.benchmark.attention import Row, dense_rows, inputs_for, measure, pattern_of, relative_error
 from sparse_transformer.layout import cost
 
 FORMS = {  # method -> fn(q, k, v, pattern, scale)
@@ -38,15 +38,6 @@ FORMS = {  # method -> fn(q, k, v, pattern, scale)
 }
 NEEDS_FA4 = ("flex_flash_as_is", "flex_flash_concatenated", "fa4_direct")
 FIXED_ONLY = ("flex_concatenated", "flex_flash_concatenated", "fa4_direct")
-
-
-def relative_error(fn, reference, q, k, v, grad) -> float:
-    """Largest relative norm of the difference, over the output and the three gradients."""
-    results = []
-    for f in (fn, reference):
-        out = f()
-        results.append([out, *torch.autograd.grad(out, (q, k, v), grad)])
-    return max(((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in zip(*results))
 
 
 def run(ns, patterns, log=print, rounds: int = 1) -> list[dict]:

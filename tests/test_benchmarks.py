@@ -243,6 +243,33 @@ def test_fa4_script_rounds_take_turns_and_keep_the_median(monkeypatch):
         env=dict(os.environ, PYTHONPATH=str(ROOT / "src")), timeout=120).stderr
 
 
+def test_attention_rows_hold_a_forms_error_against_ours(monkeypatch):
+    """measure(reference=ours): the row keeps the form's largest relative error (output and gradients)
+    against ours; a reference that fails leaves a note, not a lost row. Timing swapped for constants."""
+    import torch
+
+    import sparse_transformer as st
+    from sparse_transformer.benchmark import attention as bench
+
+    monkeypatch.setattr(bench, "_time", lambda fn, grad, inputs: (1.0, 2.0, 3.0))
+    monkeypatch.setattr(bench, "_peak", lambda fn, grad, inputs: 0.1)
+    g = torch.Generator().manual_seed(0)
+    q, k, v, grad = (torch.randn(1, 2, 32, 8, generator=g, requires_grad=i < 3) for i in range(4))
+    pattern = st.patterns.local(8) | st.patterns.global_tokens(2)
+    ours = lambda: st.sparse_attention(q, k, v, pattern, backend="torch")  # noqa: E731
+    same = lambda: st.sparse_attention(q, k, v, pattern, backend="reference").float()  # noqa: E731
+    args = (32, 1, 100, 2, 8, grad, (q, k, v))  # n, batch, pairs, heads, head width, grad, inputs
+    assert bench.measure(pattern.name, "form", same, *args).error is None  # no reference: no error
+    assert bench.measure(pattern.name, "form", same, *args, reference=ours).error < 1e-5
+    off = bench.measure(pattern.name, "form", lambda: ours() * 1.01, *args, reference=ours)
+    assert 0.005 < off.error < 0.02 and off.fwdbwd_ms == 3.0
+
+    def broken():
+        raise AssertionError("flash-attn-4 check")
+    row = bench.measure(pattern.name, "form", same, *args, reference=broken)
+    assert row.error is None and row.fwdbwd_ms == 3.0 and "error check failed: flash-attn-4 check" in row.note
+
+
 def test_attention_benchmark_warms_each_n_and_pattern_in_its_own_process(capsys, tmp_path):
     """--warm-jobs: one child benchmark per (N, pattern), writing into a scratch folder; each child's
     end is reported (here, without a GPU, each one fails with its one-line reason)."""

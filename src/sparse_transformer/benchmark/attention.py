@@ -2,7 +2,8 @@
 
 Forward, backward and forward+backward median milliseconds (``triton.testing.do_bench``), achieved
 TFLOP/s on the pattern's real work (admissible pairs from ``layout.cost``: 4 D FLOPs per pair
-forward, 10 D backward), and peak GPU memory. ``B = tokens // N`` (at least 1). Dense is SDPA on each
+forward, 10 D backward), and peak GPU memory; each complete Flex form's JSON row also holds its
+largest relative error against ours (output and the three gradients). ``B = tokens // N`` (at least 1). Dense is SDPA on each
 of its fused backends (flash, cuDNN, memory-efficient) and its own choice. Flex is timed in every
 form of ``flex_forms``: as-is, per part in each of the part's forms (the fastest summed:
 "decomposed"), the parts with their merge as one function, and concatenated. Writes
@@ -58,6 +59,7 @@ class Row:
     tflops: Optional[float]  # forward+backward, on the pattern's real pairs
     peak_gib: Optional[float]
     note: str = ""
+    error: Optional[float] = None  # a complete Flex form's largest relative error against ours (see relative_error)
 
 
 def _time(fn: Callable[[], torch.Tensor], grad: torch.Tensor, inputs) -> tuple[float, float, float]:
@@ -85,7 +87,19 @@ def _peak(fn, grad, inputs) -> float:
     return torch.cuda.max_memory_allocated() / 2 ** 30
 
 
-def measure(label: str, method: str, fn, n, batch, pairs_per_head, heads, d, grad, inputs, note="") -> Row:
+def relative_error(fn, reference, q, k, v, grad) -> float:
+    """Largest relative norm of the difference, over the output and the three gradients."""
+    results = []
+    for f in (fn, reference):
+        out = f()
+        results.append([out, *torch.autograd.grad(out, (q, k, v), grad)])
+    return max(((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in zip(*results))
+
+
+def measure(label: str, method: str, fn, n, batch, pairs_per_head, heads, d, grad, inputs, note="",
+            reference: Optional[Callable[[], torch.Tensor]] = None) -> Row:
+    """Times ``fn`` (forward, forward+backward) and its peak memory; with ``reference`` (ours) also its
+    :func:`relative_error` against it. A failure is recorded in the row, not raised."""
     try:
         out = fn()
         if not torch.isfinite(out).all() and "column" not in method:
@@ -97,7 +111,13 @@ def measure(label: str, method: str, fn, n, batch, pairs_per_head, heads, d, gra
         torch.cuda.empty_cache()
         return Row(label, n, batch, method, None, None, None, None, None, f"failed: {str(err)[:120]}")
     flops = 14 * d * pairs_per_head * heads * batch
-    return Row(label, n, batch, method, t_f, t_b, t_fb, flops / (t_fb * 1e-3) / 1e12, peak, note)
+    row = Row(label, n, batch, method, t_f, t_b, t_fb, flops / (t_fb * 1e-3) / 1e12, peak, note)
+    if reference is not None:
+        try:
+            row.error = relative_error(fn, reference, *inputs, grad)
+        except Exception as err:  # FlashAttention-4's own checks raise ValueError and AssertionError
+            row.note = f"{row.note} error check failed: {str(err)[:100]}".strip()
+    return row
 
 
 def inputs_for(n: int, tokens: int = 65536, heads: int = 8, head_dim: int = 64, dtype=torch.bfloat16):
@@ -136,7 +156,8 @@ def run(ns, tokens=65536, heads=8, head_dim=64, dtype=torch.bfloat16, pattern_na
                 log(rows[-1])
             if n > baseline_max_n:
                 continue
-            rows += flex_rows(pattern, n, q, k, v, grad, scale, log)
+            ours = lambda pattern=pattern: sparse_attention(q, k, v, pattern, scale, backend="triton")  # noqa: E731
+            rows += flex_rows(pattern, n, q, k, v, grad, scale, log, ours)
         del q, k, v, grad, inputs
         torch.cuda.empty_cache()
     return rows
@@ -165,17 +186,18 @@ def dense_rows(q, k, v, grad, scale, n, log) -> list[Row]:
     return rows
 
 
-def flex_rows(pattern, n, q, k, v, grad, scale, log) -> list[Row]:
+def flex_rows(pattern, n, q, k, v, grad, scale, log, ours: Optional[Callable[[], torch.Tensor]] = None) -> list[Row]:
     """Flex in every form: as-is; each part on its own structure in each of its forms (the column
     part: its transposed view, and its columns laid end to end), the fastest of each summed
     ("decomposed", merge not counted, a lower bound); the parts with their log-sum-exp merge as one
     function, eager and compiled as a whole ("decomposed + merge", a complete form); concatenated keys
-    where the pattern has no column part."""
+    where the pattern has no column part. Each complete form's row holds its error against ``ours``
+    (output and gradients), when given."""
     batch, heads, _, head_dim = q.shape
     inputs = (q, k, v)
     pairs = cost(pattern, n).pairs
     rows = [measure(pattern.name, "flex_as_is", lambda: sparse_attention(q, k, v, pattern, scale, backend="flex"),
-                    n, batch, pairs, heads, head_dim, grad, inputs)]
+                    n, batch, pairs, heads, head_dim, grad, inputs, reference=ours)]
     log(rows[-1])
     fastest, variants = [], []
     for part, earlier in flex_forms.part_forms(pattern):
@@ -207,13 +229,14 @@ def flex_rows(pattern, n, q, k, v, grad, scale, log) -> list[Row]:
             rows.append(measure(pattern.name, method, lambda fn=fn: fn(q, k, v, pattern, scale, chosen), n, batch, pairs,
                                 heads, head_dim, grad, inputs,
                                 note="the parts and their log-sum-exp merge" + (", compiled as one function"
-                                                                               if fn is whole else ", merge eager")))
+                                                                               if fn is whole else ", merge eager"),
+                                reference=ours))
             log(rows[-1])
     if concatenated_supported(pattern):
         rows.append(measure(pattern.name, "flex_concatenated",
                             lambda: flex_forms.concatenated(q, k, v, pattern, scale), n, batch,
                             pairs, heads, head_dim, grad, inputs,
-                            note="sequence keys + gathered keys, one softmax"))
+                            note="sequence keys + gathered keys, one softmax", reference=ours))
         log(rows[-1])
     if fa4.available():  # Flex on its FlashAttention-4 backend: no merged form (it takes no dLSE)
         forms = {"flex_flash_as_is": fa4_forms.flex_flash_as_is}
@@ -221,7 +244,8 @@ def flex_rows(pattern, n, q, k, v, grad, scale, log) -> list[Row]:
             forms["flex_flash_concatenated"] = fa4_forms.flex_flash
         for method, form in forms.items():
             rows.append(measure(pattern.name, method, lambda form=form: form(q, k, v, pattern, scale), n, batch,
-                                pairs, heads, head_dim, grad, inputs, note="Flex, FLASH backend (FlashAttention-4)"))
+                                pairs, heads, head_dim, grad, inputs, note="Flex, FLASH backend (FlashAttention-4)",
+                                reference=ours))
             log(rows[-1])
     return rows
 
