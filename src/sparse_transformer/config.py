@@ -17,6 +17,7 @@ PATTERNS = ("dense", "strided", "fixed")
 INTEGRATIONS = ("merged", "interleaved", "split")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 PARALLEL = ("ddp", "fsdp")
+MAX_SEED = 2 ** 63 - 1  # torch seeds are 64-bit unsigned: room left for seed + 1 + rank
 
 
 def _check_number(name: str, value, low: float, *, inclusive: bool = True, high: Optional[float] = None) -> None:
@@ -217,6 +218,10 @@ class TrainConfig:
         # 0 means "off"; a negative interval would match every step (step % -1 == 0).
         for name in ("seed", "eval_every", "checkpoint_every", "sample_bytes"):
             _check_count(name, getattr(self, name), 0)
+        # torch seeds are 64-bit: a larger one failed at the first manual_seed with "Overflow when
+        # unpacking long long", naming no field (the run seeds seed + 1 + rank, so leave room).
+        if self.seed > MAX_SEED:
+            raise ValueError(f"seed must be an int in [0, {MAX_SEED:,}], got {self.seed:,}")
 
 
 def to_dict(config) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 
 def _int_at_least(low: int):
@@ -23,6 +24,47 @@ positive_int = _int_at_least(1)
 
 nonnegative_int = _int_at_least(0)
 """An int >= 0 (0: none)."""
+
+
+
+def seed(text: str) -> int:
+    """A random seed torch takes: an int in [-2**63, 2**64 - 1] (a larger one failed only when the
+    generator was seeded, as "Overflow when unpacking long long", naming no flag)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int, got {text!r}") from None
+    if not -2 ** 63 <= value < 2 ** 64:
+        raise argparse.ArgumentTypeError(f"expected an int in [-2**63, 2**64 - 1], got {value}")
+    return value
+
+
+def nonnegative_float(text: str) -> float:
+    """A finite float >= 0 (checked when parsed, before a model is loaded or a folder made)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
+nonnegative_float.__name__ = "number >= 0"
+
+
+def probability(text: str) -> float:
+    """A number in (0, 1] (a nucleus mass for top-p)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0 < value <= 1:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return value
+
+
+probability.__name__ = "number in (0, 1]"
 
 ALL = "all"
 

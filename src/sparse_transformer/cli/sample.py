@@ -10,7 +10,7 @@ import stat
 import sys
 from pathlib import Path
 
-from .arguments import DefaultsHelpFormatter, nonnegative_int, positive_int
+from .arguments import DefaultsHelpFormatter, nonnegative_float, nonnegative_int, positive_int, probability, seed
 from .eval import add_load_arguments
 
 
@@ -31,13 +31,13 @@ def add_parser(sub) -> None:
     p.add_argument("--data", default=None,
                    help="images to complete: a raw file of concatenated H*W*C images (default: the test split "
                         "of the dataset the model trained on)")
-    p.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
+    p.add_argument("--temperature", type=nonnegative_float, default=1.0, help="0: greedy")
     p.add_argument("--top-k", type=positive_int, default=None, help="sample among the k likeliest bytes (default: all)")
-    p.add_argument("--top-p", type=float, default=None,
+    p.add_argument("--top-p", type=probability, default=None,
                    help="sample among the likeliest bytes whose probability adds up to p (default: all)")
     p.add_argument("--out", default="samples", help="output folder")
     p.add_argument("--force", action="store_true", help="replace sample files already in --out")
-    p.add_argument("--seed", type=int, default=0, help="random seed of the sampling")
+    p.add_argument("--seed", type=seed, default=0, help="random seed of the sampling")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--decode", default="cudagraph", choices=("eager", "cudagraph", "compile"),
                    help="GPU decode step: captured as a CUDA graph (default, fastest), torch.compile + CUDA graphs "
@@ -111,6 +111,10 @@ def _outputs(kind: str, args: argparse.Namespace) -> list[str]:
 
 
 def _refuse_overwrite(out: Path, names: list[str], force: bool) -> None:
+    folders = [name for name in names if (out / name).is_dir()]  # --force replaces files, never folders
+    if folders:
+        raise ValueError(f"{out / folders[0]} is a folder; expected no file or a file to replace there: "
+                         f"choose another --out")
     there = [name for name in names if (out / name).exists()]
     if there and not force:
         shown = ", ".join(there[:3]) + (f" and {len(there) - 3} more" if len(there) > 3 else "")
@@ -122,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from .. import sample_io
+    from ..model import backend_refusal
     from ..parallel import resolve_device
     from ..sampling import generate
     from ..weights import load_model
@@ -138,6 +143,10 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     model = load_model(folder, device, allow_unverified=args.allow_unverified, backend=args.backend).eval()
     config = model.config
+    # A --backend that cannot run here failed at the first forward pass, after --out was made.
+    problem = backend_refusal(config, device, model.head.weight.dtype)
+    if problem:
+        raise ValueError(f"--backend {args.backend}: {problem.removeprefix('model.backend: ')}")
     train_config = _train_config(folder)
     dataset = train_config.data.dataset if train_config is not None else "stdlib"
     kind, shape = sample_io.data_kind(dataset, config.axes, config.context)
@@ -167,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
     generator = torch.Generator(device=device).manual_seed(args.seed)
     options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=generator,
                    compile={"eager": False, "cudagraph": "cudagraph", "compile": True}[args.decode], progress=not args.no_progress)
-    out.mkdir(parents=True, exist_ok=True)
+    # --out is made by the first file written (sample_io), so a run that fails before leaves no folder.
 
     if args.n:
         tokens = torch.tensor(list(prime), dtype=torch.long).expand(args.n, -1)

@@ -78,6 +78,9 @@ def source_files(path: Path) -> list[Path]:
     path = Path(path)
     if path.is_file():
         return [path]
+    if path.exists() and not path.is_dir():  # was "no such file or folder" for a path that exists
+        raise ValueError(f"{path} is not a regular file or folder (a device, pipe or socket); expected a file "
+                         f"or folder of bytes, which is copied into the data cache")
     if not path.is_dir():
         raise ValueError(f"{path}: no such file or folder")
     files = list_files(path)

@@ -116,9 +116,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model_state: Optional[dict],
             torch.save(state, tmp / "state.pt")
         problem = _attempt(write_states)
     _agree(problem, distributed, run_dir, step, mine)
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
+    rng = rng_state()
     _agree(_attempt(lambda: torch.save(rng, tmp / f"rng-rank{rank}.pt")), distributed, run_dir, step, mine)
 
     def publish() -> None:
@@ -133,18 +131,28 @@ def save_checkpoint(run_dir: str | Path, step: int, model_state: Optional[dict],
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(root)
-        for old in list_checkpoints(run_dir)[:-keep]:
+        # Prune among this checkpoint and older ones only: newer ones are damaged ones the resumed run
+        # skipped, and counting them pruned the checkpoint just written (with keep=1, every intact one).
+        for old in [p for p in list_checkpoints(run_dir) if _step(p) <= step][:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     _barrier(distributed)
     return final
 
 
+def _step(path: Path) -> int:
+    """The step of checkpoint folder ``step-00001234`` (-1 for a name that holds no step)."""
+    digits = path.name[len(PREFIX):]
+    return int(digits) if digits.isdigit() else -1
+
+
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Completed checkpoint folders of a run, oldest first (not verified)."""
+    """Completed checkpoint folders of a run, oldest first (not verified). Ordered by step, not by
+    name: from step 10**8 on the name has nine digits and sorted as the oldest."""
     root = checkpoint_dir(run_dir)
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
+    return sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX)),
+                  key=lambda p: (_step(p), p.name))
 
 
 def check(path: Path, deep: bool = False) -> Optional[str]:
@@ -191,6 +199,14 @@ def load_state(path: str | Path, rank: int = 0, verify: bool = True) -> tuple[di
     rng_file = path / f"rng-rank{rank}.pt"
     rng = torch.load(rng_file, map_location="cpu", weights_only=True) if rng_file.is_file() else None
     return model_state, state, rng
+
+
+def rng_state() -> dict:
+    """This process's torch RNG states (what dropout draws from), as a checkpoint holds them."""
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    return rng
 
 
 def restore_rng(rng: Optional[dict]) -> None:

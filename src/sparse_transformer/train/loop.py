@@ -388,7 +388,7 @@ def _cadence(run: _Run, result: RunResult, on_step) -> tuple[str, bool]:
         metrics.write("compiling the model with torch.compile: the first steps take longer (--no-compile: eager)")
     pending = _Pending(result, metrics, config.max_nonfinite)
     prefetch = Prefetcher(iter(run.batches), depth=4)
-    tokens_seen, reason, voted = 0, None, None
+    tokens_seen, reason, voted, started = 0, None, None, None
     wall0 = last = time.perf_counter()
     run.wrapped.train()
     stop = StopRequest()
@@ -404,7 +404,9 @@ def _cadence(run: _Run, result: RunResult, on_step) -> tuple[str, bool]:
                 group["lr"] = lr
             data_step, batch = next(prefetch)
             assert data_step == run.step, (data_step, run.step)
+            started = ckpt.rng_state()  # a step cut short by a second Ctrl-C gives back what it drew
             stats = step_fn(batch.to(world.device, non_blocking=True))
+            started = None
             if compiling and tokens_seen == 0:  # the first step compiled the forward and backward passes
                 metrics.write(f"compiled in {time.perf_counter() - last:.0f} s")
             run.step += 1
@@ -441,6 +443,11 @@ def _cadence(run: _Run, result: RunResult, on_step) -> tuple[str, bool]:
             last = time.perf_counter()  # checkpoints and evaluation do not count as training time
     except KeyboardInterrupt:
         reason = "interrupted"
+        if started is not None and not step_fn.updating:
+            # Stopped inside a step's forward or backward pass: its dropout masks were drawn, so the
+            # checkpoint of the step before would hold RNG states that step never saw, and the
+            # resumed run would not continue exactly.
+            ckpt.restore_rng(started)
     finally:
         stop.restore()
         prefetch.close()

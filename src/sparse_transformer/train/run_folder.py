@@ -49,7 +49,12 @@ def _acquire(run_dir: Path):
     if run_dir.exists() and not run_dir.is_dir():
         raise ValueError(f"run folder {run_dir} is a file; expected a folder (a new one, or an earlier run's)")
     created = not run_dir.exists()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except NotADirectoryError:  # was "[Errno 20] Not a directory: '<run_dir>'", naming neither cause nor fix
+        blocker = next((p for p in run_dir.parents if p.exists() and not p.is_dir()), run_dir.parent)
+        raise ValueError(f"run folder {run_dir} cannot be made: {blocker} is a file; expected a folder "
+                         f"(choose another run folder, --out)") from None
     lock = FileLock(run_dir / LOCK)
     try:
         lock.acquire(timeout=0)
