@@ -120,6 +120,28 @@ def test_a_second_ctrl_c_inside_a_step_still_resumes_exactly(text, tmp_path, mon
     assert first.losses + second.losses == full.losses
 
 
+def test_a_ctrl_c_after_the_update_counts_the_step(text, tmp_path, monkeypatch):
+    """A second Ctrl-C after a step's optimizer update but before the loop counted it: the checkpoint
+    was labelled with the step before while holding the weights after it, so the resumed run took
+    that step twice. Now the step counts, and the resumed losses are an uninterrupted run's."""
+    config = small(model={"dropout": 0.1}, schedule={"steps": 5})
+    full = train(config, tmp_path / "full", text, progress=False, final_eval=False)
+    real, calls = torch.optim.AdamW.zero_grad, [0]
+
+    def zero_grad(self, *args, **kwargs):  # the step's last call, after the parameters were written
+        calls[0] += 1
+        if calls[0] == 4:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "zero_grad", zero_grad)
+    first = train(config, tmp_path / "split", text, progress=False, final_eval=False)
+    monkeypatch.setattr(torch.optim.AdamW, "zero_grad", real)
+    assert first.stopped == "interrupted" and first.checkpoint.name == "step-00000004"
+    second = train(config, tmp_path / "split", text, resume=True, progress=False, final_eval=False)
+    assert len(first.losses) == 3 and first.losses + second.losses == full.losses[:3] + full.losses[4:]
+
+
 # Paths that are not what they should be ------------------------------------------------------------
 
 def test_data_that_is_a_device_is_not_called_missing(tmp_path, capsys):

@@ -404,12 +404,13 @@ def _cadence(run: _Run, result: RunResult, on_step) -> tuple[str, bool]:
                 group["lr"] = lr
             data_step, batch = next(prefetch)
             assert data_step == run.step, (data_step, run.step)
-            started = ckpt.rng_state()  # a step cut short by a second Ctrl-C gives back what it drew
+            step_fn.updated = False
+            started = run.step, ckpt.rng_state()  # for a step a second Ctrl-C cuts short (see below)
             stats = step_fn(batch.to(world.device, non_blocking=True))
+            run.step += 1
             started = None
             if compiling and tokens_seen == 0:  # the first step compiled the forward and backward passes
                 metrics.write(f"compiled in {time.perf_counter() - last:.0f} s")
-            run.step += 1
             pending.add(run.step, stats)
             now = time.perf_counter()
             run.elapsed += now - last
@@ -443,11 +444,13 @@ def _cadence(run: _Run, result: RunResult, on_step) -> tuple[str, bool]:
             last = time.perf_counter()  # checkpoints and evaluation do not count as training time
     except KeyboardInterrupt:
         reason = "interrupted"
-        if started is not None and not step_fn.updating:
+        if started is not None and step_fn.updated:  # stopped after the update: the step counts
+            run.step = started[0] + 1
+        elif started is not None and not step_fn.updating:
             # Stopped inside a step's forward or backward pass: its dropout masks were drawn, so the
             # checkpoint of the step before would hold RNG states that step never saw, and the
             # resumed run would not continue exactly.
-            ckpt.restore_rng(started)
+            ckpt.restore_rng(started[1])
     finally:
         stop.restore()
         prefetch.close()

@@ -71,6 +71,7 @@ class TrainStep:
         self.precision, self.config, self.fsdp = precision, config, fsdp
         self.loss = torch.compile(byte_loss) if compile else byte_loss
         self.updating = False  # True while the optimizer writes the parameters
+        self.updated = False  # the parameters hold this call's update (the loop resets it per step)
 
     def __call__(self, batch: Tensor) -> StepStats:
         config, scaler = self.config, self.scaler
@@ -109,3 +110,4 @@ class TrainStep:
         self.updating = True
         yield
         self.updating = False
+        self.updated = True
