@@ -86,6 +86,19 @@ def test_pruning_never_removes_the_checkpoint_just_written(text, tmp_path):
         assert ckpt.latest_checkpoint(tmp_path) == result.checkpoint
 
 
+def test_a_damaged_checkpoint_replaced_by_a_resumed_run_is_said(text, tmp_path):
+    """Was silent: a resumed run that reached the step of a damaged checkpoint it skipped replaced it."""
+    config = small(schedule={"steps": 4}, checkpoint_every=2)
+    train(config, tmp_path, text, progress=False, final_eval=False)
+    (tmp_path / "checkpoints" / "step-00000004" / "state.pt").write_bytes(b"")  # damaged
+    with pytest.warns(UserWarning) as said:
+        result = train(config, tmp_path, text, resume=True, progress=False, final_eval=False)
+    messages = [str(w.message) for w in said]
+    assert any("skipping damaged checkpoint" in m for m in messages)
+    assert any(m.startswith("replacing damaged checkpoint") and "step 4" in m for m in messages)
+    assert result.checkpoint.name == "step-00000004" and ckpt.check(result.checkpoint) is None
+
+
 def test_checkpoints_past_step_99_999_999_are_the_newest(tmp_path):
     """Names have 8 digits; a ninth sorted step 100,000,000 before step 99,999,999, so it was pruned
     as the oldest and never resumed."""
@@ -140,6 +153,16 @@ def test_a_ctrl_c_after_the_update_counts_the_step(text, tmp_path, monkeypatch):
     assert first.stopped == "interrupted" and first.checkpoint.name == "step-00000004"
     second = train(config, tmp_path / "split", text, resume=True, progress=False, final_eval=False)
     assert len(first.losses) == 3 and first.losses + second.losses == full.losses[:3] + full.losses[4:]
+
+
+def test_resuming_a_run_past_its_step_limit_says_nothing_is_trained(text, tmp_path, capsys):
+    """Was silent: --resume --steps 2 on a run at step 4 reran the final evaluation only."""
+    train(small(schedule={"steps": 4}), tmp_path / "run", text, progress=False, final_eval=False)
+    capsys.readouterr()
+    again = train(small(schedule={"steps": 2}), tmp_path / "run", text, resume=True, progress=False,
+                  final_eval=False)
+    assert again.step == 4 and again.losses == []
+    assert "nothing to train: the run is at step 4, at or past the step limit 2 (raise --steps" in capsys.readouterr().out
 
 
 # Paths that are not what they should be ------------------------------------------------------------

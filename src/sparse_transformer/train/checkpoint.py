@@ -127,7 +127,9 @@ def save_checkpoint(run_dir: str | Path, step: int, model_state: Optional[dict],
                 os.fsync(f.fileno())
     _agree(_attempt(publish) if rank == 0 else None, distributed, run_dir, step, mine)
     if rank == 0:
-        if final.exists():
+        if final.exists():  # this run resumed before it, or skipped it as damaged: say the latter
+            if check(final) is not None:
+                warnings.warn(f"replacing damaged checkpoint {final} with this run's step {step:,}")
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(root)

@@ -310,6 +310,9 @@ def _setup(config, run_dir, dataset, resume, world: World, progress) -> _Run:
                       + (f"resuming from {found.name}" if found else "starting fresh"))
         if changes:
             metrics.write(changes)
+        if found and schedule.max_steps and step >= schedule.max_steps:
+            metrics.write(f"nothing to train: the run is at step {step:,}, at or past the step limit "
+                          f"{schedule.max_steps:,} (raise --steps to train on)")
     return _Run(config, run_dir, world, precision, dataset, model, wrapped, optimizer, scaler, batches, schedule,
                 metrics, found, fsdp, step, elapsed, progress)
 
