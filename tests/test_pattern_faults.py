@@ -127,3 +127,15 @@ def test_cost_of_a_non_pattern_is_a_value_error():
     with pytest.raises(ValueError, match="pattern must be a pattern from st.patterns.*got str 'local:4'"):
         st.layout.cost("local:4", 10)
     assert st.layout.cost(st.patterns.parse("local:4"), 10).pairs == 1 + 2 + 3 + 4 * 7
+
+
+def test_a_huge_or_long_argument_keeps_the_error_one_short_line():
+    """P.local(10**100) printed all 101 digits; a long non-int argument printed its whole repr."""
+    with pytest.raises(ValueError) as info:
+        P.local(10 ** 100)
+    assert str(info.value) == "window must be >= 1 and <= 2,147,483,647, got an integer of 101 digits"
+    with pytest.raises(ValueError) as info:
+        P.column("8" * 500)
+    assert str(info.value).startswith("stride must be an int, got str '888") and len(str(info.value)) < 120
+    with pytest.raises(ValueError, match="got -5$"):
+        P.block(-5)

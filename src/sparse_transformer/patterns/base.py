@@ -32,10 +32,16 @@ MAX_LENGTH = 2 ** 62
 def check_int(name: str, value: int, low: int, high: int = MAX_PARAMETER) -> None:
     """Raise a ValueError naming ``name`` unless ``value`` is an int in ``[low, high]``."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+        raise ValueError(f"{name} must be an int, got {type(value).__name__} {_short(repr(value))}")
     if not low <= value <= high:
         allowed = f">= {low} and <= {high:,}" if high == MAX_PARAMETER else f"in [{low}, {high:,}]"
-        raise ValueError(f"{name} must be {allowed}, got {value:,}")
+        got = f"{value:,}" if abs(value) < 10 ** 30 else f"an integer of {len(str(abs(value)))} digits"
+        raise ValueError(f"{name} must be {allowed}, got {got}")
+
+
+def _short(text: str, limit: int = 60) -> str:
+    """``text`` cut to ``limit`` characters, so that an error stays one readable line."""
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 class Pattern:
