@@ -118,6 +118,18 @@ def check_weights(path: str | Path, config: ModelConfig, cls: Optional[type] = N
         raise ValueError(f"{file} does not fit the model in {path / CONFIG_FILE}: {'; '.join(problems)}")
 
 
+def _check_values(file: Path, state: dict) -> None:
+    """``ValueError`` naming the tensor unless every weight is floating point and finite: load_state_dict
+    would silently cast integer or bool tensors, and a NaN or inf weight makes every output NaN."""
+    for name, t in state.items():
+        if not t.is_floating_point():
+            raise ValueError(f"{file}: tensor {name} is {str(t.dtype).removeprefix('torch.')}, "
+                             f"expected a floating-point dtype (float32, bfloat16, float16)")
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{file}: tensor {name} holds {int((~torch.isfinite(t)).sum()):,} NaN or "
+                             f"infinite values, expected finite weights (saved from a diverged run?)")
+
+
 def load_model(path: str | Path, device: torch.device | str = "cpu", cls: Optional[type] = None,
                allow_unverified: bool = False, backend: Optional[str] = None):
     """The model in folder ``path`` (written by :func:`save_weights`), on ``device``; ``cls``
@@ -150,6 +162,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", cls: Option
     except (SafetensorError, OSError) as err:  # truncated or corrupt; not a ValueError
         raise ValueError(f"{path / WEIGHTS_FILE}: not a readable safetensors file "
                          f"(truncated or corrupt?): {err}") from None
+    _check_values(path / WEIGHTS_FILE, state)
     try:
         model.load_state_dict(join_qkv(state, config.n_head))
     except RuntimeError as err:  # missing, unexpected or mis-shaped tensors

@@ -123,6 +123,11 @@ def download(url: str, dest: Path, *, size: Optional[int] = None, sha256: Option
             log(f"{err}; moved aside to {_set_aside(dest).name}, fetching it again")
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
+    if os.path.lexists(part) and (part.is_symlink() or not part.is_file()):
+        # would be appended through (a link) or retried as a network failure (a folder)
+        raise ValueError(f"{part}: expected the partial download (a regular file) or nothing there, found "
+                         f"{'a link' if part.is_symlink() else 'a folder' if part.is_dir() else 'a special file'}; "
+                         f"move it away and run again")
     if size is not None and part.exists() and part.stat().st_size > size:
         part.unlink()  # longer than the real file: cannot be a prefix of it
     host = urllib.parse.urlsplit(url).hostname or url

@@ -11,6 +11,7 @@ import hashlib
 import pickle
 import tarfile
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Optional
 
@@ -60,6 +61,7 @@ def _cifar_batch(tar: tarfile.TarFile, member: str, origin: str) -> np.ndarray:
     try:
         batch = _CifarUnpickler(f, encoding="bytes").load()
         data, labels = np.asarray(batch[b"data"]), batch[b"labels"]
+        len(labels)  # an int or None here was a TypeError traceback below
     except (pickle.UnpicklingError, EOFError, KeyError, TypeError, AttributeError) as err:
         raise ValueError(f"{origin}:{member}: not a CIFAR-10 batch (dict with b'data', b'labels'): {err!r}") from err
     if len(labels) != len(data):
@@ -116,14 +118,18 @@ def _write_images(folder, name, train, test, validation, seed, shape, fingerprin
 
 # What np.load raises on a file that is not a whole npz: a truncated zip is a BadZipFile, which is
 # neither an OSError nor a ValueError.
-_NPZ_ERRORS = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)
+# A corrupt deflate stream (np.savez_compressed) is a zlib.error.
+_NPZ_ERRORS = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error)
 
 
 def _npz_arrays(path: Path, *keys: str) -> list[np.ndarray]:
     """The arrays ``keys`` of one downsampled-ImageNet npz batch; a clear error naming the file."""
     try:
         with np.load(path) as z:
-            return [z[key] for key in keys]
+            arrays = [z[key] for key in keys]
+        if "labels" in keys and arrays[keys.index("labels")].ndim != 1:
+            raise ValueError(f"'labels' must be 1-D, got shape {list(arrays[keys.index('labels')].shape)}")
+        return arrays
     except _NPZ_ERRORS as err:
         raise ValueError(f"{path}: not a downsampled-ImageNet npz batch with 'data' and 'labels' ({err})") from err
 

@@ -82,9 +82,27 @@ def _remove_orphans(folder: Path) -> None:
             pass
 
 
+def _check_removable(folder: Path) -> None:
+    """``ValueError`` unless ``folder`` is absent or a real folder holding nothing but a cache's own
+    files: a user's file, folder or link that happens to sit at the cache's path is never removed."""
+    if not os.path.lexists(folder):
+        return
+    if folder.is_symlink() or not folder.is_dir():
+        found = "a link" if folder.is_symlink() else "a file"
+    else:
+        extra = sorted(p.name for p in folder.iterdir() if p.name not in {MANIFEST, *(f"{s}.bin" for s in SPLITS)})
+        if not extra:
+            return
+        found = f"a folder that also holds {', '.join(extra[:3])}"
+    raise ValueError(f"{folder}: expected a dataset cache folder ({', '.join(f'{s}.bin' for s in SPLITS)}, "
+                     f"{MANIFEST}) or nothing there, found {found}; move it away or choose another --cache")
+
+
 def _discard(folder: Path, seen: Optional[tuple[int, int]]) -> None:
     """Remove the copy of ``folder`` identified by ``seen``: moved aside in one rename (a reader never
-    sees half of it), then deleted. A copy another process put there meanwhile is moved back."""
+    sees half of it), then deleted. A copy another process put there meanwhile is moved back.
+    Anything at ``folder`` that is not a cache is left alone (``ValueError``)."""
+    _check_removable(folder)
     stale = _beside(folder, "stale")
     try:
         os.replace(folder, stale)
@@ -164,7 +182,11 @@ class SplitWriter:
             if theirs is not None and all(theirs.get(k) == manifest[k] for k in ("fingerprint", "splits")):
                 shutil.rmtree(self.tmp, ignore_errors=True)
                 return
-            _discard(self.folder, seen)
+            try:
+                _discard(self.folder, seen)
+            except ValueError:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                raise
         shutil.rmtree(self.tmp, ignore_errors=True)
         raise OSError(f"could not publish the cache {self.folder} after {attempts} tries "
                       f"(other processes keep replacing it): {failure}") from failure
@@ -254,5 +276,6 @@ def prepared(folder: Path, fingerprint: str, build: Callable[[Path], object]) ->
             # process's fresh copy (see SplitWriter).
             _discard(folder, seen)
             break
+    _check_removable(folder)  # before a conversion that may take hours, not after it
     build(folder)
     return load_splits(folder, fingerprint)
