@@ -193,3 +193,21 @@ def test_a_folder_where_a_sample_file_goes_is_refused_before_sampling(tmp_path, 
     assert f"{out / 'samples.txt'} is a folder; expected no file or a file to replace there" in one_error_line(
         capsys.readouterr().err)
     assert (out / "samples.txt").is_dir()
+
+
+def test_a_config_with_a_billion_layers_is_refused_not_built(tmp_path):
+    """Loading a model folder whose config.json says n_layer 10**9 built the blocks (on the meta device)
+    for hours before any check; the config now refuses it in one line."""
+    import json
+
+    from sparse_transformer.config import MAX_LAYERS
+    from sparse_transformer.weights import load_model, save_weights
+    with pytest.raises(ValueError, match=f"model.n_layer must be <= {MAX_LAYERS:,}, got 1,000,000,000"):
+        ModelConfig(n_layer=10 ** 9)
+    folder = tmp_path / "model"
+    save_weights(folder, SparseTransformer(small().model).state_dict(), small().model, manifest=False)
+    config = json.loads((folder / "config.json").read_text())
+    config["n_layer"] = 10 ** 9
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="n_layer must be <= 4,096"):
+        load_model(folder, allow_unverified=True)

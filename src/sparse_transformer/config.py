@@ -18,6 +18,7 @@ INTEGRATIONS = ("merged", "interleaved", "split")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 PARALLEL = ("ddp", "fsdp")
 MAX_SEED = 2 ** 63 - 1  # torch seeds are 64-bit unsigned: room left for seed + 1 + rank
+MAX_LAYERS = 4096  # far past any model here (the paper's deepest had 128): a config past it is a typo or damage
 
 
 def _check_number(name: str, value, low: float, *, inclusive: bool = True, high: Optional[float] = None) -> None:
@@ -59,6 +60,8 @@ class ModelConfig:
         for name in ("n_layer", "n_head", "d_model", "context", "vocab_size", "stride", "summary",
                      "distinct", "interleave_ratio"):
             _check_count(f"model.{name}", getattr(self, name), 1)
+        if self.n_layer > MAX_LAYERS:  # building the blocks would run for hours before any check
+            raise ValueError(f"model.n_layer must be <= {MAX_LAYERS:,}, got {self.n_layer:,}")
         if not isinstance(self.pattern, str):
             raise ValueError(f"model.pattern must be a string ({PATTERNS} or a spec), got {self.pattern!r}")
         pieces = len(self.pattern_pieces())  # a bad name, spec or size fails here
