@@ -6,17 +6,25 @@ import argparse
 import math
 
 
-def _int_at_least(low: int):
-    def parse(text: str) -> int:
+def _checked(convert, accepts, expected: str, name: str, unreadable: str = ""):
+    """An argparse type: ``convert(text)`` if ``accepts`` it, else "expected EXPECTED, got ..." (an
+    int out of range shown as read, anything else as typed; ``unreadable`` replaces ``expected`` for
+    text that does not convert). ``name`` is what argparse calls the type in its own messages."""
+    def parse(text: str):
         try:
-            value = int(text)
+            value = convert(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an int >= {low}, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"expected an int >= {low}, got {value}")
+            raise argparse.ArgumentTypeError(f"expected {unreadable or expected}, got {text!r}") from None
+        if not accepts(value):
+            shown = value if isinstance(value, int) else repr(text)
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {shown}")
         return value
-    parse.__name__ = f"int >= {low}"
+    parse.__name__ = name
     return parse
+
+
+def _int_at_least(low: int):
+    return _checked(int, lambda value: value >= low, f"an int >= {low}", f"int >= {low}")
 
 
 positive_int = _int_at_least(1)
@@ -25,46 +33,17 @@ positive_int = _int_at_least(1)
 nonnegative_int = _int_at_least(0)
 """An int >= 0 (0: none)."""
 
+seed = _checked(int, lambda value: -2 ** 63 <= value < 2 ** 64, "an int in [-2**63, 2**64 - 1]", "seed",
+                unreadable="an int")
+"""A random seed torch takes (a larger one failed only when the generator was seeded, as "Overflow
+when unpacking long long", naming no flag)."""
 
+nonnegative_float = _checked(float, lambda value: math.isfinite(value) and value >= 0, "a finite number >= 0",
+                             "number >= 0")
+"""A finite float >= 0 (checked when parsed, before a model is loaded or a folder made)."""
 
-def seed(text: str) -> int:
-    """A random seed torch takes: an int in [-2**63, 2**64 - 1] (a larger one failed only when the
-    generator was seeded, as "Overflow when unpacking long long", naming no flag)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an int, got {text!r}") from None
-    if not -2 ** 63 <= value < 2 ** 64:
-        raise argparse.ArgumentTypeError(f"expected an int in [-2**63, 2**64 - 1], got {value}")
-    return value
-
-
-def nonnegative_float(text: str) -> float:
-    """A finite float >= 0 (checked when parsed, before a model is loaded or a folder made)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}") from None
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
-    return value
-
-
-nonnegative_float.__name__ = "number >= 0"
-
-
-def probability(text: str) -> float:
-    """A number in (0, 1] (a nucleus mass for top-p)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
-    if not 0 < value <= 1:  # NaN fails too
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
-    return value
-
-
-probability.__name__ = "number in (0, 1]"
+probability = _checked(float, lambda value: 0 < value <= 1, "a number in (0, 1]", "number in (0, 1]")
+"""A number in (0, 1] (a nucleus mass for top-p); NaN fails too."""
 
 ALL = "all"
 
