@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .patterns import MAX_LENGTH, Pattern
-from .patterns.base import check_int
+from .patterns.base import check_int, check_pattern
 
 EXACT_WINDOW = 16_384
 """The most queries counted from the mask function (their keys alone: O(window^2) work)."""
@@ -90,9 +90,7 @@ class Cost:
 def cost(pattern: Pattern, n: int, head: int = 0) -> Cost:
     """Exact keys-per-query statistics and density of ``pattern`` at length ``n`` (up to
     :data:`~sparse_transformer.patterns.MAX_LENGTH` for built-in patterns), without O(n) memory."""
-    if not isinstance(pattern, Pattern):
-        raise ValueError(f"pattern must be a pattern from st.patterns (parse a spec string with "
-                         f"st.patterns.parse), got {type(pattern).__name__} {str(pattern)[:80]!r}")
+    check_pattern(pattern)
     check_int("n", n, 0, MAX_LENGTH)
     check_int("head", head, 0)
     if n == 0:

@@ -39,6 +39,13 @@ def check_int(name: str, value: int, low: int, high: int = MAX_PARAMETER) -> Non
         raise ValueError(f"{name} must be {allowed}, got {got}")
 
 
+def check_pattern(value) -> None:
+    """Raise a ValueError unless ``value`` is a pattern (a spec string is not: parse() reads it)."""
+    if not isinstance(value, Pattern):
+        raise ValueError(f"pattern must be a pattern from st.patterns (parse a spec string with "
+                         f"st.patterns.parse), got {type(value).__name__} {_short(repr(value))}")
+
+
 def _short(text: str, limit: int = 60) -> str:
     """``text`` cut to ``limit`` characters, so that an error stays one readable line."""
     return text if len(text) <= limit else text[:limit - 3] + "..."

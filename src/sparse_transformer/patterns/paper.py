@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from .base import Part, Pattern, check_int
+from .base import Part, Pattern, check_int, check_pattern
 from .block import Block
 from .column import Column, floor_sum
 from .local import Local
@@ -155,9 +155,7 @@ def paper_name(parts: tuple[Part, ...]) -> Optional[Pattern]:
 def pieces(pattern: Pattern) -> tuple[Pattern, ...]:
     """The one-part patterns whose union is ``pattern``, named as the paper names them for its two
     patterns (``strided(l, "row")``, ...), else the parts themselves; a custom pattern is its own."""
-    if not isinstance(pattern, Pattern):  # a spec string names parts too, but parse() reads it
-        raise ValueError(f"pattern must be a pattern from st.patterns (parse a spec string with "
-                         f"st.patterns.parse), got {type(pattern).__name__} {pattern!r}"[:300])
+    check_pattern(pattern)
     if isinstance(pattern, Strided) and pattern.part is None:
         return tuple(Strided(pattern.stride, p) for p in STRIDED_PARTS)
     if isinstance(pattern, Fixed) and pattern.part is None:
