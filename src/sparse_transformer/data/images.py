@@ -126,10 +126,10 @@ def _npz_arrays(path: Path, *keys: str) -> list[np.ndarray]:
     """The arrays ``keys`` of one downsampled-ImageNet npz batch; a clear error naming the file."""
     try:
         with np.load(path) as z:
-            arrays = [z[key] for key in keys]
-        if "labels" in keys and arrays[keys.index("labels")].ndim != 1:
-            raise ValueError(f"'labels' must be 1-D, got shape {list(arrays[keys.index('labels')].shape)}")
-        return arrays
+            arrays = {key: z[key] for key in keys}
+        if "labels" in arrays and arrays["labels"].ndim != 1:
+            raise ValueError(f"'labels' must be 1-D, got shape {list(arrays['labels'].shape)}")
+        return list(arrays.values())
     except _NPZ_ERRORS as err:
         raise ValueError(f"{path}: not a downsampled-ImageNet npz batch with 'data' and 'labels' ({err})") from err
 
