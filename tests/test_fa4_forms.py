@@ -162,13 +162,15 @@ def test_fa4_backend_is_listed_and_refuses_what_it_cannot_run():
 
 
 def test_auto_picks_fa4_only_where_it_was_measured_faster(monkeypatch):
-    """With fa4 able to run (stubbed here), auto takes it for fixed stride 128, D = 64, N >= 32,768,
-    and for nothing shorter, narrower, of another stride, or while torch.compile traces."""
+    """With fa4 able to run (stubbed here), auto takes it for fixed 128/32 (any distinct count),
+    D = 64, N >= 32,768, and for nothing shorter, wider, of another stride or summary width, or
+    while torch.compile traces."""
     from sparse_transformer.attention import BACKENDS, choose_backend
 
     monkeypatch.setattr(fa4, "supports", lambda q, v, pattern: fa4.is_fixed(pattern))
     long = torch.zeros(1, 1, fa4.AUTO_MIN_TOKENS, 64, dtype=torch.bfloat16)
-    assert fa4.auto_picks(long, long, P.fixed(128, 32)) and fa4.auto_picks(long, long, P.fixed(128, 16, 4))
+    assert fa4.auto_picks(long, long, P.fixed(128, 32)) and fa4.auto_picks(long, long, P.fixed(128, 32, 4))
+    assert not fa4.auto_picks(long, long, P.fixed(128, 16)) and not fa4.auto_picks(long, long, P.fixed(128, 16, 4))
     assert not fa4.auto_picks(long[:, :, :-128], long[:, :, :-128], P.fixed(128, 32))
     assert not fa4.auto_picks(long, long, P.fixed(256, 32)) and not fa4.auto_picks(long, long, P.strided(128))
     wide = torch.zeros(1, 1, fa4.AUTO_MIN_TOKENS, 128, dtype=torch.bfloat16)

@@ -111,8 +111,8 @@ BACKENDS: dict[str, Backend] = {
                     "FlexAttention with a cached BlockMask from pattern.mask_mod; any pattern, CUDA"),
     "fa4": Backend("fa4", _load_fa4, _fa4_supports,
                    "FlashAttention-4's Hopper kernels on the fixed pattern's concatenated keys; fp16/bf16, "
-                   "sm90+, optional (pip install sparse-transformer[fa4]); auto picks it for fixed stride 128, "
-                   "D = 64, N >= 32,768, outside torch.compile", auto_supports=_fa4_auto),
+                   "sm90+, optional (pip install sparse-transformer[fa4]); auto picks it for fixed 128/32 "
+                   "(any distinct count), D = 64, N >= 32,768, outside torch.compile", auto_supports=_fa4_auto),
 }
 
 # Preference order for backend="auto"; the first that supports the inputs wins: fa4 where installed

@@ -28,6 +28,7 @@ from .concatenated import concatenated_keys
 # FlashAttention-4 pays a fixed cost per call that only long sequences repay.
 AUTO_MIN_TOKENS = 32768
 AUTO_STRIDE = 128
+AUTO_SUMMARY = 32  # at summary 16 triton was faster (fixed 128/16 at 32,768)
 AUTO_HEAD_WIDTH = 64
 
 INSTALL = "pip install sparse-transformer[fa4] (flash-attn-4 with nvidia-cutlass-dsl; a Hopper or newer GPU)"
@@ -124,8 +125,9 @@ def supports(q: Tensor, v: Tensor, pattern: Pattern) -> bool:
 
 def auto_picks(q: Tensor, v: Tensor, pattern: Pattern) -> bool:
     """Whether ``backend="auto"`` takes fa4: where :func:`supports` holds, on the shapes where it was
-    measured faster than ``triton`` (stride :data:`AUTO_STRIDE`, head width :data:`AUTO_HEAD_WIDTH`,
-    at least :data:`AUTO_MIN_TOKENS` tokens), and not while ``torch.compile`` traces."""
+    measured faster than ``triton`` (stride :data:`AUTO_STRIDE`, summary width :data:`AUTO_SUMMARY`
+    (any distinct count), head width :data:`AUTO_HEAD_WIDTH`, at least :data:`AUTO_MIN_TOKENS` tokens),
+    and not while ``torch.compile`` traces."""
     if torch.compiler.is_compiling() or q.shape[-1] != AUTO_HEAD_WIDTH or q.shape[-2] < AUTO_MIN_TOKENS:
         return False
-    return supports(q, v, pattern) and fixed_sizes(pattern)[0] == AUTO_STRIDE
+    return supports(q, v, pattern) and fixed_sizes(pattern) == (AUTO_STRIDE, AUTO_SUMMARY)
