@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -33,6 +34,12 @@ def _check_number(name: str, value, low: float, *, inclusive: bool = True, high:
 def _check_count(name: str, value, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+
+
+def _check_bool(name: str, value) -> None:
+    """A real bool: a string such as "false" from a hand-written config.json is truthy, and was obeyed."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
 
 
 @dataclass
@@ -62,6 +69,8 @@ class ModelConfig:
             _check_count(f"model.{name}", getattr(self, name), 1)
         if self.n_layer > MAX_LAYERS:  # building the blocks would run for hours before any check
             raise ValueError(f"model.n_layer must be <= {MAX_LAYERS:,}, got {self.n_layer:,}")
+        for name in ("half_ff", "half_qk"):
+            _check_bool(f"model.{name}", getattr(self, name))
         if not isinstance(self.pattern, str):
             raise ValueError(f"model.pattern must be a string ({PATTERNS} or a spec), got {self.pattern!r}")
         pieces = len(self.pattern_pieces())  # a bad name, spec or size fails here
@@ -73,12 +82,16 @@ class ModelConfig:
         if self.d_model % self.n_head or self.qk_width % self.n_head:
             raise ValueError(f"model.d_model ({self.d_model}) and the query/key width ({self.qk_width}) must be "
                              f"divisible by n_head ({self.n_head})")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        _check_number("model.dropout", self.dropout, 0, high=1)  # a string failed as a TypeError
         from .attention import BACKENDS  # checked here, not at the first forward pass after data loading
-        if self.backend != "auto" and self.backend not in BACKENDS:
+        if not isinstance(self.backend, str) or (self.backend != "auto" and self.backend not in BACKENDS):
             raise ValueError(f"model.backend must be 'auto' or one of {sorted(BACKENDS)}, got {self.backend!r}")
         if self.position_axes is not None:
+            # int() read "abc" as an error naming no field, cut 4.5 to 4, and an int failed as a TypeError.
+            if not isinstance(self.position_axes, (tuple, list)) or not all(
+                    isinstance(a, numbers.Integral) and not isinstance(a, bool) for a in self.position_axes):
+                raise ValueError(f"model.position_axes must be a tuple of int sizes (e.g. (32, 32, 3)) or None, "
+                                 f"got {self.position_axes!r}")
             self.position_axes = tuple(int(a) for a in self.position_axes)
             if not self.position_axes or min(self.position_axes) < 1 or math.prod(self.position_axes) < self.context:
                 raise ValueError(f"model.position_axes must be positive sizes whose product covers context "

@@ -23,6 +23,7 @@ from torch import Tensor
 from .attention import refusal, sparse_attention
 from .config import ModelConfig
 from .patterns import Pattern
+from .patterns.base import check_pattern
 
 def layer_patterns(config: ModelConfig, custom: Optional[Pattern] = None) -> list[tuple[Pattern, ...]]:
     """Per layer, the patterns its heads use: one pattern for all heads, or one per group of heads.
@@ -175,6 +176,11 @@ class SparseTransformer(nn.Module):
 
     def __init__(self, config: ModelConfig, pattern: Optional[Pattern] = None):
         super().__init__()
+        if not isinstance(config, ModelConfig):  # a TrainConfig or a dict failed as an AttributeError
+            hint = " (pass its .model)" if hasattr(config, "model") else ""
+            raise ValueError(f"config must be a sparse_transformer ModelConfig{hint}, got {type(config).__name__}")
+        if pattern is not None:  # a spec string was taken here and failed only at the first forward pass
+            check_pattern(pattern)
         self.config = config
         d = config.d_model
         self.token = nn.Embedding(config.vocab_size, d)
@@ -211,9 +217,21 @@ class SparseTransformer(nn.Module):
 
     def embed(self, tokens: Tensor) -> Tensor:
         """Shifted token embeddings plus factorized positions: ``[B, N] -> [B, N, d]``."""
+        if not isinstance(tokens, Tensor) or tokens.dim() != 2 or tokens.is_floating_point() or tokens.is_complex():
+            what = (f"a {tokens.dim()}-D {tokens.dtype} tensor" if isinstance(tokens, Tensor)
+                    else type(tokens).__name__)
+            raise ValueError(f"tokens must be a 2-D integer tensor [B, N] of bytes, got {what}")
         b, n = tokens.shape
         if n > self.config.context or n < 1:
             raise ValueError(f"sequence length must be in [1, context={self.config.context}], got {n}")
+        if b < 1:  # failed in a reshape deep in attention
+            raise ValueError(f"tokens must hold at least one sequence (B >= 1), got shape {tuple(tokens.shape)}")
+        # Checked where it costs no device sync (a GPU would stop at every step) and breaks no compiled
+        # graph; was an IndexError.
+        if (tokens.device.type == "cpu" and not torch.compiler.is_compiling()
+                and (int(tokens.min()) < 0 or int(tokens.max()) >= self.config.vocab_size)):
+            raise ValueError(f"tokens must be bytes in [0, {self.config.vocab_size}), got "
+                             f"[{int(tokens.min())}, {int(tokens.max())}]")
         x = self.token(tokens[:, :-1].long())
         x = torch.cat([self.start.to(x.dtype).expand(b, 1, -1), x], dim=1)  # shift right by one
         index = self.position_index[:n]

@@ -63,6 +63,8 @@ def resolve_device(device: Optional[str | torch.device] = None, local_rank: int 
         dev = torch.device(device)
     except (RuntimeError, TypeError):
         raise ValueError(f"device must be cpu, cuda or cuda:N, got {device!r}") from None
+    if dev.type not in ("cpu", "cuda"):  # "meta" failed as a "truncated or corrupt" weights file
+        raise ValueError(f"device must be cpu, cuda or cuda:N, got {str(device)!r}")
     if dev.type == "cuda":
         if dev.index is not None and world_size > 1:
             raise ValueError(f"device {str(device)!r} names one GPU, but {world_size} processes would share it; "

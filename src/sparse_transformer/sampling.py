@@ -11,6 +11,7 @@ fastest); on the CPU it runs eagerly whatever ``compile`` says.
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from typing import Callable, Optional, Union
 
@@ -25,7 +26,7 @@ COMPILE_MODES = (False, True, "reduce-overhead", "cudagraph")
 
 
 def _check(model: nn.Module, prime: Tensor, steps: int, temperature: float, top_k: Optional[int],
-           top_p: Optional[float], generator: Optional[torch.Generator], compile) -> None:
+           top_p: Optional[float], generator: Optional[torch.Generator], compile, timings) -> None:
     config = getattr(model, "config", None)
     if config is None or not hasattr(model, "blocks"):
         raise ValueError(f"model must be a SparseTransformer, got {type(model).__name__}")
@@ -38,17 +39,18 @@ def _check(model: nn.Module, prime: Tensor, steps: int, temperature: float, top_
     if prime.numel() and (int(prime.min()) < 0 or int(prime.max()) >= config.vocab_size):
         raise ValueError(f"prime values must be bytes in [0, {config.vocab_size}), got "
                          f"[{int(prime.min())}, {int(prime.max())}]")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+    # numbers.Integral / Real: a numpy scalar is a number too (it was refused as "not a finite number").
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
         raise ValueError(f"steps must be an int >= 0, got {steps!r}")
     if prime.shape[1] + steps > config.context:
         raise ValueError(f"prime length + steps must be <= the model's context {config.context}, got "
                          f"{prime.shape[1]} + {steps} = {prime.shape[1] + steps}")
-    if (isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature)
+    if (isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not math.isfinite(temperature)
             or temperature < 0):
         raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1):
         raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
-    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not 0 < top_p <= 1):
         raise ValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
     device = model.head.weight.device
     if generator is not None and (not isinstance(generator, torch.Generator)
@@ -56,6 +58,8 @@ def _check(model: nn.Module, prime: Tensor, steps: int, temperature: float, top_
         raise ValueError(f"generator must be a torch.Generator on the model's device ({device}), got {generator!r}")
     if compile not in COMPILE_MODES:
         raise ValueError(f"compile must be one of {COMPILE_MODES}, got {compile!r}")
+    if timings is not None and not isinstance(timings, dict):  # a list failed after the prefill as a TypeError
+        raise ValueError(f"timings must be a dict to fill, or None, got {type(timings).__name__}")
 
 
 def filter_logits(logits: Tensor, top_k: Optional[int] = None, top_p: Optional[float] = None) -> Tensor:
@@ -78,7 +82,11 @@ def sample_next(logits: Tensor, temperature: float = 1.0, top_k: Optional[int] =
     ``softmax(filter(logits) / temperature)``. Returns LongTensor ``[B]``."""
     if temperature == 0:
         return logits.argmax(-1)
-    logits = filter_logits(logits.float() / temperature, top_k, top_p)
+    # Less the largest first, and no temperature below fp32's smallest normal (1e-300 is 0 in fp32): at a
+    # tiny temperature the largest was inf (or 0 / 0) and the softmax NaN; now the others go to -inf.
+    logits = logits.float()
+    shifted = (logits - logits.amax(-1, keepdim=True)) / max(temperature, torch.finfo(torch.float32).tiny)
+    logits = filter_logits(shifted, top_k, top_p)
     return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(1)
 
 
@@ -168,7 +176,8 @@ def generate(model: nn.Module, prime: Tensor, steps: int, temperature: float = 1
     Work per byte and layer is O(keys per query) for dense, strided and fixed patterns in every
     integration mode; custom patterns evaluate their mask function over the context (O(N)).
     """
-    _check(model, prime, steps, temperature, top_k, top_p, generator, compile)
+    _check(model, prime, steps, temperature, top_k, top_p, generator, compile, timings)
+    steps = int(steps)
     b, p = prime.shape
     if steps == 0:
         return prime.clone()

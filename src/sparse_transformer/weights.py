@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -57,11 +58,21 @@ def check_manifest(folder: str | Path) -> Optional[str]:
     return None
 
 
+def _folder(path, what: str) -> Path:
+    """``path`` as a Path; a ValueError naming ``what`` unless it names a folder: ``""`` is the current
+    folder (save_pretrained("") wrote there, replacing any config.json), None failed as a TypeError."""
+    if not isinstance(path, (str, os.PathLike)) or not str(path).strip():
+        raise ValueError(f"{what} must name a folder, got {path!r}")
+    return Path(path)
+
+
 def save_weights(path: str | Path, state_dict: dict, config: ModelConfig, manifest: bool = True) -> Path:
     """Write a model state dict as ``model.safetensors`` plus its ``config.json`` into folder ``path``,
     and a manifest of both unless ``manifest=False`` (a trainer checkpoint writes its own)."""
     from safetensors.torch import save_file
-    path = Path(path)
+    path = _folder(path, "path")
+    if path.exists() and not path.is_dir():  # was FileExistsError "[Errno 17] File exists"
+        raise ValueError(f"path {path} is a file; expected a folder to write {WEIGHTS_FILE} and {CONFIG_FILE} into")
     path.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
     save_file(tensors, str(path / WEIGHTS_FILE))
@@ -140,9 +151,11 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", cls: Option
     model is allocated. ``backend`` replaces the attention backend the model was saved with."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
+    from .parallel import resolve_device
     if cls is None:
         from .model import SparseTransformer as cls
-    path = Path(path)
+    path = _folder(path, "path")
+    device = resolve_device(device)  # "gpu" was a RuntimeError, "cuda" without one an AssertionError
     if not (path / WEIGHTS_FILE).is_file() or not (path / CONFIG_FILE).is_file():
         raise ValueError(f"{path} must hold {WEIGHTS_FILE} and {CONFIG_FILE} (written by save_pretrained)")
     if (path / MANIFEST).is_file():

@@ -26,6 +26,9 @@ from .reference import reference_attention
 
 AttentionFn = Callable[[Tensor, Tensor, Tensor, Pattern, float], Tensor]
 
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+"""The dtypes q, k and v may have (fp8 and other floating-point types have no softmax arithmetic here)."""
+
 # Read once: torch.compile cannot trace a module lookup, and sparse_attention runs inside traced code.
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
@@ -144,8 +147,9 @@ def _check(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, scale: Optional[fl
             raise ValueError(f"{name} must be a torch.Tensor of shape [B, H, N, D], got {type(x).__name__}")
         if x.dim() != 4:
             raise ValueError(f"{name} must be 4-D [B, H, N, D], got shape {tuple(x.shape)}")
-        if not x.is_floating_point():
-            raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
+        if x.dtype not in DTYPES:  # fp8 failed inside torch with a NotImplementedError
+            raise ValueError(f"{name} must be a floating-point tensor ({', '.join(str(d) for d in DTYPES)}), "
+                             f"got {x.dtype}")
     if q.shape != k.shape or q.shape[:-1] != v.shape[:-1]:
         raise ValueError(f"q and k must have one shape [B, H, N, Dqk] and v the shape [B, H, N, Dv], got "
                          f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")

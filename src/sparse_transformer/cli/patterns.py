@@ -60,6 +60,9 @@ def run(args: argparse.Namespace) -> int:
     if args.query is not None and not 0 <= args.query < args.n:
         raise ValueError(f"--query must be in [0, {args.n - 1:,}] (a position of the --n {args.n:,} sequence), "
                          f"got {args.query:,}")
+    if args.query is not None and args.out is None:  # was read by nothing, silently
+        raise ValueError("--query has no effect without --out (it picks the query the drawing shows); "
+                         "drop it, or add --out NAME.png")
     if args.heads is not None and not 1 <= args.heads <= MAX_HEADS:  # a row of the figure per head
         raise ValueError(f"--heads must be in [1, {MAX_HEADS}], got {args.heads}")
     out = None

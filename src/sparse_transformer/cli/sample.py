@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import os
+import re
 import stat
 import sys
 from pathlib import Path
@@ -101,12 +102,16 @@ def _read_prime(path: Path, limit: int) -> tuple[bytes, str]:
     return prime, f"{len(prime):,} bytes" + (" or more" if len(prime) == limit else "")
 
 
-def _outputs(kind: str, args: argparse.Namespace) -> list[str]:
-    """The files this command writes into --out."""
+def _outputs(kind: str, args: argparse.Namespace, out: Path) -> list[str]:
+    """The files this command writes into --out that are already there (audio: one file per sample, so
+    only those in --out are listed; all --n names, even for text, filled the memory at --n 10**11)."""
     names = []
-    if args.n:
-        audio = [f"sample-{i}.wav" for i in range(args.n)]
-        names += {"text": ["samples.txt"], "image": ["samples.png"]}.get(kind, audio)
+    if args.n and kind != "audio":
+        names.append({"text": "samples.txt", "image": "samples.png"}[kind])
+    elif args.n and out.is_dir():
+        found = (re.fullmatch(r"sample-(0|[1-9][0-9]*)\.wav", entry.name) for entry in out.iterdir())
+        names += sorted((entry[0] for entry in found if entry and int(entry[1]) < args.n),
+                        key=lambda name: int(name[7:-4]))
     return names + (["completions.png"] if args.complete_images else [])
 
 
@@ -134,6 +139,11 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.n and not args.complete_images:
         raise ValueError("nothing to sample: --n is 0 and --complete-images is 0")
+    if args.data is not None and not args.complete_images:  # was read by nothing, silently
+        raise ValueError("--data has no effect without --complete-images (it holds the images to complete); "
+                         "drop it, or add --complete-images K")
+    if not args.out.strip():  # Path("") is the current folder: the samples went there
+        raise ValueError("--out must name a folder for the samples, got an empty string")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; expected a folder for the samples")
@@ -171,7 +181,7 @@ def run(args: argparse.Namespace) -> int:
     if prime and max(prime) >= config.vocab_size:
         raise ValueError(f"{where} holds byte value {max(prime)}, outside the model's vocabulary of "
                          f"{config.vocab_size}; expected bytes below {config.vocab_size}")
-    _refuse_overwrite(out, _outputs(kind, args), args.force)
+    _refuse_overwrite(out, _outputs(kind, args, out), args.force)
     originals = _test_images(args, train_config, shape, args.complete_images) if args.complete_images else None
     generator = torch.Generator(device=device).manual_seed(args.seed)
     options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=generator,
