@@ -57,6 +57,7 @@ def test_sparse_attention_refuses_a_float_dtype_it_cannot_compute_in():
     (dict(position_axes=32), r"model.position_axes must be a tuple of int sizes"),  # TypeError
     (dict(position_axes="abc"), r"model.position_axes must be a tuple of int sizes"),  # named no field
     (dict(position_axes=(4.5, 8)), r"model.position_axes must be a tuple of int sizes"),  # cut to (4, 8)
+    (dict(context=2 ** 31), r"model.context must be <= 16,777,216, got 2,147,483,648"),  # OOM-killed, silently
 ])
 def test_model_config_names_a_field_of_the_wrong_type(fields, message):
     with pytest.raises(ValueError, match=message):
@@ -225,3 +226,14 @@ def test_patterns_refuses_a_query_without_a_drawing(capsys):
     one_line_error(capsys, ["patterns", "--n", "16", "--query", "5"], "--query has no effect without --out")
     assert main(["patterns", "--n", "16", "--query", "16"]) == 2  # out of range: still named as such
     assert "--query must be in [0, 15]" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fields,message", [
+    (dict(recompute="false"), r"recompute must be true or false, got 'false'"),  # truthy: was obeyed
+    (dict(compile=1), r"compile must be true or false, got 1"),
+])
+def test_train_config_names_a_switch_that_is_not_a_bool(fields, message):
+    from sparse_transformer.config import TrainConfig
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**fields)
+    assert TrainConfig(recompute=True, compile=None).compile is None  # None: on with a GPU, off on the CPU

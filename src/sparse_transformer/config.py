@@ -20,6 +20,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 PARALLEL = ("ddp", "fsdp")
 MAX_SEED = 2 ** 63 - 1  # torch seeds are 64-bit unsigned: room left for seed + 1 + rank
 MAX_LAYERS = 4096  # far past any model here (the paper's deepest had 128): a config past it is a typo or damage
+MAX_CONTEXT = 2 ** 24  # 16x the paper's longest (2^20); past it the position index alone filled memory silently
 
 
 def _check_number(name: str, value, low: float, *, inclusive: bool = True, high: Optional[float] = None) -> None:
@@ -69,6 +70,8 @@ class ModelConfig:
             _check_count(f"model.{name}", getattr(self, name), 1)
         if self.n_layer > MAX_LAYERS:  # building the blocks would run for hours before any check
             raise ValueError(f"model.n_layer must be <= {MAX_LAYERS:,}, got {self.n_layer:,}")
+        if self.context > MAX_CONTEXT:  # 2^31 was ended by the OOM killer, without a word, while building
+            raise ValueError(f"model.context must be <= {MAX_CONTEXT:,}, got {self.context:,}")
         for name in ("half_ff", "half_qk"):
             _check_bool(f"model.{name}", getattr(self, name))
         if not isinstance(self.pattern, str):
@@ -231,6 +234,9 @@ class TrainConfig:
             raise ValueError(f"grad_compress must be 'auto', 'bf16' or 'none', got {self.grad_compress!r}")
         for name in ("grad_accum", "keep_checkpoints", "max_nonfinite", "log_every"):
             _check_count(name, getattr(self, name), 1)
+        _check_bool("recompute", self.recompute)
+        if self.compile is not None:
+            _check_bool("compile", self.compile)
         # 0 means "off"; a negative interval would match every step (step % -1 == 0).
         for name in ("seed", "eval_every", "checkpoint_every", "sample_bytes"):
             _check_count(name, getattr(self, name), 0)
