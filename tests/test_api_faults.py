@@ -237,3 +237,15 @@ def test_train_config_names_a_switch_that_is_not_a_bool(fields, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(**fields)
     assert TrainConfig(recompute=True, compile=None).compile is None  # None: on with a GPU, off on the CPU
+
+
+def test_the_public_sampling_helpers_check_their_options():
+    from sparse_transformer.sampling import filter_logits, sample_next
+    logits = torch.randn(2, 256)
+    with pytest.raises(ValueError, match=r"top_k must be None or an int >= 1, got 0"):  # was an IndexError
+        filter_logits(logits, top_k=0)
+    with pytest.raises(ValueError, match=r"top_p must be None or a number in \(0, 1\], got 1.5"):
+        sample_next(logits, top_p=1.5)
+    with pytest.raises(ValueError, match=r"temperature must be a finite number >= 0"):
+        sample_next(logits, temperature=float("nan"))
+    assert sample_next(logits, temperature=0).tolist() == logits.argmax(-1).tolist()

@@ -45,13 +45,7 @@ def _check(model: nn.Module, prime: Tensor, steps: int, temperature: float, top_
     if prime.shape[1] + steps > config.context:
         raise ValueError(f"prime length + steps must be <= the model's context {config.context}, got "
                          f"{prime.shape[1]} + {steps} = {prime.shape[1] + steps}")
-    if (isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not math.isfinite(temperature)
-            or temperature < 0):
-        raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1):
-        raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
-    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not 0 < top_p <= 1):
-        raise ValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
+    _check_options(temperature, top_k, top_p)
     device = model.head.weight.device
     if generator is not None and (not isinstance(generator, torch.Generator)
                                   or generator.device.type != device.type):
@@ -62,9 +56,22 @@ def _check(model: nn.Module, prime: Tensor, steps: int, temperature: float, top_
         raise ValueError(f"timings must be a dict to fill, or None, got {type(timings).__name__}")
 
 
+def _check_options(temperature: float, top_k: Optional[int], top_p: Optional[float]) -> None:
+    """The sampling options, for :func:`generate` and the public :func:`sample_next` / :func:`filter_logits`."""
+    # numbers.Integral / Real: a numpy scalar is a number too.
+    if (isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not math.isfinite(temperature)
+            or temperature < 0):
+        raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1):
+        raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not 0 < top_p <= 1):
+        raise ValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
+
+
 def filter_logits(logits: Tensor, top_k: Optional[int] = None, top_p: Optional[float] = None) -> Tensor:
     """Set logits outside the ``top_k`` largest and outside the nucleus of probability ``top_p``
     (the smallest set of most likely bytes whose mass reaches ``top_p``) to ``-inf``. ``[B, V]``."""
+    _check_options(0, top_k, top_p)  # top_k = 0 failed as an IndexError
     if top_k is not None and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -80,6 +87,7 @@ def sample_next(logits: Tensor, temperature: float = 1.0, top_k: Optional[int] =
                 top_p: Optional[float] = None, generator: Optional[torch.Generator] = None) -> Tensor:
     """One byte per row of ``logits [B, V]``: argmax when ``temperature == 0``, else a draw from
     ``softmax(filter(logits) / temperature)``. Returns LongTensor ``[B]``."""
+    _check_options(temperature, top_k, top_p)
     if temperature == 0:
         return logits.argmax(-1)
     # Less the largest first, and no temperature below fp32's smallest normal (1e-300 is 0 in fp32): at a
