@@ -249,3 +249,10 @@ def test_the_public_sampling_helpers_check_their_options():
     with pytest.raises(ValueError, match=r"temperature must be a finite number >= 0"):
         sample_next(logits, temperature=float("nan"))
     assert sample_next(logits, temperature=0).tolist() == logits.argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("shape", ["0x6", "12288x0", "12288"])
+def test_bench_train_names_a_bad_shape_before_the_gpu_check(capsys, shape):
+    """A typo in --shapes was named only on a GPU machine; elsewhere the GPU check hid it."""
+    one_line_error(capsys, ["bench", "train", "--shapes", shape], f"--shapes: expected CONTEXTxBATCH of positive "
+                                                                  f"sizes such as 12288x6, got '{shape}'")

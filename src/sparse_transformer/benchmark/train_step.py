@@ -262,20 +262,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _shape(text: str) -> tuple[int, int]:
-    match = re.fullmatch(r"(\d+)x(\d+)", text)
+    match = re.fullmatch(r"([1-9]\d*)x([1-9]\d*)", text)
     if not match:
-        raise ValueError(f"--shapes: expected CONTEXTxBATCH such as 12288x6, got {text!r}")
+        raise ValueError(f"--shapes: expected CONTEXTxBATCH of positive sizes such as 12288x6, got {text!r}")
     return int(match[1]), int(match[2])
 
 
 def run_cli(args) -> int:
-    if not torch.cuda.is_available():
-        raise ValueError("the training-step benchmark needs a CUDA GPU")
+    # The arguments first: a typo is named on any machine, not hidden behind the GPU check.
     if min(args.warmup, args.steps) < 1 or args.profile < 0:
         raise ValueError("--warmup and --steps must be >= 1 and --profile >= 0")
+    shapes = [_shape(s) for s in args.shapes]
+    if not torch.cuda.is_available():
+        raise ValueError("the training-step benchmark needs a CUDA GPU")
     from sparse_transformer.data import load_stdlib
 
-    shapes = [_shape(s) for s in args.shapes]
     dataset = load_stdlib()  # the embedded default: content does not change a step's cost
     device = torch.cuda.get_device_name()
     name = file_stem(device)
