@@ -8,10 +8,13 @@ through JSON (``to_dict`` / ``from_dict``), which is how checkpoints record what
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import numbers
+import os
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 PATTERNS = ("dense", "strided", "fixed")
@@ -21,6 +24,7 @@ PARALLEL = ("ddp", "fsdp")
 MAX_SEED = 2 ** 63 - 1  # torch seeds are 64-bit unsigned: room left for seed + 1 + rank
 MAX_LAYERS = 4096  # far past any model here (the paper's deepest had 128): a config past it is a typo or damage
 MAX_CONTEXT = 2 ** 24  # 16x the paper's longest (2^20); past it the position index alone filled memory silently
+MAX_WIDTH = 2 ** 24  # d_model, vocab_size: 1,000x GPT-3's width; past 2^31 a weight's size overflowed torch (a traceback)
 
 
 def _check_number(name: str, value, low: float, *, inclusive: bool = True, high: Optional[float] = None) -> None:
@@ -35,6 +39,17 @@ def _check_number(name: str, value, low: float, *, inclusive: bool = True, high:
 def _check_count(name: str, value, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+
+
+def _or_none(check, name: str, value, *args, expected: str, **kwargs) -> None:
+    """``check(name, value, *args, **kwargs)`` for an optional field: None passes, and the error of
+    anything else says "NAME must be EXPECTED or None"."""
+    if value is None:
+        return
+    try:
+        check(name, value, *args, **kwargs)
+    except ValueError:
+        raise ValueError(f"{name} must be {expected} or None, got {value!r}") from None
 
 
 def _check_bool(name: str, value) -> None:
@@ -72,6 +87,9 @@ class ModelConfig:
             raise ValueError(f"model.n_layer must be <= {MAX_LAYERS:,}, got {self.n_layer:,}")
         if self.context > MAX_CONTEXT:  # 2^31 was ended by the OOM killer, without a word, while building
             raise ValueError(f"model.context must be <= {MAX_CONTEXT:,}, got {self.context:,}")
+        for name in ("d_model", "vocab_size"):
+            if getattr(self, name) > MAX_WIDTH:
+                raise ValueError(f"model.{name} must be <= {MAX_WIDTH:,}, got {getattr(self, name):,}")
         for name in ("half_ff", "half_qk"):
             _check_bool(f"model.{name}", getattr(self, name))
         if not isinstance(self.pattern, str):
@@ -99,6 +117,8 @@ class ModelConfig:
             if not self.position_axes or min(self.position_axes) < 1 or math.prod(self.position_axes) < self.context:
                 raise ValueError(f"model.position_axes must be positive sizes whose product covers context "
                                  f"{self.context}, got {self.position_axes}")
+            if max(self.position_axes) > MAX_CONTEXT:  # one table per axis: 10^30 rows was a torch traceback
+                raise ValueError(f"model.position_axes sizes must be <= {MAX_CONTEXT:,}, got {self.position_axes}")
 
     def attention_pattern(self):
         """The pattern of ``pattern`` (a name sized by ``stride``/``summary``/``distinct``, or a spec)."""
@@ -140,22 +160,26 @@ class DataConfig:
     eval_batch_size: int = 8        # windows per eval forward pass
 
     def __post_init__(self):
+        # A JSON "32" was read as (3, 2), 32.7 cut to 32, and a number or null failed as a TypeError.
+        if not (isinstance(self.tile, (tuple, list)) and len(self.tile) == 2 and all(
+                isinstance(t, numbers.Integral) and not isinstance(t, bool) and t >= 1 for t in self.tile)):
+            raise ValueError(f"data.tile must be two sizes >= 1 (H, W), e.g. 32x32, got {self.tile!r}")
         self.tile = tuple(int(t) for t in self.tile)
-        if len(self.tile) != 2 or min(self.tile) < 1:
-            raise ValueError(f"data.tile must be two sizes >= 1 (H, W), e.g. 32x32, got {self.tile}")
+        if isinstance(self.path, os.PathLike):
+            self.path = os.fspath(self.path)
+        if self.path is not None and not isinstance(self.path, str):  # a number failed later, as a TypeError
+            raise ValueError(f"data.path must be a file or folder name (a string) or None, got {self.path!r}")
         # Path("") is the current folder: an empty --data would silently train on whatever is there.
-        if self.path is not None and not str(self.path).strip():
+        if self.path is not None and not self.path.strip():
             raise ValueError("data.path must name a file or folder, got an empty string")
         from .data.registry import NAMES  # a typo fails here, before a model is built or a run folder touched
         if self.dataset not in NAMES:
             raise ValueError(f"unknown dataset {self.dataset!r}; expected one of {', '.join(NAMES)}")
-        if self.batch_size < 1 or self.eval_batch_size < 1:
-            raise ValueError(f"data.batch_size and data.eval_batch_size must be >= 1, got "
-                             f"{self.batch_size}, {self.eval_batch_size}")
+        # A string from a hand-edited train.json failed as a TypeError, a float or true was taken.
+        for name in ("batch_size", "eval_batch_size"):
+            _check_count(f"data.{name}", getattr(self, name), 1)
         for name in ("eval_stride", "eval_bytes"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"data.{name} must be >= 1 or None, got {value}")
+            _or_none(_check_count, f"data.{name}", getattr(self, name), 1, expected="an int >= 1")
 
 
 @dataclass
@@ -169,13 +193,14 @@ class OptimConfig:
     grad_clip: float = 1.0          # global gradient-norm clip (0 disables)
 
     def __post_init__(self):
-        self.betas = tuple(float(b) for b in self.betas)
         # NaN passes every "< 0" test and would poison the weights on the first step.
         _check_number("optim.lr", self.lr, 0, inclusive=False)
-        if len(self.betas) != 2:
-            raise ValueError(f"optim.betas must be two numbers (beta1, beta2), got {self.betas}")
+        # A number failed as a TypeError, and a string was read one character per beta.
+        if not isinstance(self.betas, (tuple, list)) or len(self.betas) != 2:
+            raise ValueError(f"optim.betas must be two numbers (beta1, beta2), got {self.betas!r}")
         for i, beta in enumerate(self.betas):
             _check_number(f"optim.betas[{i}]", beta, 0, high=1)
+        self.betas = tuple(float(b) for b in self.betas)
         _check_number("optim.eps", self.eps, 0, inclusive=False)
         _check_number("optim.weight_decay", self.weight_decay, 0)
         _check_number("optim.grad_clip", self.grad_clip, 0)
@@ -194,12 +219,14 @@ class ScheduleConfig:
     def __post_init__(self):
         if self.steps is None and self.epochs is None and self.max_time is None:
             raise ValueError("schedule needs a limit: steps, epochs or max_time")
-        for name in ("steps", "epochs", "max_time"):
-            value = getattr(self, name)
-            if value is not None and not (value > 0 and math.isfinite(value)):  # NaN would never stop
-                raise ValueError(f"schedule.{name} must be > 0 (and finite) or None, got {value}")
+        # NaN would never stop; a string from a hand-edited train.json failed as a TypeError.
+        _or_none(_check_count, "schedule.steps", self.steps, 1, expected="> 0 (an int)")
+        for name in ("epochs", "max_time"):
+            _or_none(_check_number, f"schedule.{name}", getattr(self, name), 0, inclusive=False,
+                     expected="> 0 (a finite number)")
         _check_count("schedule.warmup_steps", self.warmup_steps, 0)
-        if not 0 <= self.min_lr_ratio <= 1:
+        _check_number("schedule.min_lr_ratio", self.min_lr_ratio, 0)
+        if self.min_lr_ratio > 1:
             raise ValueError(f"schedule.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
 
 
@@ -269,6 +296,15 @@ def from_dict(cls, data: dict):
             value = tuple(value)
         kwargs[name] = value
     return cls(**kwargs)
+
+
+def read_json(cls, path):
+    """Config dataclass ``cls`` from JSON file ``path`` (a run's ``train.json``); errors name the file.
+    (Invalid JSON said only "Expecting value: line 1 column 1", a JSON list "TrainConfig needs a dict".)"""
+    try:
+        return from_dict(cls, json.loads(Path(path).read_text()))
+    except (ValueError, TypeError) as err:  # bad JSON, bad text encoding or bad fields
+        raise ValueError(f"{path}: not a valid {cls.__name__} ({err})") from None
 
 
 def _parse_value(text: str, hint) -> Any:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from .arguments import ALL, DefaultsHelpFormatter, positive_int, positive_int_or_all
@@ -61,7 +60,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..config import DataConfig, TrainConfig, from_dict
+    from ..config import DataConfig, TrainConfig, read_json
     from ..parallel import World, resolve_device, resolve_precision
     from ..train import evaluate, load_dataset
     from ..train.run_folder import check_vocab
@@ -70,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     data = DataConfig()
     for candidate in (folder / "train.json", folder.parent.parent / "train.json"):
         if candidate.is_file():
-            data = from_dict(TrainConfig, json.loads(candidate.read_text())).data
+            data = read_json(TrainConfig, candidate).data
             break
     if args.dataset is not None or args.data is not None:
         data = DataConfig(dataset=args.dataset or "stdlib", path=args.data, tile=data.tile,

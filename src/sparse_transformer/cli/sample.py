@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import re
@@ -48,10 +47,10 @@ def add_parser(sub) -> None:
 
 
 def _train_config(folder: Path):
-    from ..config import TrainConfig, from_dict
+    from ..config import TrainConfig, read_json
     for candidate in (folder / "train.json", folder.parent.parent / "train.json"):
         if candidate.is_file():
-            return from_dict(TrainConfig, json.loads(candidate.read_text()))
+            return read_json(TrainConfig, candidate)
     return None
 
 
