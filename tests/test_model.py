@@ -209,7 +209,7 @@ def test_from_pretrained_names_the_bad_file(tmp_path):
         load_model(tmp_path / "m", allow_unverified=True)
     weights.write_bytes(good_weights)
     config.write_text("{")
-    with pytest.raises(ValueError, match=r"m/config.json: not a valid model config"):
+    with pytest.raises(ValueError, match=r"m/config.json: not a valid ModelConfig"):
         load_model(tmp_path / "m", allow_unverified=True)
     config.write_text(good_config.replace('"n_layer": 2', '"n_layer": 3'))  # weights of another shape
     with pytest.raises(ValueError, match=r"model.safetensors does not fit the model in .*config.json: "

@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .config import ModelConfig, from_dict, to_dict
+from .config import ModelConfig, read_json, to_dict
 from .model import join_qkv
 
 WEIGHTS_FILE = "model.safetensors"
@@ -84,11 +84,7 @@ def save_weights(path: str | Path, state_dict: dict, config: ModelConfig, manife
 
 def read_config(path: str | Path) -> ModelConfig:
     """The :class:`ModelConfig` in folder ``path``'s ``config.json``; errors name the file."""
-    path = Path(path)
-    try:
-        return from_dict(ModelConfig, json.loads((path / CONFIG_FILE).read_text()))
-    except (ValueError, TypeError) as err:  # bad JSON or fields: say which file
-        raise ValueError(f"{path / CONFIG_FILE}: not a valid model config ({err})") from None
+    return read_json(ModelConfig, Path(path) / CONFIG_FILE)
 
 
 def _listed(what: str, names: list[str]) -> list[str]:

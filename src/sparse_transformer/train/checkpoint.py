@@ -28,7 +28,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from ..config import TrainConfig, from_dict, to_dict
+from ..config import TrainConfig, read_json, to_dict
 from ..weights import MANIFEST, check_manifest, check_weights, read_config, save_weights, write_manifest
 
 PREFIX = "step-"
@@ -165,7 +165,7 @@ def check(path: Path, deep: bool = False) -> Optional[str]:
     if problem is not None or not deep:
         return problem
     try:
-        from_dict(TrainConfig, json.loads((path / "train.json").read_text()))
+        read_json(TrainConfig, path / "train.json")
         check_weights(path, read_config(path))
         state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
         missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]

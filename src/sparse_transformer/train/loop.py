@@ -21,7 +21,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from ..config import ModelConfig, TrainConfig, from_dict, to_dict
+from ..config import ModelConfig, TrainConfig, read_json, to_dict
 from ..data import ByteDataset, check_context, position_axes
 from ..data.batches import Prefetcher, TrainBatches
 from ..model import SparseTransformer, backend_refusal, join_qkv
@@ -265,7 +265,7 @@ def _setup(config, run_dir, dataset, resume, world: World, progress) -> _Run:
     except ValueError as err:  # name the file the bytes came from, not only the dataset
         raise ValueError(f"{config.data.path}: {err}" if config.data.path else str(err)) from None
     run_folder.check_vocab(config.model.vocab_size, dataset)
-    saved = from_dict(TrainConfig, json.loads((found / "train.json").read_text())).model if found else None
+    saved = read_json(TrainConfig, found / "train.json").model if found else None
     config = _positions_from_data(config, dataset, saved)
     if found is not None:
         if saved != config.model:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import socket
 import time
@@ -24,7 +23,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from ..config import TrainConfig, from_dict
+from ..config import TrainConfig, read_json
 from ..data import ByteDataset
 from ..parallel import World
 from . import checkpoint as ckpt
@@ -118,7 +117,7 @@ def saved_config(run_dir: str | Path) -> Optional[TrainConfig]:
     the trainer verifies what it resumes from); None if there is none."""
     for path in reversed(ckpt.list_checkpoints(run_dir)):
         try:
-            return from_dict(TrainConfig, json.loads((path / "train.json").read_text()))
+            return read_json(TrainConfig, path / "train.json")
         except (OSError, ValueError, TypeError):
             continue
     return None
@@ -149,7 +148,7 @@ def resume_changes(found: Path, config: TrainConfig) -> str:
     """What ``config`` changes in the run saved in checkpoint ``found`` ("" if nothing), said in one
     line. A run is continued on the bytes it trained on: another dataset, path or tile size is a
     ``ValueError`` naming both. (A changed model is refused by the trainer.)"""
-    saved = from_dict(TrainConfig, json.loads((found / "train.json").read_text()))
+    saved = read_json(TrainConfig, found / "train.json")
     if (saved.data.dataset != config.data.dataset or not _same_path(saved.data.path, config.data.path)
             or saved.data.tile != config.data.tile):
         tile = f", tile {saved.data.tile} -> {config.data.tile}" if saved.data.tile != config.data.tile else ""
