@@ -131,3 +131,10 @@ def test_eval_and_sample_name_a_train_json_that_does_not_read(tmp_path, capsys, 
                              f"{folder / 'train.json'}: ")
         assert message in err, err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_missing_dataset_path_names_the_flag_of_train_and_eval_too():
+    """`eval --dataset images` without a path was told to pass `--from`, a flag of `data prepare` only."""
+    from sparse_transformer.data.registry import load
+    with pytest.raises(ValueError, match=r"dataset 'images' needs a path \(--data; --from for data prepare\)"):
+        load("images", None)

@@ -24,7 +24,7 @@ def test_data_prepare_and_info(tmp_path, capsys, monkeypatch):
 def test_data_cli_errors(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("SPARSE_TRANSFORMER_DATA", str(tmp_path / "cache"))
     assert main(["data", "prepare", "audio"]) == 2
-    assert "needs a path (--from)" in capsys.readouterr().err
+    assert "needs a path (--data; --from for data prepare)" in capsys.readouterr().err
     assert main(["data", "info", "gcide"]) == 2
     assert "gcide is not prepared" in capsys.readouterr().err
     assert main(["data", "prepare", "bytes", "--from", str(tmp_path / "nope")]) == 2

@@ -38,7 +38,7 @@ def load(name: str, path: Optional[Path] = None, *, cache: Optional[Path] = None
     path = Path(path).expanduser() if path is not None else None
     needs_path = {"imagenet64", "audio", "bytes", "images"}
     if name in needs_path and path is None:
-        raise ValueError(f"dataset {name!r} needs a path (--from): "
+        raise ValueError(f"dataset {name!r} needs a path (--data; --from for data prepare): "
                          + {"imagenet64": "a folder with train_data_batch_*.npz and val_data.npz",
                             "audio": "a WAV/FLAC file or a folder of them",
                             "bytes": "any file or folder", "images": "a folder of pictures"}[name])
