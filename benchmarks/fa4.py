@@ -25,7 +25,7 @@ import torch
 import sparse_transformer as st
 from sparse_transformer.attention import fa4 as fa4_backend
 from sparse_transformer.benchmark import ResultsFile, allow_recompiles, fa4_forms, file_stem, flex_forms
-from sparse_transformer.benchmark.attention import Row, dense_rows, inputs_for, measure, pattern_of, relative_error
+from sparse_transformer.benchmark.attention import Row, check_error, dense_rows, inputs_for, measure, pattern_of
 from sparse_transformer.layout import cost
 
 FORMS = {  # method -> fn(q, k, v, pattern, scale)
@@ -48,7 +48,7 @@ def run(ns, patterns, log=print, rounds: int = 1) -> list[dict]:
         batch, heads, _, head_dim = q.shape
         scale = head_dim ** -0.5
         for row in dense_rows(q, k, v, grad, scale, n, lambda r: None):
-            rows.append(dict(asdict(row), error=None, rounds_ms=[row.fwdbwd_ms]))
+            rows.append(dict(asdict(row), rounds_ms=[row.fwdbwd_ms]))
             log(rows[-1])
         for pattern in patterns:
             rows += pattern_rows(pattern, n, q, k, v, grad, log, rounds)
@@ -84,13 +84,9 @@ def pattern_rows(pattern, n, q, k, v, grad, log, rounds: int = 1) -> list[dict]:
         runs = timed.get(method) or [skipped[method]]
         finished = sorted((r for r in runs if r.fwdbwd_ms is not None), key=lambda r: r.fwdbwd_ms)
         row = finished[(len(finished) - 1) // 2] if finished else runs[0]
-        error = None
-        if method in calls and method != "triton" and row.fwdbwd_ms is not None:
-            try:
-                error = relative_error(calls[method], ours, q, k, v, grad)
-            except Exception as err:  # FlashAttention-4's own checks raise ValueError and AssertionError
-                row.note = f"{row.note} error check failed: {str(err)[:100]}"
-        rows.append(dict(asdict(row), error=error, rounds_ms=[r.fwdbwd_ms for r in runs]))
+        if method in calls and method != "triton" and row.fwdbwd_ms is not None:  # once, not every round
+            check_error(row, calls[method], ours, (q, k, v), grad)
+        rows.append(dict(asdict(row), rounds_ms=[r.fwdbwd_ms for r in runs]))
         log(rows[-1])
     return rows
 

@@ -113,11 +113,17 @@ def measure(label: str, method: str, fn, n, batch, pairs_per_head, heads, d, gra
     flops = 14 * d * pairs_per_head * heads * batch
     row = Row(label, n, batch, method, t_f, t_b, t_fb, flops / (t_fb * 1e-3) / 1e12, peak, note)
     if reference is not None:
-        try:
-            row.error = relative_error(fn, reference, *inputs, grad)
-        except Exception as err:  # FlashAttention-4's own checks raise ValueError and AssertionError
-            row.note = f"{row.note} error check failed: {str(err)[:100]}".strip()
+        check_error(row, fn, reference, inputs, grad)
     return row
+
+
+def check_error(row: Row, fn, reference, inputs, grad) -> None:
+    """Set ``row.error`` to ``fn``'s :func:`relative_error` against ``reference``; a check that fails
+    is said in ``row.note`` instead of raised."""
+    try:
+        row.error = relative_error(fn, reference, *inputs, grad)
+    except Exception as err:  # FlashAttention-4's own checks raise ValueError and AssertionError
+        row.note = f"{row.note} error check failed: {str(err)[:100]}".strip()
 
 
 def inputs_for(n: int, tokens: int = 65536, heads: int = 8, head_dim: int = 64, dtype=torch.bfloat16):
