@@ -52,6 +52,12 @@ def _or_none(check, name: str, value, *args, expected: str, **kwargs) -> None:
         raise ValueError(f"{name} must be {expected} or None, got {value!r}") from None
 
 
+def _int_sizes(value) -> bool:
+    """Whether ``value`` is a tuple or list of ints (not bools, not floats a cast would cut)."""
+    return isinstance(value, (tuple, list)) and all(
+        isinstance(a, numbers.Integral) and not isinstance(a, bool) for a in value)
+
+
 def _check_bool(name: str, value) -> None:
     """A real bool: a string such as "false" from a hand-written config.json is truthy, and was obeyed."""
     if not isinstance(value, bool):
@@ -109,8 +115,7 @@ class ModelConfig:
             raise ValueError(f"model.backend must be 'auto' or one of {sorted(BACKENDS)}, got {self.backend!r}")
         if self.position_axes is not None:
             # int() read "abc" as an error naming no field, cut 4.5 to 4, and an int failed as a TypeError.
-            if not isinstance(self.position_axes, (tuple, list)) or not all(
-                    isinstance(a, numbers.Integral) and not isinstance(a, bool) for a in self.position_axes):
+            if not _int_sizes(self.position_axes):
                 raise ValueError(f"model.position_axes must be a tuple of int sizes (e.g. (32, 32, 3)) or None, "
                                  f"got {self.position_axes!r}")
             self.position_axes = tuple(int(a) for a in self.position_axes)
@@ -161,8 +166,7 @@ class DataConfig:
 
     def __post_init__(self):
         # A JSON "32" was read as (3, 2), 32.7 cut to 32, and a number or null failed as a TypeError.
-        if not (isinstance(self.tile, (tuple, list)) and len(self.tile) == 2 and all(
-                isinstance(t, numbers.Integral) and not isinstance(t, bool) and t >= 1 for t in self.tile)):
+        if not (_int_sizes(self.tile) and len(self.tile) == 2 and min(self.tile) >= 1):
             raise ValueError(f"data.tile must be two sizes >= 1 (H, W), e.g. 32x32, got {self.tile!r}")
         self.tile = tuple(int(t) for t in self.tile)
         if isinstance(self.path, os.PathLike):

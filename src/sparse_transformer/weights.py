@@ -58,11 +58,11 @@ def check_manifest(folder: str | Path) -> Optional[str]:
     return None
 
 
-def _folder(path, what: str) -> Path:
-    """``path`` as a Path; a ValueError naming ``what`` unless it names a folder: ``""`` is the current
+def _folder(path) -> Path:
+    """``path`` as a Path; a ValueError unless it names a folder: ``""`` is the current
     folder (save_pretrained("") wrote there, replacing any config.json), None failed as a TypeError."""
     if not isinstance(path, (str, os.PathLike)) or not str(path).strip():
-        raise ValueError(f"{what} must name a folder, got {path!r}")
+        raise ValueError(f"path must name a folder, got {path!r}")
     return Path(path)
 
 
@@ -70,7 +70,7 @@ def save_weights(path: str | Path, state_dict: dict, config: ModelConfig, manife
     """Write a model state dict as ``model.safetensors`` plus its ``config.json`` into folder ``path``,
     and a manifest of both unless ``manifest=False`` (a trainer checkpoint writes its own)."""
     from safetensors.torch import save_file
-    path = _folder(path, "path")
+    path = _folder(path)
     if path.exists() and not path.is_dir():  # was FileExistsError "[Errno 17] File exists"
         raise ValueError(f"path {path} is a file; expected a folder to write {WEIGHTS_FILE} and {CONFIG_FILE} into")
     path.mkdir(parents=True, exist_ok=True)
@@ -150,7 +150,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", cls: Option
     from .parallel import resolve_device
     if cls is None:
         from .model import SparseTransformer as cls
-    path = _folder(path, "path")
+    path = _folder(path)
     device = resolve_device(device)  # "gpu" was a RuntimeError, "cuda" without one an AssertionError
     if not (path / WEIGHTS_FILE).is_file() or not (path / CONFIG_FILE).is_file():
         raise ValueError(f"{path} must hold {WEIGHTS_FILE} and {CONFIG_FILE} (written by save_pretrained)")

@@ -118,7 +118,7 @@ def saved_config(run_dir: str | Path) -> Optional[TrainConfig]:
     for path in reversed(ckpt.list_checkpoints(run_dir)):
         try:
             return read_json(TrainConfig, path / "train.json")
-        except (OSError, ValueError, TypeError):
+        except (OSError, ValueError):  # read_json turns a bad field's TypeError into a ValueError
             continue
     return None
 
